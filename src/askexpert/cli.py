@@ -1,0 +1,184 @@
+"""`askexpert ...`: a thin command line; each command calls one stage function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from askexpert.config import SynthConfig, SystemConfig
+from askexpert.errors import AskExpertError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub: weights come from local files only
+
+app = typer.Typer(help="Collaborative ViT inference: an edge generalist asks near-edge experts.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets.", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+console = Console()
+
+SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System directory (holds config.yaml).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+
+
+def _system(path: Path) -> Any:
+    from askexpert.system import SystemDir
+
+    return SystemDir.open(path)
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns])
+    console.print(table)
+
+
+@app.command()
+def init(
+    directory: Path,
+    config: Annotated[Path | None, typer.Option(help="Start from this YAML config instead of the demo default.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Create a system directory with a config.yaml."""
+    from askexpert.system import SystemDir
+
+    cfg = SystemConfig.from_yaml(config) if config else SystemConfig()
+    system = SystemDir.create(directory, cfg, overwrite=force)
+    console.print(f"created {system.config_path}")
+
+
+@app.command("presets")
+def list_presets() -> None:
+    """List the model presets."""
+    from askexpert.models import presets
+
+    rows = [{"name": p.name, "role": p.role, "timm": p.timm_name, "px": p.img_size, "note": p.note}
+            for p in presets().values()]
+    print_table("model presets", rows, ["name", "role", "timm", "px", "note"])
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write train.npz, test.npz, meta.json into.")],
+    num_groups: int = 20,
+    classes_per_group: int = 5,
+    train_per_class: int = 100,
+    test_per_class: int = 20,
+    seed: int = 0,
+) -> None:
+    """Generate the synthetic data set (deterministic by seed)."""
+    from askexpert.data import synth
+
+    cfg = SynthConfig(num_groups=num_groups, classes_per_group=classes_per_group,
+                      train_per_class=train_per_class, test_per_class=test_per_class, seed=seed)
+    synth.write(cfg, out)
+    console.print(f"wrote {out} ({num_groups * classes_per_group} classes)")
+
+
+@train_app.command("generalist")
+def train_generalist_cmd(system: SystemOpt, force: ForceOpt = False) -> None:
+    """Train the edge generalist on all classes."""
+    from askexpert.training.generalist import train_generalist
+
+    meta = train_generalist(_system(system), force=force)
+    console.print(f"generalist: validation accuracy {meta.metrics['val_accuracy']:.4f}")
+
+
+@train_app.command("experts")
+def train_experts_cmd(
+    system: SystemOpt,
+    schedule: Annotated[str, typer.Option(help="A schedule named in the config (static, progressive, ...).")] = "static",
+    force: ForceOpt = False,
+) -> None:
+    """Train one expert per partition subset under a schedule."""
+    from askexpert.training.experts import train_experts
+
+    metas = train_experts(_system(system), schedule, force=force)
+    rows = [{"expert": m.expert_id, "classes": len(m.classes) - 1, **m.metrics} for m in metas]
+    print_table(f"{schedule} experts", rows, ["expert", "classes", "val_subset_accuracy"])
+
+
+@app.command()
+def partition(
+    system: SystemOpt,
+    strategy: Annotated[str | None, typer.Option(help="superclass | confusion | random (saved to config).")] = None,
+    num_experts: Annotated[int | None, typer.Option(help="Number of experts (saved to config).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Assign classes to experts and write partition.json."""
+    from askexpert.training.partition_stage import build_partition
+
+    sysdir = _system(system)
+    if strategy is not None or num_experts is not None:
+        raw = sysdir.config().model_dump(mode="json")
+        raw["partition"].update({k: v for k, v in (("strategy", strategy), ("num_experts", num_experts)) if v is not None})
+        SystemConfig.from_dict(raw, origin="--strategy/--num-experts").to_yaml(sysdir.config_path)
+    part = build_partition(sysdir, force=force)
+    rows = [{"expert": e, "classes": len(s), "members": " ".join(map(str, s[:12])) + (" ..." if len(s) > 12 else "")}
+            for e, s in zip(part.expert_ids, part.subsets, strict=True)]
+    print_table(f"partition ({part.strategy})", rows, ["expert", "classes", "members"])
+    if "confusion_kept" in part.stats:
+        console.print(f"share of the generalist's validation errors kept inside one expert: {part.stats['confusion_kept']:.3f}")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print_table("headline (test split)", summary["headline"], ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate"])
+    schedules = summary["schedules"]
+    print_table("experts on their own subsets (test split)", summary["experts"], ["expert", "classes", "generalist", *schedules])
+    if summary.get("progressive_minus_static") is not None:
+        console.print(f"mean progressive − static on the subsets: {summary['progressive_minus_static'] * 100:+.2f} points")
+    console.print(f"report: {summary['report']}")
+
+
+@app.command()
+def evaluate(system: SystemOpt) -> None:
+    """Cache every model's test outputs once, sweep τ × k × gate, write the report."""
+    from askexpert.evaluate.run import evaluate_system
+
+    _print_summary(evaluate_system(_system(system)))
+
+
+@app.command()
+def demo(
+    system: Annotated[Path, typer.Option("--system", "-s", help="System directory (created with the demo config).")] = Path("askexpert-demo"),
+    config: Annotated[Path | None, typer.Option(help="Config for a new system directory.")] = None,
+) -> None:
+    """The whole pipeline on the embedded default: data → generalist → partition → experts → evaluate."""
+    from askexpert.pipeline import open_or_create, run_pipeline
+
+    sysdir = open_or_create(system, SystemConfig.from_yaml(config) if config else None)
+    summary = run_pipeline(sysdir, log=console.print)
+    _print_summary(summary)
+    total = sum(summary["timings_s"].values())
+    console.print(f"total stage time: {total:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except AskExpertError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

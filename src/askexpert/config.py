@@ -1,0 +1,185 @@
+"""SystemConfig: every knob of a system directory, as validated data.
+
+One YAML file (`config.yaml` in the system directory) holds the models, the
+data source, the partition, the training budgets and schedules, and the
+routing operating point, so that any stage can be rerun alone and every
+number has a single source of truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from askexpert.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are typos, not extensions: reject them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SynthConfig(_Strict):
+    """Shape of the generated data set (see `askexpert.data.synth`)."""
+
+    num_groups: int = Field(20, ge=1, le=100)
+    classes_per_group: int = Field(5, ge=1, le=20)
+    train_per_class: int = Field(100, ge=2)
+    test_per_class: int = Field(20, ge=1)
+    image_size: int = Field(32, ge=8, le=256)
+    seed: int = 0
+    class_strength: float = Field(0.4, gt=0.0, le=2.0)
+    noise: float = Field(0.15, ge=0.0, le=1.0)
+
+
+class DataConfig(_Strict):
+    """Where images come from. `root` is relative to the system directory when not absolute."""
+
+    source: Literal["synth", "cifar100", "folder"] = "synth"
+    root: str = "data"
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    split_seed: int = 0
+    synth: SynthConfig = SynthConfig()
+
+
+class ModelConfig(_Strict):
+    """A model preset name from the registry and optional local pretrained weights."""
+
+    preset: str
+    pretrained_file: str | None = None
+
+
+class Stage(_Strict):
+    """One stage of an expert schedule.
+
+    `fraction`: share of the total optimizer steps spent in this stage.
+    `subset_share`: probability that a training sample is drawn from the
+    expert's own classes; the rest are out-of-subset samples labelled "other".
+    `null` means the natural share (sample uniformly from the whole training set).
+    """
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    subset_share: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class TrainConfig(_Strict):
+    """Optimiser and budget for one training job."""
+
+    epochs: float = Field(gt=0.0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    augment: bool = True
+
+
+class ExpertTrainConfig(TrainConfig):
+    """Expert budget: `epochs` counts passes over the expert's *subset*, for every schedule."""
+
+    schedules: dict[str, list[Stage]] = Field(
+        default_factory=lambda: {
+            "static": [Stage(fraction=1.0, subset_share=1.0)],
+            "progressive": [
+                Stage(fraction=0.4, subset_share=None),
+                Stage(fraction=0.3, subset_share=0.6),
+                Stage(fraction=0.3, subset_share=1.0),
+            ],
+        }
+    )
+
+    @field_validator("schedules")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: dict[str, list[Stage]]) -> dict[str, list[Stage]]:
+        for name, stages in value.items():
+            if not stages:
+                raise ValueError(f"schedule {name!r} has no stages")
+            total = sum(s.fraction for s in stages)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"schedule {name!r}: stage fractions sum to {total:g}, not 1")
+        return value
+
+
+class PartitionConfig(_Strict):
+    strategy: Literal["superclass", "confusion", "random"] = "confusion"
+    num_experts: int = Field(5, ge=1)
+    seed: int = 0
+
+
+class RoutingConfig(_Strict):
+    """The operating point of the router (see `askexpert.routing`)."""
+
+    gate: Literal["max_prob", "margin", "entropy"] = "max_prob"
+    tau: float = 0.6
+    top_k: int = Field(3, ge=1)
+    scoring: Literal["weighted", "count"] = "weighted"
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_in_range(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"tau={value} is out of range: every gate compares against 0 ≤ τ ≤ 1")
+        return value
+
+
+class EvaluateConfig(_Strict):
+    taus: int = Field(50, ge=2, le=1000)
+    max_k: int = Field(5, ge=1)
+
+
+class SystemConfig(_Strict):
+    """The whole system: written to and read from `config.yaml`."""
+
+    name: str = "askexpert-demo"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = DataConfig()
+    generalist: ModelConfig = ModelConfig(preset="cpu-generalist")
+    expert: ModelConfig = ModelConfig(preset="cpu-expert")
+    partition: PartitionConfig = PartitionConfig()
+    generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
+    expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=20, lr=2e-3)
+    routing: RoutingConfig = RoutingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _check_k(self) -> SystemConfig:
+        if self.evaluate.max_k < self.routing.top_k:
+            raise ValueError(
+                f"evaluate.max_k={self.evaluate.max_k} is below routing.top_k={self.routing.top_k}"
+            )
+        return self
+
+    # ---- YAML in/out -------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SystemConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        return cls.from_dict(raw, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object], origin: str = "config") -> SystemConfig:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"{origin}: invalid config: {problems}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,59 @@
+"""CIFAR-100 from a local root in the standard python format, through torchvision.
+
+torchvision reads images and fine labels; the coarse (superclass) labels and
+names, which torchvision drops, are read from the same pickle files. Nothing
+is downloaded unless the caller passes `download=True` explicitly.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from askexpert.data.base import LabeledImages
+from askexpert.errors import DataError
+
+FOLDER = "cifar-100-python"
+HOW_TO_GET = (
+    "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
+    "there, or rerun with --download"
+)
+
+
+def _unpickle(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            return dict(pickle.load(fh, encoding="latin1"))
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable CIFAR-100 file: {exc}") from None
+
+
+def load(root: str | Path, split: str, download: bool = False) -> LabeledImages:
+    """Load `split` ('train' or 'test') from `root/cifar-100-python/`."""
+    from torchvision.datasets import CIFAR100
+
+    root = Path(root)
+    folder = root / FOLDER
+    if not download and not ((folder / split).is_file() and (folder / "meta").is_file()):
+        raise DataError(f"CIFAR-100 not found: looked for {folder / split} and {folder / 'meta'}; {HOW_TO_GET}")
+    try:
+        ds = CIFAR100(str(root), train=(split == "train"), download=download)
+    except RuntimeError as exc:  # torchvision's integrity check
+        raise DataError(f"{folder}: {exc}") from None
+    raw = _unpickle(folder / split)
+    meta = _unpickle(folder / "meta")
+    coarse = np.asarray(raw.get("coarse_labels", []), dtype=np.int64)
+    fine = np.asarray(ds.targets, dtype=np.int64)
+    if coarse.shape != fine.shape:
+        raise DataError(f"{folder / split}: coarse_labels missing or of the wrong length")
+    num_fine = len(ds.classes)
+    groups = np.full(num_fine, -1, dtype=np.int64)
+    groups[fine] = coarse
+    if (groups < 0).any():
+        raise DataError(f"{folder / split}: some fine classes have no samples, cannot derive their superclass")
+    coarse_names = meta.get("coarse_label_names")
+    if not isinstance(coarse_names, list):
+        raise DataError(f"{folder / 'meta'}: no coarse_label_names")
+    return LabeledImages(np.ascontiguousarray(ds.data), fine, tuple(ds.classes), groups, tuple(coarse_names))

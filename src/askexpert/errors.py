@@ -1,0 +1,28 @@
+"""The errors askexpert raises on bad input: each message names the file or value at fault.
+
+The CLI prints these as one line (no traceback); anything else is a bug.
+"""
+
+
+class AskExpertError(Exception):
+    """Base class: a problem with the user's input, files or environment."""
+
+
+class ConfigError(AskExpertError):
+    """A config file or value is malformed or inconsistent."""
+
+
+class DataError(AskExpertError):
+    """A data set is missing, corrupt or does not match what was asked for."""
+
+
+class CheckpointError(AskExpertError):
+    """A checkpoint or its metadata is missing, corrupt or does not match its preset."""
+
+
+class PartitionError(AskExpertError):
+    """A partition file is malformed or does not match the system."""
+
+
+class RoutingError(AskExpertError):
+    """Router inputs are inconsistent (shapes, k, unknown gate, unknown expert)."""

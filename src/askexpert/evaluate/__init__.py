@@ -1,0 +1,1 @@
+"""Evaluation from cached outputs: metrics, sweeps, tables and plots."""

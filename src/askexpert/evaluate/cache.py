@@ -1,0 +1,112 @@
+"""Run the generalist and every expert over the test split once, and keep the outputs.
+
+The cache (`cache/logits-<key>.npz`) is keyed by a hash of the test data, the
+partition and every checkpoint's SHA-256, so a changed model or data set can
+never be read through a stale cache, and a sweep over τ, k, gates and
+schedules reads arrays instead of running models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from askexpert.data import load_splits
+from askexpert.errors import CheckpointError
+from askexpert.fingerprint import fingerprint
+from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
+from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
+from askexpert.partition import Partition
+from askexpert.system import SystemDir
+
+
+@dataclass(frozen=True)
+class ScheduleOutputs:
+    """Every expert's answer on every test image, for one schedule."""
+
+    logits: dict[str, np.ndarray]  # expert id -> (N, |S_e| + 1)
+    labels: np.ndarray  # (E, N) global label or -1 ("other")
+    confidence: np.ndarray  # (E, N)
+
+
+@dataclass(frozen=True)
+class LogitCache:
+    labels: np.ndarray  # (N,) true labels
+    gen_probs: np.ndarray  # (N, C) generalist softmax
+    partition: Partition
+    schedules: dict[str, ScheduleOutputs]
+    key: str
+
+    @property
+    def gen_pred(self) -> np.ndarray:
+        return self.gen_probs.argmax(axis=1)
+
+
+def _schedule_outputs(logits: dict[str, np.ndarray], partition: Partition) -> ScheduleOutputs:
+    labels, conf = [], []
+    for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
+        reply = reply_from_logits(logits[eid], np.asarray([*subset, -1], dtype=np.int64))
+        labels.append(reply.labels)
+        conf.append(reply.confidence)
+    return ScheduleOutputs(logits, np.stack(labels), np.stack(conf))
+
+
+def available_schedules(system: SystemDir, partition: Partition) -> list[str]:
+    """Schedules whose folder holds a checkpoint for every expert."""
+    root = system.root / "experts"
+    if not root.is_dir():
+        return []
+    return sorted(
+        d.name for d in root.iterdir()
+        if d.is_dir() and all(system.expert_path(d.name, e).is_file() for e in partition.expert_ids)
+    )
+
+
+def cache_key(system: SystemDir, partition: Partition, schedules: list[str], labels: np.ndarray, images: np.ndarray) -> str:
+    shas = [read_meta(system.generalist_path).sha256]
+    for schedule in schedules:
+        shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in partition.expert_ids]
+    return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)
+
+
+def build_cache(system: SystemDir, schedules: list[str] | None = None) -> LogitCache:
+    """Load the cache for the current checkpoints, computing (and storing) it if absent."""
+    cfg = system.config()
+    partition = Partition.from_json(system.partition_path)
+    if not system.generalist_path.is_file():
+        raise CheckpointError(f"{system.generalist_path}: no generalist; run `askexpert train generalist`")
+    schedules = available_schedules(system, partition) if schedules is None else schedules
+    if not schedules:
+        raise CheckpointError(f"{system.root / 'experts'}: no complete expert set; run `askexpert train experts`")
+    test = load_splits(cfg.data, system.root).test
+    key = cache_key(system, partition, schedules, test.labels, test.images)
+    path = system.cache_dir / f"logits-{key}.npz"
+    if path.is_file():
+        return load_cache(path, partition, schedules, key)
+    device = resolve_device(cfg.device)
+    generalist, _ = load_checkpoint(system.generalist_path, device)
+    arrays = {"labels": test.labels, "gen_logits": predict_logits(generalist, test.images, device, desc="generalist")}
+    for schedule in schedules:
+        backend = LocalExpertBackend.from_dir(system.root / "experts" / schedule, partition, device)
+        for eid in tqdm(partition.expert_ids, desc=f"{schedule} experts", leave=False):
+            arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
+    system.cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return load_cache(path, partition, schedules, key)
+
+
+def load_cache(path: Path, partition: Partition, schedules: list[str], key: str) -> LogitCache:
+    with np.load(path) as data:
+        gen_logits = torch.from_numpy(data["gen_logits"])
+        outputs = {
+            s: _schedule_outputs({e: data[f"{s}/{e}"] for e in partition.expert_ids}, partition) for s in schedules
+        }
+        labels = data["labels"]
+    probs = gen_logits.softmax(dim=1).numpy()
+    return LogitCache(labels, probs, partition, outputs, key)

@@ -1,0 +1,91 @@
+"""ExpertBackend: how the edge asks an expert, wherever the expert runs.
+
+The classifier only needs `predict(expert_id, images) -> ExpertReply`; the
+in-process backend below runs the experts' checkpoints directly. Remote
+backends (HTTP, Ray Serve) implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from askexpert.errors import AskExpertError, CheckpointError, RoutingError
+from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits
+from askexpert.partition import Partition
+
+OTHER = -1
+
+
+class BackendError(AskExpertError):
+    """The expert could not answer (server down, timeout, error reply)."""
+
+
+@dataclass(frozen=True)
+class ExpertReply:
+    """labels: global class ids, OTHER (-1) where the expert abstains; confidence: its softmax max."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+class ExpertBackend(Protocol):
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply: ...
+
+
+def reply_from_logits(logits: np.ndarray, classes: np.ndarray) -> ExpertReply:
+    """Map an expert's outputs back to global labels (`classes[i]` for output i, -1 = other)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    best = probs.argmax(axis=1)
+    return ExpertReply(classes[best].astype(np.int64), probs.max(axis=1).astype(np.float32))
+
+
+def check_images(images: np.ndarray, size: int | None = None) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        shape = getattr(images, "shape", None)
+        raise RoutingError(f"images must be a uint8 array (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}")
+    if size is not None and images.shape[1:3] != (size, size):
+        raise RoutingError(f"images are {images.shape[1]}×{images.shape[2]}, the models expect {size}×{size}")
+
+
+class LocalExpertBackend:
+    """Experts loaded in this process (the near-edge server uses this too)."""
+
+    def __init__(self, experts: dict[str, tuple[ImageClassifier, CheckpointMeta]], device: str | torch.device = "cpu"):
+        self.experts = experts
+        self.device = torch.device(device)
+        self._classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in experts.items()}
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, partition: Partition, device: str | torch.device = "cpu") -> LocalExpertBackend:
+        """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree."""
+        folder = Path(folder)
+        experts = {}
+        for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
+            model, meta = load_checkpoint(folder / f"{eid}.safetensors", device)
+            if tuple(meta.classes[:-1]) != subset or meta.classes[-1] != OTHER:
+                raise CheckpointError(
+                    f"{folder / eid}.safetensors: trained for classes {meta.classes[:-1]}, "
+                    f"but the partition gives expert {eid!r} {list(subset)}; retrain the experts"
+                )
+            experts[eid] = (model, meta)
+        return cls(experts, device)
+
+    @property
+    def expert_ids(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+    def logits(self, expert_id: str, images: np.ndarray) -> np.ndarray:
+        if expert_id not in self.experts:
+            raise RoutingError(f"unknown expert {expert_id!r}; known: {', '.join(self.experts)}")
+        check_images(images)
+        return predict_logits(self.experts[expert_id][0], images, self.device)
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        return reply_from_logits(self.logits(expert_id, images), self._classes[expert_id])

@@ -1,0 +1,118 @@
+"""CollaborativeClassifier: generalist on the edge, one expert near the edge when unsure.
+
+Per sample it returns the label, where it came from (`edge`, `expert`,
+`fallback`), the chosen expert, the generalist's Top-k, and the expert's
+confidence. When the expert answers "other" or cannot be reached, the
+generalist's label stands (source `fallback`, with the reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from askexpert.inference.backend import OTHER, BackendError, ExpertBackend, check_images
+from askexpert.models import ImageClassifier, predict_logits
+from askexpert.partition import Partition
+from askexpert.routing import Router
+
+EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
+
+
+@dataclass
+class Predictions:
+    """Column arrays, one row per input image."""
+
+    labels: np.ndarray  # (N,) int64 final global label
+    source: np.ndarray  # (N,) str: edge | expert | fallback
+    expert: np.ndarray  # (N,) str: chosen expert id, "" when not offloaded
+    reason: np.ndarray  # (N,) str: "" or why the fallback happened
+    generalist_labels: np.ndarray  # (N,) int64
+    topk_classes: np.ndarray  # (N, k) int64
+    topk_probs: np.ndarray  # (N, k) float32
+    expert_confidence: np.ndarray  # (N,) float32, NaN when no expert answered
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def record(self, i: int) -> dict[str, Any]:
+        conf = float(self.expert_confidence[i])
+        return {
+            "label": int(self.labels[i]),
+            "source": str(self.source[i]),
+            "expert": str(self.expert[i]) or None,
+            "reason": str(self.reason[i]) or None,
+            "generalist_label": int(self.generalist_labels[i]),
+            "topk": [[int(c), float(p)] for c, p in zip(self.topk_classes[i], self.topk_probs[i], strict=True)],
+            "expert_confidence": None if np.isnan(conf) else conf,
+        }
+
+
+class CollaborativeClassifier:
+    def __init__(
+        self,
+        generalist: ImageClassifier,
+        router: Router,
+        partition: Partition,
+        backend: ExpertBackend,
+        device: str | torch.device = "cpu",
+        batch_size: int = 512,
+    ) -> None:
+        if router.num_experts != partition.num_experts:
+            raise ValueError(f"router has {router.num_experts} experts, partition {partition.num_experts}")
+        if generalist.num_outputs != partition.num_classes:
+            raise ValueError(
+                f"generalist has {generalist.num_outputs} outputs, partition covers {partition.num_classes} classes"
+            )
+        self.generalist = generalist
+        self.router = router
+        self.partition = partition
+        self.backend = backend
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def edge_probs(self, images: np.ndarray) -> torch.Tensor:
+        logits = predict_logits(self.generalist, images, self.device, self.batch_size)
+        return torch.from_numpy(logits).softmax(dim=1)
+
+    def __call__(self, images: np.ndarray) -> Predictions:
+        check_images(images)
+        probs = self.edge_probs(images)
+        decision = self.router(probs)
+        gen_labels = probs.argmax(dim=1).numpy().astype(np.int64)
+        n = len(images)
+        labels = gen_labels.copy()
+        source = np.full(n, EDGE, dtype=object)
+        expert = np.full(n, "", dtype=object)
+        reason = np.full(n, "", dtype=object)
+        confidence = np.full(n, np.nan, dtype=np.float32)
+        offload = decision.offload.numpy()
+        chosen = decision.expert.numpy()
+        for e in np.unique(chosen[offload]):
+            idx = np.flatnonzero(offload & (chosen == e))
+            eid = self.partition.expert_ids[int(e)]
+            expert[idx] = eid
+            try:
+                reply = self.backend.predict(eid, images[idx])
+            except BackendError as exc:
+                source[idx], reason[idx] = FALLBACK, f"error: {exc}"
+                continue
+            confidence[idx] = reply.confidence
+            abstain = reply.labels == OTHER
+            labels[idx[~abstain]] = reply.labels[~abstain]
+            source[idx[~abstain]] = EXPERT
+            source[idx[abstain]], reason[idx[abstain]] = FALLBACK, "abstain"
+        return Predictions(
+            labels,
+            source.astype(str),
+            expert.astype(str),
+            reason.astype(str),
+            gen_labels,
+            decision.topk_classes.numpy().astype(np.int64),
+            decision.topk_probs.numpy().astype(np.float32),
+            confidence,
+        )

@@ -1,0 +1,129 @@
+"""Checkpoints: weights as safetensors (no pickle), facts as a JSON sidecar.
+
+`<name>.safetensors` holds the backbone's state dict; `<name>.json` holds what
+the weights mean: the preset, the global class id behind each output (an
+expert's last output is "other"), the schedule and seed that made it, its
+metrics, library versions, and the SHA-256 of the weights file, so a
+truncated or swapped file is caught on load with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+from safetensors import SafetensorError
+
+from askexpert import __version__
+from askexpert.errors import CheckpointError
+from askexpert.models.registry import ImageClassifier, create_model
+
+FORMAT = "askexpert.checkpoint/1"
+
+
+@dataclass
+class CheckpointMeta:
+    """What a weights file means. `classes[i]` is the global class of output i (-1: "other")."""
+
+    role: str
+    preset: str
+    classes: list[int]
+    expert_id: str | None = None
+    schedule: str | None = None
+    seed: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+    format: str = FORMAT
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes)
+
+
+def meta_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: ImageClassifier, path: str | Path, meta: CheckpointMeta) -> CheckpointMeta:
+    """Write weights then metadata (atomically each), returning the completed metadata."""
+    path = Path(path)
+    if model.num_outputs != meta.num_outputs:
+        raise CheckpointError(f"{path}: model has {model.num_outputs} outputs but metadata lists {meta.num_outputs}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    tmp = path.with_suffix(".safetensors.tmp")
+    safetensors.torch.save_file(state, str(tmp), metadata={"format": FORMAT, "preset": meta.preset})
+    tmp.replace(path)
+    meta.sha256 = file_sha256(path)
+    meta.versions = {"askexpert": __version__, "torch": torch.__version__, "timm": timm.__version__}
+    side = meta_path(path)
+    side.with_suffix(".json.tmp").write_text(json.dumps(asdict(meta), indent=1))
+    side.with_suffix(".json.tmp").replace(side)
+    return meta
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    side = meta_path(path)
+    if not side.is_file():
+        raise CheckpointError(f"{side}: checkpoint metadata missing (expected beside {Path(path).name})")
+    try:
+        raw = json.loads(side.read_text())
+        meta = CheckpointMeta(**raw)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{side}: malformed checkpoint metadata: {exc}") from None
+    if meta.format != FORMAT:
+        raise CheckpointError(f"{side}: format {meta.format!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, CheckpointMeta]:
+    """Load and validate: files present, hash matches, preset known, every tensor's shape matches."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    meta = read_meta(path)
+    actual = file_sha256(path)
+    if meta.sha256 and actual != meta.sha256:
+        raise CheckpointError(
+            f"{path}: contents do not match the SHA-256 in {meta_path(path).name} "
+            "(file corrupt, truncated or replaced)"
+        )
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+    model = create_model(meta.preset, meta.num_outputs)
+    expected = model.backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match preset {meta.preset!r}: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(state[key].shape)}, "
+                f"preset {meta.preset!r} with {meta.num_outputs} outputs needs {tuple(tensor.shape)}"
+            )
+    model.backbone.load_state_dict(state)
+    model.eval()
+    return model.to(device), meta

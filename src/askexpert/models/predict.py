@@ -1,0 +1,37 @@
+"""Batched inference over uint8 arrays: the one place that turns images into logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from askexpert.models.registry import ImageClassifier
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; anything else is passed to torch as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: ImageClassifier,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Logits (N, outputs) as float32, computed in eval mode in batches."""
+    device = torch.device(device)
+    model.eval().to(device)
+    out = np.empty((len(images), model.num_outputs), dtype=np.float32)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch)
+        out[start : start + len(batch)] = logits.float().cpu().numpy()
+    return out

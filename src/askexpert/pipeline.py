@@ -1,0 +1,50 @@
+"""The demo: every stage in order on one system directory, reusing finished stages.
+
+generate data → train generalist → partition (confusion) → static experts →
+progressive experts → evaluate → report. Each stage checks whether its output
+already exists for the same settings and skips itself if so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from askexpert.config import SystemConfig
+from askexpert.data import load_splits
+from askexpert.evaluate.run import evaluate_system
+from askexpert.system import SystemDir
+from askexpert.training.experts import train_experts
+from askexpert.training.generalist import train_generalist
+from askexpert.training.partition_stage import build_partition
+
+
+def open_or_create(root: str | Path, config: SystemConfig | None = None) -> SystemDir:
+    """Open `root`, creating it with `config` (default: the CPU demo config) if it has none."""
+    if (Path(root) / "config.yaml").is_file():
+        return SystemDir.open(root)
+    return SystemDir.create(root, config or SystemConfig())
+
+
+def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[str, Any]:
+    cfg = system.config()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], object]) -> None:
+        log(f"[askexpert] {name} ...")
+        start = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - start
+        log(f"[askexpert] {name}: done in {timings[name]:.1f} s")
+
+    stage("data", lambda: load_splits(cfg.data, system.root))
+    stage("train generalist", lambda: train_generalist(system))
+    stage(f"partition ({cfg.partition.strategy})", lambda: build_partition(system))
+    for schedule in cfg.expert_training.schedules:
+        stage(f"train experts ({schedule})", lambda s=schedule: train_experts(system, s))  # type: ignore[misc]
+    summary: dict[str, Any] = {}
+    stage("evaluate", lambda: summary.update(evaluate_system(system)))
+    summary["timings_s"] = timings
+    return summary

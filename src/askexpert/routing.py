@@ -1,0 +1,155 @@
+"""The Router: decide *whether* to ask an expert (gate) and *which one* (Top-k scoring).
+
+Pure, batched tensor ops: no per-sample Python loop, so routing costs a tiny
+fraction of the generalist's forward pass and the same code serves the live
+classifier and the cached-logit sweeps.
+
+Gate (offload when the generalist is unsure), against threshold τ:
+  * ``max_prob``: max_c p_c < τ
+  * ``margin``:   p_(1) − p_(2) < τ
+  * ``entropy``:  H(p) / log C > τ
+
+Expert choice from the Top-k classes (DESIGN.md):
+  * ``weighted``: score_e = Σ_{c ∈ Top-k} p_c · [c ∈ S_e]
+  * ``count``:    score_e = |Top-k ∩ S_e|
+argmax over experts; ties go to the expert holding the best-ranked Top-k class
+(so the top-1 class's expert first), then to the lowest expert index (only
+possible with overlapping subsets that hold the same Top-k classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import numpy as np
+import torch
+
+from askexpert.errors import RoutingError
+
+Gate = Literal["max_prob", "margin", "entropy"]
+Scoring = Literal["weighted", "count"]
+GATES: tuple[str, ...] = ("max_prob", "margin", "entropy")
+SCORINGS: tuple[str, ...] = ("weighted", "count")
+_TIE_TOLERANCE = 1e-6
+
+
+def _check_probs(probs: torch.Tensor) -> None:
+    if probs.ndim != 2 or probs.shape[1] < 1:
+        raise RoutingError(f"probabilities must be (N, C); got shape {tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise RoutingError(f"probabilities must be floating point; got {probs.dtype}")
+
+
+def uncertainty(probs: torch.Tensor, gate: str) -> torch.Tensor:
+    """The per-sample statistic the gate compares with τ."""
+    _check_probs(probs)
+    if gate == "max_prob":
+        return probs.max(dim=1).values
+    if gate == "margin":
+        if probs.shape[1] < 2:
+            return torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device)
+        top2 = probs.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    if gate == "entropy":
+        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+        return ent / math.log(max(2, probs.shape[1]))
+    raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+
+
+def offload_mask(probs: torch.Tensor, gate: str, tau: float) -> torch.Tensor:
+    """True where the sample should go to an expert."""
+    stat = uncertainty(probs, gate)
+    return stat > tau if gate == "entropy" else stat < tau
+
+
+def _check_k(k: int, num_classes: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise RoutingError(f"top_k must be an integer ≥ 1; got {k!r}")
+    if k > num_classes:
+        raise RoutingError(f"top_k={k} exceeds the number of classes ({num_classes})")
+
+
+def expert_scores(
+    probs: torch.Tensor, membership: torch.Tensor, k: int, scoring: str = "weighted"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (N, E), best_rank (N, E)): each expert's Top-k score and its best-ranked Top-k class.
+
+    best_rank[n, e] is the rank (0 = top-1) of the best Top-k class expert e holds, k if none.
+    """
+    _check_probs(probs)
+    if membership.ndim != 2 or membership.shape[1] != probs.shape[1]:
+        raise RoutingError(
+            f"membership must be (experts, {probs.shape[1]}); got {tuple(membership.shape)}"
+        )
+    if scoring not in SCORINGS:
+        raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+    _check_k(k, probs.shape[1])
+    top_p, top_c = probs.topk(k, dim=1)  # (N, k), sorted descending
+    held = membership.to(probs.device).T[top_c]  # (N, k, E)
+    weights = top_p if scoring == "weighted" else torch.ones_like(top_p)
+    scores = (weights.unsqueeze(-1) * held).sum(dim=1)
+    ranks = torch.arange(k, device=probs.device).view(1, k, 1).expand_as(held)
+    best_rank = torch.where(held, ranks, torch.full_like(ranks, k)).min(dim=1).values
+    return scores, best_rank
+
+
+def choose_expert(probs: torch.Tensor, membership: torch.Tensor, k: int, scoring: str = "weighted") -> torch.Tensor:
+    """Index (N,) of the expert with the highest Top-k score, ties as documented above."""
+    scores, best_rank = expert_scores(probs, membership, k, scoring)
+    is_max = scores >= scores.max(dim=1, keepdim=True).values - _TIE_TOLERANCE
+    candidate_rank = torch.where(is_max, best_rank, torch.full_like(best_rank, k + 1))
+    return candidate_rank.argmin(dim=1)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    offload: torch.Tensor  # (N,) bool
+    expert: torch.Tensor  # (N,) long: the chosen expert (computed for every sample)
+    topk_classes: torch.Tensor  # (N, k) long
+    topk_probs: torch.Tensor  # (N, k)
+
+
+class Router:
+    """The gate and the Top-k expert choice at one operating point."""
+
+    def __init__(
+        self,
+        membership: np.ndarray | torch.Tensor,
+        gate: str = "max_prob",
+        tau: float = 0.6,
+        k: int = 3,
+        scoring: str = "weighted",
+    ) -> None:
+        m = torch.as_tensor(np.asarray(membership)).bool()
+        if m.ndim != 2 or m.shape[0] < 1:
+            raise RoutingError(f"membership must be a non-empty (experts, classes) matrix; got {tuple(m.shape)}")
+        if not bool(m.any(dim=0).all()):
+            raise RoutingError("membership leaves some classes without an expert")
+        if gate not in GATES:
+            raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+        if scoring not in SCORINGS:
+            raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        if not math.isfinite(tau):
+            raise RoutingError(f"tau must be a finite number; got {tau!r}")
+        _check_k(k, m.shape[1])
+        self.membership = m
+        self.gate = cast(Gate, gate)
+        self.tau = float(tau)
+        self.k = k
+        self.scoring = cast(Scoring, scoring)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.membership.shape[0])
+
+    def __call__(self, probs: torch.Tensor) -> RouteDecision:
+        if probs.ndim == 2 and probs.shape[1] != self.membership.shape[1]:
+            raise RoutingError(
+                f"generalist gives {probs.shape[1]} classes but the partition has {self.membership.shape[1]}"
+            )
+        offload = offload_mask(probs, self.gate, self.tau)
+        expert = choose_expert(probs, self.membership, self.k, self.scoring)
+        top_p, top_c = probs.topk(self.k, dim=1)
+        return RouteDecision(offload, expert, top_c, top_p)

@@ -1,0 +1,69 @@
+"""The system directory: one folder every stage reads and writes.
+
+```
+DIR/config.yaml                        SystemConfig
+DIR/data/                              the generated data set (synth source)
+DIR/partition.json                     class → expert partition
+DIR/generalist.safetensors (+ .json)   edge model and its metadata
+DIR/experts/<schedule>/<id>.safetensors (+ .json)
+DIR/cache/logits-<hash>.npz            cached test-split outputs
+DIR/report/                            report.md, CSV, JSON, PNG
+```
+Experts live one folder per schedule so static and progressive sets sit side
+by side for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from askexpert.config import SystemConfig
+from askexpert.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SystemDir:
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> SystemDir:
+        path = Path(root)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: not a system directory (no config.yaml); create one with `askexpert init {path}`")
+        return cls(path)
+
+    @classmethod
+    def create(cls, root: str | Path, config: SystemConfig, overwrite: bool = False) -> SystemDir:
+        path = Path(root)
+        if (path / "config.yaml").exists() and not overwrite:
+            raise ConfigError(f"{path}/config.yaml already exists; pass --force to overwrite it")
+        path.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(path / "config.yaml")
+        return cls(path)
+
+    def config(self) -> SystemConfig:
+        return SystemConfig.from_yaml(self.config_path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def partition_path(self) -> Path:
+        return self.root / "partition.json"
+
+    @property
+    def generalist_path(self) -> Path:
+        return self.root / "generalist.safetensors"
+
+    def expert_path(self, schedule: str, expert_id: str) -> Path:
+        return self.root / "experts" / schedule / f"{expert_id}.safetensors"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"

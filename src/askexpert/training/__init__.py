@@ -1,0 +1,1 @@
+"""Training stages: the generalist, the partition, and expert schedules (one loop for all)."""

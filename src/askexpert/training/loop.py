@@ -1,0 +1,124 @@
+"""One training loop for every model in the system.
+
+What differs between the generalist and the experts' schedules is only the
+*batch plan* (which sample indices each optimizer step sees) and the targets;
+the optimiser (AdamW), warm-up + cosine schedule, label smoothing,
+crop/flip augmentation, bf16 autocast on GPU, progress bar and resume live
+here once.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from askexpert.config import TrainConfig
+from askexpert.models.registry import ImageClassifier
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding of 1/8 of the side) and horizontal flip of a uint8 NHWC batch."""
+    b, h, w, _ = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = oy[:, None] + torch.arange(h)
+    cols = ox[:, None] + torch.arange(w)
+    flip = torch.rand(b, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_model(
+    model: ImageClassifier,
+    images: np.ndarray,
+    targets: np.ndarray,
+    plan: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    seed: int,
+    resume_path: Path | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Run the optimizer steps in `plan` (steps × batch indices into `images`).
+
+    With `resume_path`, state is saved there every ~10% of the steps and a
+    matching file found at start is resumed from; it is removed at the end.
+    Returns the mean training loss of the last 10% of steps.
+    """
+    total = len(plan)
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    warmup = int(cfg.warmup_fraction * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    generator = torch.Generator().manual_seed(seed)
+    start = 0
+    if resume_path is not None and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if int(state["total"]) == total:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            start = int(state["step"])
+    images_t = torch.from_numpy(images)
+    targets_t = torch.from_numpy(targets.astype(np.int64))
+    use_amp = device.type == "cuda"
+    save_every = max(1, total // 10)
+    tail: list[float] = []
+    progress = tqdm(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
+    for step in progress:
+        idx = torch.from_numpy(plan[step].astype(np.int64))
+        batch = images_t[idx]
+        if cfg.augment:
+            batch = augment(batch, generator)
+        batch, y = batch.to(device, non_blocking=True), targets_t[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = F.cross_entropy(model(batch), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
+        if step >= total - max(1, total // 10):
+            tail.append(value)
+        if step % 10 == 0:
+            progress.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if resume_path is not None and (step + 1) % save_every == 0 and step + 1 < total:
+            torch.save(
+                {
+                    "total": total,
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                },
+                resume_path,
+            )
+    progress.close()
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
+    model.eval()
+    return {"train_loss": float(np.mean(tail)) if tail else float("nan")}
