@@ -23,6 +23,7 @@ train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # one unbroken line per error
 
 SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System directory (holds config.yaml).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
@@ -46,7 +47,9 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
 @app.command()
 def init(
     directory: Path,
-    config: Annotated[Path | None, typer.Option(help="Start from this YAML config instead of the demo default.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Start from this YAML config instead of the demo default.")
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Create a system directory with a config.yaml."""
@@ -62,8 +65,10 @@ def list_presets() -> None:
     """List the model presets."""
     from askexpert.models import presets
 
-    rows = [{"name": p.name, "role": p.role, "timm": p.timm_name, "px": p.img_size, "note": p.note}
-            for p in presets().values()]
+    rows = [
+        {"name": p.name, "role": p.role, "timm": p.timm_name, "px": p.img_size, "note": p.note}
+        for p in presets().values()
+    ]
     print_table("model presets", rows, ["name", "role", "timm", "px", "note"])
 
 
@@ -79,8 +84,13 @@ def data_synth(
     """Generate the synthetic data set (deterministic by seed)."""
     from askexpert.data import synth
 
-    cfg = SynthConfig(num_groups=num_groups, classes_per_group=classes_per_group,
-                      train_per_class=train_per_class, test_per_class=test_per_class, seed=seed)
+    cfg = SynthConfig(
+        num_groups=num_groups,
+        classes_per_group=classes_per_group,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        seed=seed,
+    )
     synth.write(cfg, out)
     console.print(f"wrote {out} ({num_groups * classes_per_group} classes)")
 
@@ -97,7 +107,9 @@ def train_generalist_cmd(system: SystemOpt, force: ForceOpt = False) -> None:
 @train_app.command("experts")
 def train_experts_cmd(
     system: SystemOpt,
-    schedule: Annotated[str, typer.Option(help="A schedule named in the config (static, progressive, ...).")] = "static",
+    schedule: Annotated[
+        str, typer.Option(help="A schedule named in the config (static, progressive, ...).")
+    ] = "static",
     force: ForceOpt = False,
 ) -> None:
     """Train one expert per partition subset under a schedule."""
@@ -121,22 +133,36 @@ def partition(
     sysdir = _system(system)
     if strategy is not None or num_experts is not None:
         raw = sysdir.config().model_dump(mode="json")
-        raw["partition"].update({k: v for k, v in (("strategy", strategy), ("num_experts", num_experts)) if v is not None})
+        raw["partition"].update(
+            {k: v for k, v in (("strategy", strategy), ("num_experts", num_experts)) if v is not None}
+        )
         SystemConfig.from_dict(raw, origin="--strategy/--num-experts").to_yaml(sysdir.config_path)
     part = build_partition(sysdir, force=force)
-    rows = [{"expert": e, "classes": len(s), "members": " ".join(map(str, s[:12])) + (" ..." if len(s) > 12 else "")}
-            for e, s in zip(part.expert_ids, part.subsets, strict=True)]
+    rows = [
+        {"expert": e, "classes": len(s), "members": " ".join(map(str, s[:12])) + (" ..." if len(s) > 12 else "")}
+        for e, s in zip(part.expert_ids, part.subsets, strict=True)
+    ]
     print_table(f"partition ({part.strategy})", rows, ["expert", "classes", "members"])
     if "confusion_kept" in part.stats:
-        console.print(f"share of the generalist's validation errors kept inside one expert: {part.stats['confusion_kept']:.3f}")
+        console.print(
+            f"share of the generalist's validation errors kept inside one expert: {part.stats['confusion_kept']:.3f}"
+        )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print_table("headline (test split)", summary["headline"], ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate"])
+    print_table(
+        "headline (test split)",
+        summary["headline"],
+        ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate"],
+    )
     schedules = summary["schedules"]
-    print_table("experts on their own subsets (test split)", summary["experts"], ["expert", "classes", "generalist", *schedules])
+    print_table(
+        "experts on their own subsets (test split)", summary["experts"], ["expert", "classes", "generalist", *schedules]
+    )
     if summary.get("progressive_minus_static") is not None:
-        console.print(f"mean progressive − static on the subsets: {summary['progressive_minus_static'] * 100:+.2f} points")
+        console.print(
+            f"mean progressive − static on the subsets: {summary['progressive_minus_static'] * 100:+.2f} points"
+        )
     console.print(f"report: {summary['report']}")
 
 
@@ -150,7 +176,9 @@ def evaluate(system: SystemOpt) -> None:
 
 @app.command()
 def demo(
-    system: Annotated[Path, typer.Option("--system", "-s", help="System directory (created with the demo config).")] = Path("askexpert-demo"),
+    system: Annotated[
+        Path, typer.Option("--system", "-s", help="System directory (created with the demo config).")
+    ] = Path("askexpert-demo"),
     config: Annotated[Path | None, typer.Option(help="Config for a new system directory.")] = None,
 ) -> None:
     """The whole pipeline on the embedded default: data → generalist → partition → experts → evaluate."""
@@ -167,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except AskExpertError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print("[bold red]error:[/]", end=" ")
+        err_console.print(str(exc), markup=False, highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)

@@ -42,6 +42,7 @@ class DataConfig(_Strict):
     source: Literal["synth", "cifar100", "folder"] = "synth"
     root: str = "data"
     download: bool = False
+    verify_checksums: bool = True
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     split_seed: int = 0
     synth: SynthConfig = SynthConfig()
@@ -150,9 +151,7 @@ class SystemConfig(_Strict):
     @model_validator(mode="after")
     def _check_k(self) -> SystemConfig:
         if self.evaluate.max_k < self.routing.top_k:
-            raise ValueError(
-                f"evaluate.max_k={self.evaluate.max_k} is below routing.top_k={self.routing.top_k}"
-            )
+            raise ValueError(f"evaluate.max_k={self.evaluate.max_k} is below routing.top_k={self.routing.top_k}")
         return self
 
     # ---- YAML in/out -------------------------------------------------------------------

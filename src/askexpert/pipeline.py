@@ -33,11 +33,11 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Callable[[], object]) -> None:
-        log(f"[askexpert] {name} ...")
+        log(f"askexpert: {name} ...")
         start = time.perf_counter()
         fn()
         timings[name] = time.perf_counter() - start
-        log(f"[askexpert] {name}: done in {timings[name]:.1f} s")
+        log(f"askexpert: {name}: done in {timings[name]:.1f} s")
 
     stage("data", lambda: load_splits(cfg.data, system.root))
     stage("train generalist", lambda: train_generalist(system))

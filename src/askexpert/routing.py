@@ -80,9 +80,7 @@ def expert_scores(
     """
     _check_probs(probs)
     if membership.ndim != 2 or membership.shape[1] != probs.shape[1]:
-        raise RoutingError(
-            f"membership must be (experts, {probs.shape[1]}); got {tuple(membership.shape)}"
-        )
+        raise RoutingError(f"membership must be (experts, {probs.shape[1]}); got {tuple(membership.shape)}")
     if scoring not in SCORINGS:
         raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
     _check_k(k, probs.shape[1])

@@ -30,7 +30,9 @@ class SystemDir:
     def open(cls, root: str | Path) -> SystemDir:
         path = Path(root)
         if not (path / "config.yaml").is_file():
-            raise ConfigError(f"{path}: not a system directory (no config.yaml); create one with `askexpert init {path}`")
+            raise ConfigError(
+                f"{path}: not a system directory (no config.yaml); create one with `askexpert init {path}`"
+            )
         return cls(path)
 
     @classmethod

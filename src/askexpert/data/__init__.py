@@ -8,7 +8,7 @@ stratified split and the test split is never used for any choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from askexpert.config import DataConfig
@@ -44,7 +44,11 @@ def _load_raw(cfg: DataConfig, root: Path) -> tuple[LabeledImages, LabeledImages
             )
         return synth.read(root, "train"), synth.read(root, "test")
     if cfg.source == "cifar100":
-        return cifar100.load(root, "train", cfg.download), cifar100.load(root, "test", cfg.download)
+        train = cifar100.load(root, "train", cfg.download, cfg.verify_checksums)
+        if train.groups is not None and (train.groups < 0).any():
+            raise DataError(f"{root}: some CIFAR-100 classes have no training samples")
+        test = cifar100.load(root, "test", cfg.download, cfg.verify_checksums)
+        return train, replace(test, groups=train.groups)
     train = folder.load(root, "train", cfg.synth.image_size)
     return train, folder.load(root, "test", cfg.synth.image_size, train.class_names)
 

@@ -31,9 +31,7 @@ class LabeledImages:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise DataError(
-                f"images must be uint8 (N, H, W, 3); got {self.images.dtype} {tuple(self.images.shape)}"
-            )
+            raise DataError(f"images must be uint8 (N, H, W, 3); got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):

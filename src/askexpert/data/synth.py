@@ -78,9 +78,9 @@ def _render(protos: torch.Tensor, labels: np.ndarray, cfg: SynthConfig, rng: np.
         theta[:, 1, 0] = np.sin(angle) / scale
         theta[:, 1, 1] = np.cos(angle) / scale
         theta[:, :, 2] = shift
-        x = protos[torch.from_numpy(lab)]
-        grid = F.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False).numpy()
+        src = protos[torch.from_numpy(lab)]
+        grid = F.affine_grid(torch.from_numpy(theta), list(src.shape), align_corners=False)
+        x = F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False).numpy()
         gain = rng.uniform(0.8, 1.2, (n, 3, 1, 1))
         offset = rng.normal(scale=0.15, size=(n, 3, 1, 1))
         x = 0.5 + 0.25 * (x * gain + offset)

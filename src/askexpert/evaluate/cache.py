@@ -61,12 +61,15 @@ def available_schedules(system: SystemDir, partition: Partition) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        d.name for d in root.iterdir()
+        d.name
+        for d in root.iterdir()
         if d.is_dir() and all(system.expert_path(d.name, e).is_file() for e in partition.expert_ids)
     )
 
 
-def cache_key(system: SystemDir, partition: Partition, schedules: list[str], labels: np.ndarray, images: np.ndarray) -> str:
+def cache_key(
+    system: SystemDir, partition: Partition, schedules: list[str], labels: np.ndarray, images: np.ndarray
+) -> str:
     shas = [read_meta(system.generalist_path).sha256]
     for schedule in schedules:
         shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in partition.expert_ids]
@@ -96,7 +99,7 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None) -> LogitC
             arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
     system.cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
     return load_cache(path, partition, schedules, key)
 

@@ -54,9 +54,7 @@ def outcomes(
                 n_off > 0, ((expert_label == y) & offload).sum(axis=1) / n_off, np.nan
             ),
         }
-    loads = np.stack(
-        [(offload & (chosen == e)).sum(axis=1) / n for e in range(cache.partition.num_experts)], axis=1
-    )
+    loads = np.stack([(offload & (chosen == e)).sum(axis=1) / n for e in range(cache.partition.num_experts)], axis=1)
     result["load"] = loads  # (T, E)
     return result
 
@@ -79,7 +77,9 @@ def offload_masks(stat: np.ndarray, gate: str, taus: np.ndarray) -> np.ndarray:
     return stat[None, :] > taus[:, None] if gate == "entropy" else stat[None, :] < taus[:, None]
 
 
-def _rows(base: dict[str, Any], res: dict[str, np.ndarray], expert_ids: Sequence[str], taus: Sequence[float]) -> list[dict[str, Any]]:
+def _rows(
+    base: dict[str, Any], res: dict[str, np.ndarray], expert_ids: Sequence[str], taus: np.ndarray
+) -> list[dict[str, Any]]:
     rows = []
     for t, tau in enumerate(taus):
         row = dict(base, tau=float(tau))
@@ -123,21 +123,25 @@ def headline(cache: LogitCache, gate: str, tau: float, k: int, scoring: str) -> 
     at_point = offload_masks(gate_statistic(cache, gate), gate, np.asarray([tau]))
     rows = []
     for schedule, outputs in cache.schedules.items():
-        rows.append({"schedule": schedule, "system": "generalist only (edge)", "accuracy": gen_acc, "offload_rate": 0.0})
+        rows.append(
+            {"schedule": schedule, "system": "generalist only (edge)", "accuracy": gen_acc, "offload_rate": 0.0}
+        )
         for system, mask, experts in (
             (f"near-edge only (router, k={k})", everything, chosen),
             ("oracle routing (all offloaded)", everything, oracle_experts(cache)),
             (f"collaborative ({gate} τ={tau:g}, k={k})", at_point, chosen),
         ):
             res = outcomes(cache, outputs, mask, experts)
-            rows.append({
-                "schedule": schedule,
-                "system": system,
-                "accuracy": float(res["accuracy"][0]),
-                "offload_rate": float(res["offload_rate"][0]),
-                "routing_hit_rate": float(res["routing_hit_rate"][0]),
-                "abstain_rate": float(res["abstain_rate"][0]),
-            })
+            rows.append(
+                {
+                    "schedule": schedule,
+                    "system": system,
+                    "accuracy": float(res["accuracy"][0]),
+                    "offload_rate": float(res["offload_rate"][0]),
+                    "routing_hit_rate": float(res["routing_hit_rate"][0]),
+                    "abstain_rate": float(res["abstain_rate"][0]),
+                }
+            )
     return rows
 
 

@@ -47,7 +47,9 @@ def _select(rows: Sequence[dict[str, Any]], **match: Any) -> list[dict[str, Any]
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
 
-def plot_pareto(path: Path, sweep: Sequence[dict[str, Any]], point: dict[str, Any], headline: Sequence[dict[str, Any]]) -> None:
+def plot_pareto(
+    path: Path, sweep: Sequence[dict[str, Any]], point: dict[str, Any], headline: Sequence[dict[str, Any]]
+) -> None:
     """Accuracy against offload rate along the τ sweep, per schedule, operating point marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for schedule in sorted({r["schedule"] for r in sweep}):
@@ -55,13 +57,24 @@ def plot_pareto(path: Path, sweep: Sequence[dict[str, Any]], point: dict[str, An
             _select(sweep, schedule=schedule, gate=point["gate"], k=point["k"], scoring=point["scoring"]),
             key=lambda r: r["offload_rate"],
         )
-        line = ax.plot([r["offload_rate"] * 100 for r in rows], [r["accuracy"] * 100 for r in rows],
-                       marker=".", label=f"{schedule} experts")[0]
+        line = ax.plot(
+            [r["offload_rate"] * 100 for r in rows],
+            [r["accuracy"] * 100 for r in rows],
+            marker=".",
+            label=f"{schedule} experts",
+        )[0]
         op = [r for r in headline if r["schedule"] == schedule and r["system"].startswith("collaborative")]
         if op:
-            ax.scatter([op[0]["offload_rate"] * 100], [op[0]["accuracy"] * 100], s=120, marker="*",
-                       color=line.get_color(), edgecolor="black", zorder=5,
-                       label=f"{schedule}: operating point τ={point['tau']:g}")
+            ax.scatter(
+                [op[0]["offload_rate"] * 100],
+                [op[0]["accuracy"] * 100],
+                s=120,
+                marker="*",
+                color=line.get_color(),
+                edgecolor="black",
+                zorder=5,
+                label=f"{schedule}: operating point τ={point['tau']:g}",
+            )
     ax.set_xlabel("offload rate (% of samples sent to an expert)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"Accuracy vs offload ({point['gate']} gate, k={point['k']})")
@@ -77,8 +90,13 @@ def plot_accuracy_vs_k(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for schedule in sorted({r["schedule"] for r in rows}):
         sel = sorted(_select(rows, schedule=schedule), key=lambda r: r["k"])
         ax.plot([r["k"] for r in sel], [r["accuracy"] * 100 for r in sel], marker="o", label=f"{schedule}: accuracy")
-        ax.plot([r["k"] for r in sel], [r["routing_hit_rate"] * 100 for r in sel], marker="x", linestyle="--",
-                label=f"{schedule}: routing hit rate")
+        ax.plot(
+            [r["k"] for r in sel],
+            [r["routing_hit_rate"] * 100 for r in sel],
+            marker="x",
+            linestyle="--",
+            label=f"{schedule}: routing hit rate",
+        )
     ax.set_xlabel("k (generalist Top-k classes used for routing)")
     ax.set_ylabel("percent (%)")
     ax.set_title("Collaborative accuracy and routing hit rate vs k (at the operating τ)")
@@ -142,7 +160,9 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
         f"Cache key `{summary['cache_key']}`. Operating point: gate `{point['gate']}`, τ={point['tau']:g}, "
         f"k={point['k']}, scoring `{point['scoring']}`.\n",
         "## Headline\n",
-        markdown_table(summary["headline"], ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate", "abstain_rate"]),
+        markdown_table(
+            summary["headline"], ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate", "abstain_rate"]
+        ),
         "\n## Experts on their own subsets (closed-set accuracy, test split)\n",
         markdown_table(summary["experts"]),
     ]

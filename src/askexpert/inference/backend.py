@@ -49,7 +49,9 @@ def reply_from_logits(logits: np.ndarray, classes: np.ndarray) -> ExpertReply:
 def check_images(images: np.ndarray, size: int | None = None) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         shape = getattr(images, "shape", None)
-        raise RoutingError(f"images must be a uint8 array (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}")
+        raise RoutingError(
+            f"images must be a uint8 array (N, H, W, 3); got {getattr(images, 'dtype', type(images))} {shape}"
+        )
     if size is not None and images.shape[1:3] != (size, size):
         raise RoutingError(f"images are {images.shape[1]}×{images.shape[2]}, the models expect {size}×{size}")
 
@@ -63,7 +65,9 @@ class LocalExpertBackend:
         self._classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in experts.items()}
 
     @classmethod
-    def from_dir(cls, folder: str | Path, partition: Partition, device: str | torch.device = "cpu") -> LocalExpertBackend:
+    def from_dir(
+        cls, folder: str | Path, partition: Partition, device: str | torch.device = "cpu"
+    ) -> LocalExpertBackend:
         """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree."""
         folder = Path(folder)
         experts = {}

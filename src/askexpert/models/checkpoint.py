@@ -101,8 +101,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     actual = file_sha256(path)
     if meta.sha256 and actual != meta.sha256:
         raise CheckpointError(
-            f"{path}: contents do not match the SHA-256 in {meta_path(path).name} "
-            "(file corrupt, truncated or replaced)"
+            f"{path}: contents do not match the SHA-256 in {meta_path(path).name} (file corrupt, truncated or replaced)"
         )
     try:
         state = safetensors.torch.load_file(str(path), device="cpu")

@@ -61,19 +61,31 @@ def _cifar_vit(name: str, role: str, dim: int, depth: int, heads: int, note: str
     )
 
 
-register(_cifar_vit("cpu-generalist", "generalist", 64, 3, 2, "ViT 32px/p4, dim 64, 3 blocks: the CPU-scale edge model"))
+register(
+    _cifar_vit("cpu-generalist", "generalist", 64, 3, 2, "ViT 32px/p4, dim 64, 3 blocks: the CPU-scale edge model")
+)
 register(_cifar_vit("cpu-expert", "expert", 96, 4, 3, "ViT 32px/p4, dim 96, 4 blocks: the CPU-scale expert"))
 register(_cifar_vit("micro-generalist", "generalist", 16, 1, 2, "for tests only"))
 register(_cifar_vit("micro-expert", "expert", 24, 1, 2, "for tests only"))
 register(
     ModelPreset(
-        "deit-tiny", "deit_tiny_patch16_224", 224, "generalist", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        "deit-tiny",
+        "deit_tiny_patch16_224",
+        224,
+        "generalist",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         note="paper scale: DeiT-Tiny/16 at 224 px (5.7M parameters)",
     )
 )
 register(
     ModelPreset(
-        "deit-small", "deit_small_patch16_224", 224, "expert", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        "deit-small",
+        "deit_small_patch16_224",
+        224,
+        "expert",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         note="paper scale: DeiT-Small/16 at 224 px (22M parameters)",
     )
 )
@@ -93,6 +105,9 @@ def get_preset(name: str) -> ModelPreset:
 class ImageClassifier(nn.Module):
     """A timm backbone behind a uint8 NHWC input: resize, scale, normalise, classify."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, preset: ModelPreset, backbone: nn.Module) -> None:
         super().__init__()
         self.preset_name = preset.name
@@ -103,7 +118,7 @@ class ImageClassifier(nn.Module):
 
     @property
     def num_outputs(self) -> int:
-        return int(getattr(self.backbone, "num_classes"))
+        return int(getattr(self.backbone, "num_classes"))  # noqa: B009  (timm sets it; nn.Module hides the type)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()

@@ -50,15 +50,17 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
     train, val = splits.train, splits.val
     if part.num_classes != train.num_classes:
         raise ConfigError(
-            f"{system.partition_path}: partition covers {part.num_classes} classes, the data set has {train.num_classes}"
+            f"{system.partition_path}: partition covers {part.num_classes} classes, "
+            f"the data set has {train.num_classes}"
         )
     device = resolve_device(cfg.device)
     tc = cfg.expert_training
     metas = []
     for e, (eid, subset) in enumerate(zip(part.expert_ids, part.subsets, strict=True)):
         path = system.expert_path(schedule, eid)
-        key = fingerprint("expert", cfg.data.model_dump(), cfg.expert.model_dump(), tc.model_dump(),
-                          schedule, subset, cfg.seed)
+        key = fingerprint(
+            "expert", cfg.data.model_dump(), cfg.expert.model_dump(), tc.model_dump(), schedule, subset, cfg.seed
+        )
         if not force and path.is_file() and path.with_suffix(".json").is_file():
             meta = read_meta(path)
             if meta.extra.get("fingerprint") == key:
@@ -68,8 +70,17 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         path.parent.mkdir(parents=True, exist_ok=True)
         plan = expert_plan(cfg, train.labels, subset, schedule, seed)
         model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
-        stats = train_model(model, train.images, expert_targets(train.labels, subset), plan, tc, device, seed,
-                            resume_path=path.with_suffix(".resume.pt"), desc=f"{schedule} {eid}")
+        stats = train_model(
+            model,
+            train.images,
+            expert_targets(train.labels, subset),
+            plan,
+            tc,
+            device,
+            seed,
+            resume_path=path.with_suffix(".resume.pt"),
+            desc=f"{schedule} {eid}",
+        )
         val_logits = predict_logits(model, val.images, device)
         meta = CheckpointMeta(
             role="expert",

@@ -15,8 +15,9 @@ from askexpert.training.plans import budget_steps, plan_schedule
 
 def generalist_fingerprint(system: SystemDir) -> str:
     cfg = system.config()
-    return fingerprint("generalist", cfg.data.model_dump(), cfg.generalist.model_dump(),
-                       cfg.generalist_training.model_dump(), cfg.seed)
+    return fingerprint(
+        "generalist", cfg.data.model_dump(), cfg.generalist.model_dump(), cfg.generalist_training.model_dump(), cfg.seed
+    )
 
 
 def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
@@ -34,10 +35,20 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     tc = cfg.generalist_training
     model = create_model(cfg.generalist.preset, train.num_classes, cfg.generalist.pretrained_file)
     steps = budget_steps(tc.epochs, len(train), tc.batch_size)
-    plan = plan_schedule(np.arange(len(train)), np.empty(0, np.int64), [Stage(fraction=1.0)], steps,
-                         tc.batch_size, cfg.seed)
-    stats = train_model(model, train.images, train.labels, plan, tc, device, cfg.seed,
-                        resume_path=path.with_suffix(".resume.pt"), desc="generalist")
+    plan = plan_schedule(
+        np.arange(len(train)), np.empty(0, np.int64), [Stage(fraction=1.0)], steps, tc.batch_size, cfg.seed
+    )
+    stats = train_model(
+        model,
+        train.images,
+        train.labels,
+        plan,
+        tc,
+        device,
+        cfg.seed,
+        resume_path=path.with_suffix(".resume.pt"),
+        desc="generalist",
+    )
     val_pred = predict_logits(model, val.images, device).argmax(1)
     meta = CheckpointMeta(
         role="generalist",
@@ -45,7 +56,6 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
         classes=list(range(train.num_classes)),
         seed=cfg.seed,
         metrics={"val_accuracy": float((val_pred == val.labels).mean()), **stats},
-        extra={"fingerprint": key, "steps": steps, "batch_size": plan.shape[1],
-               "class_names": list(train.class_names)},
+        extra={"fingerprint": key, "steps": steps, "batch_size": plan.shape[1], "class_names": list(train.class_names)},
     )
     return save_checkpoint(model.cpu(), path, meta)

@@ -26,9 +26,14 @@ from askexpert.system import SystemDir
 def build_partition(system: SystemDir, force: bool = False) -> Partition:
     cfg = system.config()
     pc = cfg.partition
-    key = fingerprint("partition", pc.model_dump(), cfg.data.model_dump(),
-                      system.generalist_path.with_suffix(".json").read_text()
-                      if pc.strategy == "confusion" and system.generalist_path.is_file() else None)
+    key = fingerprint(
+        "partition",
+        pc.model_dump(),
+        cfg.data.model_dump(),
+        system.generalist_path.with_suffix(".json").read_text()
+        if pc.strategy == "confusion" and system.generalist_path.is_file()
+        else None,
+    )
     if not force and system.partition_path.is_file():
         existing = Partition.from_json(system.partition_path)
         if existing.stats.get("fingerprint") == key:

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from askexpert.cli import main
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out = capsys.readouterr()
+    return int(info.value.code or 0), out.out + out.err
+
+
+def test_missing_system_dir_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _run(["evaluate", "--system", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "not a system directory" in text and "Traceback" not in text
+
+
+def test_malformed_config_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.yaml").write_text("routing:\n  top_k: 0\n")
+    code, text = _run(["train", "generalist", "--system", str(tmp_path)], capsys)
+    assert code == 2 and "routing.top_k" in text
+
+
+def test_init_then_partition_options_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["init", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "config.yaml").is_file()
+    code, text = _run(["partition", "--system", str(tmp_path / "s"), "--strategy", "astrology"], capsys)
+    assert code == 2 and "partition.strategy" in text
+    code, text = _run(["init", str(tmp_path / "s")], capsys)
+    assert code == 2 and "already exists" in text
+
+
+def test_train_experts_needs_a_partition(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_system, copy)
+    (copy / "partition.json").unlink()
+    code, text = _run(["train", "experts", "--system", str(copy), "--schedule", "static"], capsys)
+    assert code == 2 and "partition.json: partition file not found" in text
+    code, text = _run(["train", "experts", "--system", str(copy), "--schedule", "warp"], capsys)
+    assert code == 2 and "unknown schedule 'warp'" in text

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from askexpert.config import SystemConfig
+from askexpert.errors import ConfigError
+
+
+def test_default_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = SystemConfig()
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert SystemConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"routing": {"top_k": 0}}, "routing.top_k"),
+        ({"routing": {"tau": 1.5}}, "tau=1.5 is out of range"),
+        ({"routing": {"tau": -0.1}}, "out of range"),
+        ({"routing": {"gate": "vibes"}}, "routing.gate"),
+        ({"routing": {"top_k": 4}, "evaluate": {"max_k": 3}}, "max_k=3 is below routing.top_k=4"),
+        ({"partition": {"num_experts": 0}}, "partition.num_experts"),
+        ({"partition": {"strategy": "astrology"}}, "partition.strategy"),
+        ({"routing": {"tua": 0.5}}, "routing.tua"),
+        ({"expert_training": {"epochs": 1, "schedules": {"x": [{"fraction": 0.5}]}}}, "sum to 0.5"),
+        ({"data": {"source": "imagenet"}}, "data.source"),
+    ],
+)
+def test_bad_values_name_the_field(raw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match="invalid config") as info:
+        SystemConfig.from_dict(raw)
+    assert fragment in str(info.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("routing: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        SystemConfig.from_yaml(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        SystemConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="not found"):
+        SystemConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_paper_config_is_valid() -> None:
+    cfg = SystemConfig.from_yaml(Path(__file__).parents[1] / "configs" / "paper-cifar100.yaml")
+    assert cfg.data.source == "cifar100" and cfg.generalist.preset == "deit-tiny"
+    assert cfg.expert.preset == "deit-small"

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from askexpert.errors import RoutingError
+from askexpert.routing import Router, choose_expert, expert_scores, offload_mask
+
+C, E = 12, 4
+
+
+@st.composite
+def probs_and_partition(draw: st.DrawFn) -> tuple[torch.Tensor, np.ndarray]:
+    n = draw(st.integers(1, 16))
+    logits = draw(arrays(np.float32, (n, C), elements=st.floats(-8, 8, width=32)))
+    owner = draw(arrays(np.int64, C, elements=st.integers(0, E - 1)))
+    owner[:E] = np.arange(E)  # every expert holds at least one class
+    membership = np.zeros((E, C), dtype=bool)
+    membership[owner, np.arange(C)] = True
+    return torch.from_numpy(logits).softmax(dim=1), membership
+
+
+@settings(max_examples=80, deadline=None)
+@given(probs_and_partition())
+def test_k1_picks_the_top1_classes_expert(case: tuple[torch.Tensor, np.ndarray]) -> None:
+    probs, membership = case
+    chosen = choose_expert(probs, torch.from_numpy(membership), k=1).numpy()
+    is_top = (probs == probs.max(dim=1, keepdim=True).values).numpy()  # several classes when tied
+    assert (membership[chosen] & is_top).any(axis=1).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(probs_and_partition(), st.floats(1.0001, 5.0))
+def test_max_prob_gate_extremes(case: tuple[torch.Tensor, np.ndarray], high: float) -> None:
+    probs, _ = case
+    assert not offload_mask(probs, "max_prob", 0.0).any()
+    assert offload_mask(probs, "max_prob", high).all()
+    assert not offload_mask(probs, "entropy", 1.0001).any() and not offload_mask(probs, "margin", 0.0).any()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    probs_and_partition(), st.integers(1, 5), st.permutations(list(range(E))), st.sampled_from(["weighted", "count"])
+)
+def test_invariant_to_expert_order(
+    case: tuple[torch.Tensor, np.ndarray], k: int, perm: list[int], scoring: str
+) -> None:
+    probs, membership = case
+    base = choose_expert(probs, torch.from_numpy(membership), k, scoring).numpy()
+    permuted = choose_expert(probs, torch.from_numpy(membership[perm]), k, scoring).numpy()
+    assert (np.asarray(perm)[permuted] == base).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(probs_and_partition(), st.integers(1, 5))
+def test_chosen_expert_has_the_highest_score(case: tuple[torch.Tensor, np.ndarray], k: int) -> None:
+    probs, membership = case
+    m = torch.from_numpy(membership)
+    scores, _ = expert_scores(probs, m, k)
+    chosen = choose_expert(probs, m, k)
+    best = scores.max(dim=1).values
+    assert torch.all(scores.gather(1, chosen[:, None]).squeeze(1) >= best - 1e-5)
+
+
+def test_weighted_score_is_the_formula_and_ties_go_to_top1() -> None:
+    membership = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    probs = torch.tensor([[0.40, 0.05, 0.30, 0.25], [0.35, 0.30, 0.35 - 1e-9, 0.0]])
+    scores, _ = expert_scores(probs, membership, k=3)
+    assert torch.allclose(scores[0], torch.tensor([0.40, 0.55]))
+    assert choose_expert(probs, membership, k=3).tolist()[0] == 1  # p3+p4 beat the top-1 class
+    counts, _ = expert_scores(probs, membership, k=3, scoring="count")
+    assert counts[0].tolist() == [1.0, 2.0]
+    tie = torch.tensor([[0.3, 0.2, 0.3, 0.2]])  # expert 1 holds the (argmax) top-1? topk order decides
+    top1 = int(tie.topk(1).indices[0, 0])
+    assert bool(membership[choose_expert(tie, membership, k=4)[0], top1])
+
+
+def test_overlapping_subsets_are_supported() -> None:
+    membership = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    probs = torch.tensor([[0.1, 0.3, 0.2, 0.4]])
+    assert choose_expert(probs, membership, k=2).tolist() == [1]  # classes 3 and 1: expert 1 has both
+    assert choose_expert(probs, membership, k=1).tolist() == [1]
+
+
+def test_router_decision_and_errors() -> None:
+    membership = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
+    router = Router(membership, gate="max_prob", tau=0.5, k=2)
+    probs = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.3, 0.1, 0.4, 0.2]])
+    decision = router(probs)
+    assert decision.offload.tolist() == [False, True]
+    assert decision.expert.tolist() == [0, 1]
+    assert decision.topk_classes.tolist() == [[0, 1], [2, 0]]
+    with pytest.raises(RoutingError, match="top_k must be an integer ≥ 1"):
+        Router(membership, k=0)
+    with pytest.raises(RoutingError, match="top_k=5 exceeds"):
+        Router(membership, k=5)
+    with pytest.raises(RoutingError, match="unknown gate 'coin'"):
+        Router(membership, gate="coin")
+    with pytest.raises(RoutingError, match="unknown scoring"):
+        Router(membership, scoring="vote")
+    with pytest.raises(RoutingError, match="without an expert"):
+        Router(np.array([[1, 1, 0, 0]], dtype=bool))
+    with pytest.raises(RoutingError, match="generalist gives 3 classes but the partition has 4"):
+        router(torch.ones(2, 3) / 3)
+    with pytest.raises(RoutingError, match=r"must be \(N, C\)"):
+        router(torch.ones(4))
