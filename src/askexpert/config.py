@@ -87,9 +87,9 @@ class ExpertTrainConfig(TrainConfig):
         default_factory=lambda: {
             "static": [Stage(fraction=1.0, subset_share=1.0)],
             "progressive": [
-                Stage(fraction=0.4, subset_share=None),
-                Stage(fraction=0.3, subset_share=0.6),
-                Stage(fraction=0.3, subset_share=1.0),
+                Stage(fraction=0.25, subset_share=None),
+                Stage(fraction=0.25, subset_share=0.5),
+                Stage(fraction=0.5, subset_share=1.0),
             ],
         }
     )
@@ -144,7 +144,7 @@ class SystemConfig(_Strict):
     expert: ModelConfig = ModelConfig(preset="cpu-expert")
     partition: PartitionConfig = PartitionConfig()
     generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
-    expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=20, lr=2e-3)
+    expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=40, lr=2e-3)
     routing: RoutingConfig = RoutingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 

@@ -64,7 +64,7 @@ def _cifar_vit(name: str, role: str, dim: int, depth: int, heads: int, note: str
 register(
     _cifar_vit("cpu-generalist", "generalist", 64, 3, 2, "ViT 32px/p4, dim 64, 3 blocks: the CPU-scale edge model")
 )
-register(_cifar_vit("cpu-expert", "expert", 96, 4, 3, "ViT 32px/p4, dim 96, 4 blocks: the CPU-scale expert"))
+register(_cifar_vit("cpu-expert", "expert", 96, 3, 3, "ViT 32px/p4, dim 96, 3 blocks: the CPU-scale expert"))
 register(_cifar_vit("micro-generalist", "generalist", 16, 1, 2, "for tests only"))
 register(_cifar_vit("micro-expert", "expert", 24, 1, 2, "for tests only"))
 register(
