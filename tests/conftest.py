@@ -38,7 +38,76 @@ def trained_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from askexpert.pipeline import run_pipeline
     from askexpert.system import SystemDir
 
+    import numpy as np
+
+    from askexpert.evaluate.cache import build_cache
+
     root = tmp_path_factory.mktemp("system")
     system = SystemDir.create(root, SystemConfig.from_dict(MICRO))
     run_pipeline(system, log=lambda _msg: None)
+    # Put τ at the median confidence so that about half the test samples are offloaded
+    # (the micro generalist is barely trained), then report again from the same cache.
+    cache = build_cache(system)
+    raw = system.config().model_dump(mode="json")
+    raw["routing"]["tau"] = float(np.median(cache.gen_probs.max(axis=1)))
+    SystemConfig.from_dict(raw).to_yaml(system.config_path)
+    run_pipeline(system, log=lambda _msg: None)
     return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`askexpert serve` in a child process on a free loopback port."""
+
+    def __init__(self, system: Path, *extra: str) -> None:
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "askexpert.cli",
+            "serve",
+            "--system",
+            str(system),
+            "--port",
+            str(self.port),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode() if self.proc.stdout else ''}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready in 60 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(trained_system: Path):
+    proc = ServerProcess(trained_system)
+    yield proc
+    proc.stop()

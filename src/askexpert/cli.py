@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -189,6 +190,84 @@ def demo(
     _print_summary(summary)
     total = sum(summary["timings_s"].values())
     console.print(f"total stage time: {total:.1f} s")
+
+
+def _read_token(token_file: Path | None) -> str | None:
+    from askexpert.errors import ConfigError
+
+    if token_file is None:
+        return None
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{token_file}: cannot read the token file: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{token_file}: the token file is empty")
+    return token
+
+
+TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="Bearer token (first line of this file).")]
+
+
+@app.command()
+def serve(
+    system: SystemOpt,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you say otherwise.")] = "127.0.0.1",
+    port: int = 8000,
+    schedule: Annotated[str | None, typer.Option(help="Which expert set to host (default: serving.schedule).")] = None,
+    engine: Annotated[str, typer.Option(help="http (FastAPI + uvicorn) or ray (Ray Serve).")] = "http",
+    token_file: TokenOpt = None,
+    device: str = "cpu",
+) -> None:
+    """Host every expert of a system directory (the near-edge server)."""
+    token = _read_token(token_file)
+    if engine == "ray":
+        from askexpert.serving.ray_app import run_ray
+
+        run_ray(system, host, port, schedule, token)
+        return
+    if engine != "http":
+        from askexpert.errors import ConfigError
+
+        raise ConfigError(f"unknown engine {engine!r}; choose http or ray")
+    import uvicorn
+
+    from askexpert.serving.server import ExpertService, create_app
+
+    service = ExpertService.from_system(system, schedule, device)
+    console.print(f"serving {len(service.classes)} experts on http://{host}:{port}", highlight=False)
+    uvicorn.run(create_app(service, token), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def edge(
+    system: SystemOpt,
+    server: Annotated[str, typer.Option(help="Expert server URL, e.g. http://127.0.0.1:8000")],
+    out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
+    limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
+    token_file: TokenOpt = None,
+) -> None:
+    """Run the edge: generalist here, unsure samples to the server; records every sample."""
+    from askexpert.data import load_splits
+    from askexpert.inference.edge import edge_classifier, run_edge, summarise_records
+    from askexpert.inference.http_backend import HttpExpertBackend
+
+    sysdir = _system(system)
+    cfg = sysdir.config()
+    backend = HttpExpertBackend(server, cfg.serving, _read_token(token_file))
+    data = load_splits(cfg.data, sysdir.root).test
+    if limit is not None:
+        data = data.subset(np.arange(min(limit, len(data))))
+    try:
+        records = run_edge(edge_classifier(sysdir, backend), data, out, cfg.serving.client_batch_size)
+    finally:
+        backend.close()
+    print_table(
+        "edge run",
+        summarise_records(records),
+        ["source", "samples", "accuracy", "mean_ms", "p50_ms", "p99_ms", "bytes_sent"],
+    )
+    console.print(f"records: {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -128,6 +128,22 @@ class RoutingConfig(_Strict):
         return value
 
 
+class ServingConfig(_Strict):
+    """The near-edge expert server and the edge client's link to it."""
+
+    schedule: str = "progressive"
+    max_batch_size: int = Field(64, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0.0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
+    client_batch_size: int = Field(64, ge=1)
+    timeout_s: float = Field(5.0, gt=0.0)
+    retries: int = Field(2, ge=0)
+    backoff_s: float = Field(0.05, ge=0.0)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(5.0, ge=0.0)
+
+
 class EvaluateConfig(_Strict):
     taus: int = Field(50, ge=2, le=1000)
     max_k: int = Field(5, ge=1)
@@ -146,6 +162,7 @@ class SystemConfig(_Strict):
     generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
     expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=40, lr=2e-3)
     routing: RoutingConfig = RoutingConfig()
+    serving: ServingConfig = ServingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")

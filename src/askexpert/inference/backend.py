@@ -7,7 +7,7 @@ backends (HTTP, Ray Serve) implement the same protocol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,10 +27,14 @@ class BackendError(AskExpertError):
 
 @dataclass(frozen=True)
 class ExpertReply:
-    """labels: global class ids, OTHER (-1) where the expert abstains; confidence: its softmax max."""
+    """labels: global class ids, OTHER (-1) where the expert abstains; confidence: its softmax max.
+
+    info: per-call facts a remote backend measured (bytes, encode/network/queue/compute ms).
+    """
 
     labels: np.ndarray
     confidence: np.ndarray
+    info: dict[str, float] = field(default_factory=dict)
 
 
 class ExpertBackend(Protocol):

@@ -8,6 +8,7 @@ generalist's label stands (source `fallback`, with the reason).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,8 @@ class Predictions:
     topk_classes: np.ndarray  # (N, k) int64
     topk_probs: np.ndarray  # (N, k) float32
     expert_confidence: np.ndarray  # (N,) float32, NaN when no expert answered
-    extra: dict[str, Any] = field(default_factory=dict)
+    call_info: list[dict[str, float]] = field(default_factory=list)  # per sample: what its expert call measured
+    edge_ms: float = float("nan")  # generalist + router time for the whole call
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,6 +51,7 @@ class Predictions:
             "generalist_label": int(self.generalist_labels[i]),
             "topk": [[int(c), float(p)] for c, p in zip(self.topk_classes[i], self.topk_probs[i], strict=True)],
             "expert_confidence": None if np.isnan(conf) else conf,
+            **(self.call_info[i] if self.call_info else {}),
         }
 
 
@@ -81,8 +84,10 @@ class CollaborativeClassifier:
 
     def __call__(self, images: np.ndarray) -> Predictions:
         check_images(images)
+        start = time.perf_counter()
         probs = self.edge_probs(images)
         decision = self.router(probs)
+        edge_ms = (time.perf_counter() - start) * 1e3
         gen_labels = probs.argmax(dim=1).numpy().astype(np.int64)
         n = len(images)
         labels = gen_labels.copy()
@@ -90,6 +95,7 @@ class CollaborativeClassifier:
         expert = np.full(n, "", dtype=object)
         reason = np.full(n, "", dtype=object)
         confidence = np.full(n, np.nan, dtype=np.float32)
+        info: list[dict[str, float]] = [{} for _ in range(n)]
         offload = decision.offload.numpy()
         chosen = decision.expert.numpy()
         for e in np.unique(chosen[offload]):
@@ -102,6 +108,10 @@ class CollaborativeClassifier:
                 source[idx], reason[idx] = FALLBACK, f"error: {exc}"
                 continue
             confidence[idx] = reply.confidence
+            if reply.info:
+                share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(idx))
+                for i in idx:
+                    info[i] = share
             abstain = reply.labels == OTHER
             labels[idx[~abstain]] = reply.labels[~abstain]
             source[idx[~abstain]] = EXPERT
@@ -115,4 +125,6 @@ class CollaborativeClassifier:
             decision.topk_classes.numpy().astype(np.int64),
             decision.topk_probs.numpy().astype(np.float32),
             confidence,
+            info,
+            edge_ms,
         )

@@ -1,0 +1,93 @@
+"""The edge process: generalist locally, unsure samples to the server, one record per sample.
+
+`run_edge` walks the data in client batches; each batch is classified by the
+CollaborativeClassifier with an HTTP backend, and every sample is written to
+the JSONL file as soon as its batch is done, so a crash or a dead server never
+loses what was already answered.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from askexpert.data import LabeledImages
+from askexpert.inference.backend import ExpertBackend
+from askexpert.inference.collaborative import CollaborativeClassifier
+from askexpert.models import load_checkpoint
+from askexpert.partition import Partition
+from askexpert.routing import Router
+from askexpert.system import SystemDir
+
+
+def edge_classifier(system: SystemDir, backend: ExpertBackend, device: str = "cpu") -> CollaborativeClassifier:
+    """The generalist, router and partition of a system directory, wired to `backend`."""
+    cfg = system.config()
+    part = Partition.from_json(system.partition_path)
+    generalist, _ = load_checkpoint(system.generalist_path, device)
+    rc = cfg.routing
+    return CollaborativeClassifier(
+        generalist, Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring), part, backend, device
+    )
+
+
+def run_edge(
+    classifier: CollaborativeClassifier,
+    data: LabeledImages,
+    out: str | Path,
+    batch_size: int = 64,
+    after_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Classify `data`, writing one JSON record per sample to `out`; returns the records."""
+    records: list[dict[str, Any]] = []
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        starts = range(0, len(data), batch_size)
+        for b, start in enumerate(tqdm(starts, desc="edge", unit="batch", leave=False)):
+            images = data.images[start : start + batch_size]
+            t0 = time.perf_counter()
+            pred = classifier(images)
+            batch_ms = (time.perf_counter() - t0) * 1e3
+            for i in range(len(images)):
+                rec: dict[str, Any] = {"id": start + i, **pred.record(i)}
+                rec["truth"] = int(data.labels[start + i])
+                rec["edge_ms"] = pred.edge_ms
+                rec["batch_ms"] = batch_ms
+                rec.setdefault("bytes_sent", 0.0)
+                fh.write(json.dumps(rec) + "\n")
+                records.append(rec)
+            fh.flush()
+            if after_batch is not None:
+                after_batch(b)
+    return records
+
+
+def summarise_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per source plus a total: count, accuracy, mean/p50/p99 batch latency, bytes sent."""
+    rows = []
+    groups = {"all": records}
+    for source in ("edge", "expert", "fallback"):
+        groups[source] = [r for r in records if r["source"] == source]
+    for name, recs in groups.items():
+        if not recs:
+            continue
+        lat = np.asarray([r["batch_ms"] for r in recs])
+        rows.append(
+            {
+                "source": name,
+                "samples": len(recs),
+                "accuracy": float(np.mean([r["label"] == r["truth"] for r in recs])),
+                "mean_ms": float(lat.mean()),
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "bytes_sent": float(sum(r["bytes_sent"] for r in recs)),
+            }
+        )
+    return rows

@@ -1,0 +1,117 @@
+"""The edge's HTTP link to the near-edge ExpertServer, as an ExpertBackend.
+
+Timeout per request, bounded retries with exponential back-off, and a circuit
+breaker: after `breaker_failures` consecutive failures the backend stops
+calling for `breaker_cooldown_s` and answers at once with BackendError, so the
+edge falls back to the generalist instead of waiting on a dead server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from askexpert.config import ServingConfig
+from askexpert.inference.backend import BackendError, ExpertReply, check_images
+from askexpert.serving.wire import MEDIA_TYPE, encode_images
+
+
+@dataclass
+class CircuitBreaker:
+    failures_to_open: int
+    cooldown_s: float
+    failures: int = 0
+    opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if time.monotonic() - self.opened_at >= self.cooldown_s:
+            return True  # half-open: let one call probe the server
+        return False
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.failures >= self.failures_to_open:
+            self.opened_at = time.monotonic()
+
+
+class HttpExpertBackend:
+    def __init__(self, url: str, cfg: ServingConfig, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.cfg = cfg
+        headers = {"content-type": MEDIA_TYPE}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
+        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        check_images(images)
+        if not self.breaker.allow():
+            raise BackendError("circuit open: server failed repeatedly, not retrying yet")
+        t0 = time.perf_counter()
+        body = encode_images(images)
+        encode_ms = (time.perf_counter() - t0) * 1e3
+        last = "no attempt"
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+            start = time.perf_counter()
+            try:
+                response = self.client.post(f"{self.url}/v1/experts/{expert_id}/predict", content=body)
+            except httpx.TimeoutException:
+                last = f"timeout after {self.cfg.timeout_s:g} s"
+                continue
+            except httpx.TransportError as exc:
+                last = f"unreachable: {type(exc).__name__}"
+                continue
+            rtt_ms = (time.perf_counter() - start) * 1e3
+            if response.status_code >= 500:
+                last = f"server error {response.status_code}"
+                continue
+            if response.status_code != 200:
+                self.breaker.record(True)  # the server is up; the request itself was refused
+                raise BackendError(f"server refused ({response.status_code}): {_message(response)}")
+            self.breaker.record(True)
+            return _reply(response, len(images), len(body), encode_ms, rtt_ms, attempt)
+        self.breaker.record(False)
+        raise BackendError(f"{last} ({self.cfg.retries + 1} attempts)")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms: float, retries: int) -> ExpertReply:
+    try:
+        doc = response.json()
+        labels = np.asarray(doc["labels"], dtype=np.int64)
+        confidence = np.asarray(doc["confidence"], dtype=np.float32)
+        timing = doc.get("timing", {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"malformed server reply: {exc}") from None
+    if labels.shape != (n,) or confidence.shape != (n,):
+        raise BackendError(f"server answered {labels.shape[0]} labels for {n} images")
+    info = {
+        "bytes_sent": float(sent),
+        "bytes_received": float(len(response.content)),
+        "encode_ms": encode_ms,
+        "rtt_ms": rtt_ms,
+        "queue_ms": float(timing.get("queue_ms", float("nan"))),
+        "compute_ms": float(timing.get("compute_ms", float("nan"))),
+        "retries": float(retries),
+    }
+    return ExpertReply(labels, confidence, info)

@@ -1,0 +1,138 @@
+"""Dynamic batching as a decorator: concurrent calls for one key are merged into one model call.
+
+```python
+class Service:
+    @dynamic_batch(max_batch_size=64, max_wait_ms=5)
+    def run(self, key: str, images: np.ndarray) -> np.ndarray: ...   # rows align with images
+
+    async def handle(self, key, images):
+        result = await self.run(key, images)   # BatchResult: this caller's rows + timings
+```
+Requests queue per key (per expert). A batch closes when it holds
+`max_batch_size` images or `max_wait_ms` after its first request arrived. The
+wrapped function runs in a one-thread executor, off the event loop, one batch at
+a time (so CPU threads are not oversubscribed). An instance attribute
+`max_batch_size` / `max_wait_ms` overrides the decorator's default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rows: np.ndarray
+    queue_s: float  # from enqueue to the start of this caller's batch
+    compute_s: float  # the model call for the whole batch
+    batch_size: int  # images in the merged batch
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+
+
+class DynamicBatcher:
+    def __init__(self, fn: Callable[[str, np.ndarray], np.ndarray], max_batch_size: int, max_wait_s: float) -> None:
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and max_wait_ms ≥ 0")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="askexpert-batch")
+        self.queues: dict[str, asyncio.Queue[_Pending]] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+
+    async def __call__(self, key: str, images: np.ndarray) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = asyncio.Queue()
+            self.workers[key] = loop.create_task(self._worker(key, queue))
+        pending = _Pending(images, loop.create_future(), time.perf_counter())
+        await queue.put(pending)
+        return await pending.future
+
+    async def _collect(
+        self, queue: asyncio.Queue[_Pending], carry: _Pending | None
+    ) -> tuple[list[_Pending], _Pending | None]:
+        first = carry if carry is not None else await queue.get()
+        items, count = [first], len(first.images)
+        deadline = first.enqueued + self.max_wait_s
+        while count < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            if count + len(item.images) > self.max_batch_size:
+                return items, item  # starts the next batch
+            items.append(item)
+            count += len(item.images)
+        return items, None
+
+    async def _worker(self, key: str, queue: asyncio.Queue[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Pending | None = None
+        while True:
+            items, carry = await self._collect(queue, carry)
+            items = [p for p in items if not p.future.cancelled()]
+            if not items:
+                continue
+            batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
+            start = time.perf_counter()
+            try:
+                rows = await loop.run_in_executor(self.executor, self.fn, key, batch)
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                for p in items:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            compute = time.perf_counter() - start
+            offset = 0
+            for p in items:
+                n = len(p.images)
+                if not p.future.done():
+                    p.future.set_result(BatchResult(rows[offset : offset + n], start - p.enqueued, compute, len(batch)))
+                offset += n
+
+    def close(self) -> None:
+        for task in self.workers.values():
+            task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def dynamic_batch(
+    max_batch_size: int = 64, max_wait_ms: float = 5.0
+) -> Callable[[Callable[[Any, str, np.ndarray], np.ndarray]], Callable[[Any, str, np.ndarray], Awaitable[BatchResult]]]:
+    def decorate(
+        fn: Callable[[Any, str, np.ndarray], np.ndarray],
+    ) -> Callable[[Any, str, np.ndarray], Awaitable[BatchResult]]:
+        attr = f"_dynamic_batcher_{fn.__name__}"
+
+        @functools.wraps(fn)
+        async def wrapper(self: Any, key: str, images: np.ndarray) -> BatchResult:
+            batcher = getattr(self, attr, None)
+            if batcher is None:
+                batcher = DynamicBatcher(
+                    functools.partial(fn, self),
+                    int(getattr(self, "max_batch_size", max_batch_size)),
+                    float(getattr(self, "max_wait_ms", max_wait_ms)) / 1000.0,
+                )
+                setattr(self, attr, batcher)
+            return await batcher(key, images)
+
+        return wrapper
+
+    return decorate

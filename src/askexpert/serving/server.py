@@ -1,0 +1,206 @@
+"""The near-edge ExpertServer: every expert of a system directory behind one HTTP API.
+
+```
+GET  /healthz                       alive
+GET  /readyz                        experts loaded (503 until then)
+GET  /metrics                       Prometheus text
+GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s
+POST /v1/experts/{id}/predict       body: wire format (askexpert.serving.wire)
+```
+`ExpertService` is the unit of serving (a small class with an async
+`__call__`); batching is the `dynamic_batch` decorator on its `run` method. The
+FastAPI app only translates HTTP to and from it, and turns every bad request
+into a 4xx JSON error that names the problem.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from askexpert.config import ServingConfig, SystemConfig
+from askexpert.errors import AskExpertError
+from askexpert.inference.backend import OTHER, LocalExpertBackend, reply_from_logits
+from askexpert.partition import Partition
+from askexpert.serving.batching import dynamic_batch
+from askexpert.serving.wire import MEDIA_TYPE, WireError, decode_images
+from askexpert.system import SystemDir
+
+API_VERSION = "v1"
+
+
+def input_size(cfg: SystemConfig) -> int:
+    """Side of the images the edge sends: the data set's native size (models resize themselves)."""
+    return 32 if cfg.data.source == "cifar100" else cfg.data.synth.image_size
+
+
+class ServiceMetrics:
+    """Prometheus series per expert, in a registry of the service's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("askexpert_requests", "Predict requests", ["expert", "status"], registry=self.registry)
+        self.images = Counter("askexpert_images", "Images classified", ["expert"], registry=self.registry)
+        self.errors = Counter(
+            "askexpert_errors", "Rejected or failed requests", ["expert", "kind"], registry=self.registry
+        )
+        buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        self.batch_size = Histogram(
+            "askexpert_batch_size", "Images per model call", ["expert"], buckets=buckets, registry=self.registry
+        )
+        self.queue = Histogram(
+            "askexpert_queue_seconds", "Wait before the batch ran", ["expert"], registry=self.registry
+        )
+        self.compute = Histogram(
+            "askexpert_compute_seconds", "Model time per batch", ["expert"], registry=self.registry
+        )
+
+
+class ExpertService:
+    """All experts of one system, with dynamic batching per expert."""
+
+    def __init__(self, backend: LocalExpertBackend, partition: Partition, image_size: int, cfg: ServingConfig) -> None:
+        self.backend = backend
+        self.partition = partition
+        self.image_size = image_size
+        self.cfg = cfg
+        self.max_batch_size = cfg.max_batch_size
+        self.max_wait_ms = cfg.max_wait_ms
+        self.metrics = ServiceMetrics()
+        self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in backend.experts.items()}
+
+    @classmethod
+    def from_system(cls, root: str | Path, schedule: str | None = None, device: str = "cpu") -> ExpertService:
+        system = SystemDir.open(root)
+        cfg = system.config()
+        if cfg.serving.torch_threads:
+            torch.set_num_threads(cfg.serving.torch_threads)
+        part = Partition.from_json(system.partition_path)
+        schedule = schedule or cfg.serving.schedule
+        backend = LocalExpertBackend.from_dir(system.root / "experts" / schedule, part, device)
+        return cls(backend, part, input_size(cfg), cfg.serving)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": eid,
+                "classes": [int(c) for c in meta.classes[:-1]],
+                "other_output": True,
+                "preset": meta.preset,
+                "schedule": meta.schedule,
+                "sha256": meta.sha256,
+            }
+            for eid, (_, meta) in self.backend.experts.items()
+        ]
+
+    @dynamic_batch()
+    def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
+        return self.backend.logits(expert_id, images)
+
+    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
+        result = await self.run(expert_id, images)
+        m = self.metrics
+        m.batch_size.labels(expert_id).observe(result.batch_size)
+        m.queue.labels(expert_id).observe(result.queue_s)
+        m.compute.labels(expert_id).observe(result.compute_s)
+        m.images.labels(expert_id).inc(len(images))
+        reply = reply_from_logits(result.rows, self.classes[expert_id])
+        return {
+            "expert": expert_id,
+            "labels": reply.labels.tolist(),
+            "other": (reply.labels == OTHER).tolist(),
+            "confidence": [round(float(c), 6) for c in reply.confidence],
+            "timing": {
+                "queue_ms": result.queue_s * 1e3,
+                "compute_ms": result.compute_s * 1e3,
+                "batch_size": result.batch_size,
+            },
+        }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def create_app(service: ExpertService, token: str | None = None) -> FastAPI:
+    app = FastAPI(title="askexpert expert server", version=API_VERSION)
+    limits = service.cfg
+    expected_auth = f"Bearer {token}".encode() if token else None
+
+    def authorised(request: Request) -> bool:
+        if expected_auth is None:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, expected_auth)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = bool(service.backend.experts)
+        return JSONResponse(
+            {"ready": ready, "experts": len(service.backend.experts)}, status_code=200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/experts")
+    async def experts(request: Request) -> Response:
+        if not authorised(request):
+            return _error(401, "missing or wrong bearer token")
+        return JSONResponse({"api": API_VERSION, "image_size": service.image_size, "experts": service.describe()})
+
+    @app.post("/v1/experts/{expert_id}/predict")
+    async def predict(expert_id: str, request: Request) -> Response:
+        start = time.perf_counter()
+        m = service.metrics
+        label = expert_id if expert_id in service.classes else "unknown"
+
+        def reject(status: int, kind: str, message: str) -> JSONResponse:
+            m.errors.labels(label, kind).inc()
+            m.requests.labels(label, str(status)).inc()
+            return _error(status, message)
+
+        if not authorised(request):
+            return reject(401, "auth", "missing or wrong bearer token")
+        if expert_id not in service.classes:
+            known = ", ".join(service.classes)
+            return reject(404, "unknown_expert", f"unknown expert {expert_id!r}; known: {known}")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != MEDIA_TYPE:
+            return reject(415, "content_type", f"content type {ctype or '(none)'!r} not accepted; send {MEDIA_TYPE}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            return reject(413, "too_large", f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                return reject(413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
+        try:
+            images = decode_images(bytes(body), service.image_size, limits.max_batch_size)
+        except WireError as exc:
+            return reject(400, "bad_body", str(exc))
+        try:
+            reply = await service(expert_id, images)
+        except AskExpertError as exc:
+            return reject(400, "bad_request", str(exc))
+        except Exception as exc:  # noqa: BLE001 - report, count, keep serving
+            return reject(500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
+        m.requests.labels(expert_id, "200").inc()
+        reply["timing"]["server_ms"] = (time.perf_counter() - start) * 1e3
+        return JSONResponse(reply)
+
+    return app

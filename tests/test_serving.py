@@ -1,0 +1,168 @@
+"""The expert server and the edge client as real processes over a loopback socket."""
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ServerProcess
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from askexpert.config import SystemConfig
+from askexpert.data import load_splits
+from askexpert.inference.backend import LocalExpertBackend
+from askexpert.inference.edge import edge_classifier, run_edge
+from askexpert.inference.http_backend import HttpExpertBackend
+from askexpert.partition import Partition
+from askexpert.serving.wire import MEDIA_TYPE, encode_images
+from askexpert.system import SystemDir
+
+
+def _test_split(root: Path):
+    return load_splits(SystemDir.open(root).config().data, root).test
+
+
+def test_lists_experts_and_health(server: ServerProcess, trained_system: Path) -> None:
+    doc = httpx.get(f"{server.url}/v1/experts").json()
+    part = Partition.from_json(trained_system / "partition.json")
+    assert [e["id"] for e in doc["experts"]] == list(part.expert_ids)
+    assert [tuple(e["classes"]) for e in doc["experts"]] == list(part.subsets)
+    assert all(len(e["sha256"]) == 64 and e["schedule"] == "progressive" for e in doc["experts"])
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_edge_over_http_gives_the_same_labels_as_in_process(
+    server: ServerProcess, trained_system: Path, tmp_path: Path
+) -> None:
+    system = SystemDir.open(trained_system)
+    cfg = system.config()
+    test = _test_split(trained_system)
+    backend = HttpExpertBackend(server.url, cfg.serving)
+    records = run_edge(edge_classifier(system, backend), test, tmp_path / "r.jsonl", batch_size=16)
+    backend.close()
+    part = Partition.from_json(system.partition_path)
+    local = edge_classifier(system, LocalExpertBackend.from_dir(trained_system / "experts" / "progressive", part))
+    ref = local(test.images)
+    assert [r["label"] for r in records] == ref.labels.tolist()
+    assert [r["source"] for r in records] == ref.source.tolist()
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(lines) == len(test)
+    offloaded = [json.loads(line) for line in lines if json.loads(line)["expert"]]
+    assert offloaded, "the micro system should offload some samples"
+    for rec in offloaded:
+        assert rec["rtt_ms"] > 0 and rec["compute_ms"] > 0 and rec["bytes_sent"] > 3072 * 0.99
+        assert rec["truth"] == int(test.labels[rec["id"]])
+
+
+def test_killed_server_turns_into_fallback(trained_system: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(trained_system)
+    system = SystemDir.open(trained_system)
+    cfg = system.config().serving.model_copy(update={"timeout_s": 2.0, "retries": 1, "backoff_s": 0.01})
+    backend = HttpExpertBackend(proc.url, cfg)
+    test = _test_split(trained_system)
+    try:
+        records = run_edge(
+            edge_classifier(system, backend),
+            test,
+            tmp_path / "r.jsonl",
+            batch_size=16,
+            after_batch=lambda b: proc.stop() if b == 0 else None,
+        )
+    finally:
+        proc.stop()
+        backend.close()
+    assert [r["id"] for r in records] == list(range(len(test)))
+    before, after = records[:16], records[16:]
+    assert any(r["source"] == "expert" for r in before)
+    assert not any(r["source"] == "expert" for r in after)
+    fallbacks = [r for r in after if r["source"] == "fallback"]
+    assert fallbacks and all(r["reason"].startswith("error:") for r in fallbacks)
+    assert all(r["label"] == r["generalist_label"] for r in after)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "status", "fragment"),
+    [
+        ("/v1/experts/e9/predict", {"content-type": MEDIA_TYPE}, b"", 404, "unknown expert 'e9'"),
+        ("/v1/experts/e0/predict", {"content-type": "application/json"}, b"[]", 415, "content type"),
+        ("/v1/experts/e0/predict", {"content-type": MEDIA_TYPE}, b"garbage", 400, "shorter than"),
+        (
+            "/v1/experts/e0/predict",
+            {"content-type": MEDIA_TYPE},
+            encode_images(np.zeros((0, 32, 32, 3), np.uint8)),
+            400,
+            "empty batch",
+        ),
+        (
+            "/v1/experts/e0/predict",
+            {"content-type": MEDIA_TYPE},
+            encode_images(np.zeros((1, 8, 8, 3), np.uint8)),
+            400,
+            "8×8",
+        ),
+        ("/v1/experts/e0/predict", {"content-type": MEDIA_TYPE}, b"x" * (17 * 1024 * 1024), 413, "exceeds the limit"),
+    ],
+)
+def test_bad_requests_get_named_4xx(
+    server: ServerProcess, path: str, headers: dict, body: bytes, status: int, fragment: str
+) -> None:
+    response = httpx.post(server.url + path, headers=headers, content=body, timeout=30)
+    assert response.status_code == status
+    assert fragment in response.json()["error"]
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    expert=st.sampled_from(["e0", "e1", "nope", "..", "%00"]),
+    ctype=st.sampled_from([MEDIA_TYPE, "", "text/plain", MEDIA_TYPE + "; charset=x"]),
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda n: encode_images(np.zeros((n, 32, 32, 3), np.uint8))[:-1], st.integers(1, 3)),
+    ),
+)
+def test_fuzz_live_endpoint(server: ServerProcess, expert: str, ctype: str, body: bytes) -> None:
+    response = httpx.post(f"{server.url}/v1/experts/{expert}/predict", headers={"content-type": ctype}, content=body)
+    assert response.status_code < 500
+
+
+def test_metrics_after_traffic(server: ServerProcess) -> None:
+    body = encode_images(np.zeros((3, 32, 32, 3), np.uint8))
+    assert (
+        httpx.post(
+            f"{server.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body
+        ).status_code
+        == 200
+    )
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'askexpert_requests_total{expert="e0",status="200"}' in text
+    assert "askexpert_batch_size_bucket" in text and "askexpert_compute_seconds_count" in text
+    assert 'askexpert_errors_total{expert="unknown",kind="unknown_expert"}' in text or "askexpert_errors" in text
+
+
+def test_bearer_token(trained_system: Path, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret\n")
+    proc = ServerProcess(trained_system, "--token-file", str(tmp_path / "token"))
+    try:
+        body = encode_images(np.zeros((1, 32, 32, 3), np.uint8))
+        url = f"{proc.url}/v1/experts/e0/predict"
+        assert httpx.post(url, headers={"content-type": MEDIA_TYPE}, content=body).status_code == 401
+        bad = {"content-type": MEDIA_TYPE, "authorization": "Bearer wrong"}
+        assert httpx.post(url, headers=bad, content=body).status_code == 401
+        good = {"content-type": MEDIA_TYPE, "authorization": "Bearer s3cret"}
+        assert httpx.post(url, headers=good, content=body).status_code == 200
+    finally:
+        proc.stop()
+
+
+def test_server_binds_loopback_by_default() -> None:
+    from typer.testing import CliRunner
+
+    from askexpert.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert "127.0.0.1" in result.output
+    assert SystemConfig().serving.timeout_s > 0

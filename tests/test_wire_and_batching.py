@@ -1,0 +1,91 @@
+import asyncio
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from askexpert.serving.batching import dynamic_batch
+from askexpert.serving.wire import HEADER_SIZE, MAGIC, WireError, decode_images, encode_images
+
+
+def test_round_trip_and_size() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    body = encode_images(images)
+    assert len(body) == HEADER_SIZE + 5 * 3072  # ~3 KB per 32×32 image
+    assert np.array_equal(decode_images(body, 32), images)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"", "shorter than the 24-byte header"),
+        (b"XXXX" + bytes(20), "bad magic"),
+        (struct.pack("<4sB3xIIII", MAGIC, 2, 1, 32, 32, 3) + bytes(3072), "dtype code 2"),
+        (struct.pack("<4sB3xIIII", MAGIC, 1, 0, 32, 32, 3), "empty batch"),
+        (struct.pack("<4sB3xIIII", MAGIC, 1, 1, 32, 32, 1) + bytes(1024), "1 channels"),
+        (struct.pack("<4sB3xIIII", MAGIC, 1, 1, 16, 16, 3) + bytes(768), "16×16"),
+        (struct.pack("<4sB3xIIII", MAGIC, 1, 2, 32, 32, 3) + bytes(3072), "needs exactly"),
+        (struct.pack("<4sB3xIIII", MAGIC, 1, 999, 32, 32, 3), "exceeds the limit of 64"),
+    ],
+)
+def test_decoder_names_the_problem(body: bytes, fragment: str) -> None:
+    with pytest.raises(WireError, match=fragment):
+        decode_images(body, 32, max_batch=64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoder_fuzz_random_bytes(body: bytes) -> None:
+    try:
+        out = decode_images(body, None, 64)
+    except WireError:
+        return
+    assert out.dtype == np.uint8 and out.ndim == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 3),
+    st.integers(0, 70),
+    st.integers(0, 40),
+    st.integers(0, 40),
+    st.integers(0, 5),
+    st.integers(-50, 50),
+)
+def test_decoder_fuzz_headers(dtype: int, n: int, h: int, w: int, c: int, slack: int) -> None:
+    payload = max(0, n * h * w * c + slack)
+    body = struct.pack("<4sB3xIIII", MAGIC, dtype, n, h, w, c) + bytes(min(payload, 400_000))
+    try:
+        out = decode_images(body, None, 64)
+    except WireError:
+        return
+    assert out.shape == (n, h, w, 3) and dtype == 1 and slack == 0
+
+
+class _Doubler:
+    max_wait_ms = 50.0
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    @dynamic_batch(max_batch_size=16)
+    def run(self, key: str, images: np.ndarray) -> np.ndarray:
+        self.calls.append(len(images))
+        return images.astype(np.int64) * 2
+
+
+def test_dynamic_batching_merges_callers_and_returns_each_its_rows() -> None:
+    service = _Doubler()
+
+    async def go() -> list:
+        calls = [service.run("e0", np.full((2, 1, 1, 3), i, dtype=np.uint8)) for i in range(12)]
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(go())
+    for i, res in enumerate(results):
+        assert (res.rows == 2 * i).all() and res.rows.shape == (2, 1, 1, 3)
+    assert sum(service.calls) == 24 and max(service.calls) <= 16
+    assert len(service.calls) <= 3  # merged, not 12 separate model calls
+    assert max(r.batch_size for r in results) > 2
