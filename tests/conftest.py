@@ -34,13 +34,12 @@ def micro_config():
 @pytest.fixture(scope="session")
 def trained_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro system run through every stage once per test session."""
-    from askexpert.config import SystemConfig
-    from askexpert.pipeline import run_pipeline
-    from askexpert.system import SystemDir
-
     import numpy as np
 
+    from askexpert.config import SystemConfig
     from askexpert.evaluate.cache import build_cache
+    from askexpert.pipeline import run_pipeline
+    from askexpert.system import SystemDir
 
     root = tmp_path_factory.mktemp("system")
     system = SystemDir.create(root, SystemConfig.from_dict(MICRO))
@@ -66,7 +65,7 @@ def free_port() -> int:
 class ServerProcess:
     """`askexpert serve` in a child process on a free loopback port."""
 
-    def __init__(self, system: Path, *extra: str) -> None:
+    def __init__(self, system: Path, *extra: str, ready_s: float = 60) -> None:
         import subprocess
         import sys
         import time
@@ -87,7 +86,7 @@ class ServerProcess:
             *extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read().decode() if self.proc.stdout else ''}")
@@ -98,9 +97,17 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("server did not become ready in 60 s")
+        raise RuntimeError(f"server did not become ready in {ready_s} s")
 
-    def stop(self) -> None:
+    def stop(self, graceful_s: float = 0.0) -> None:
+        import subprocess
+
+        if self.proc.poll() is None and graceful_s > 0:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=graceful_s)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)

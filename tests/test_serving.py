@@ -6,7 +6,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,7 @@ from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.partition import Partition
 from askexpert.serving.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
+from conftest import ServerProcess
 
 
 def _test_split(root: Path):

@@ -222,8 +222,12 @@ def serve(
     """Host every expert of a system directory (the near-edge server)."""
     token = _read_token(token_file)
     if engine == "ray":
-        from askexpert.serving.ray_app import run_ray
+        try:
+            from askexpert.serving.ray_app import run_ray
+        except ImportError:
+            from askexpert.errors import ConfigError
 
+            raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
         run_ray(system, host, port, schedule, token)
         return
     if engine != "http":
@@ -245,6 +249,7 @@ def edge(
     server: Annotated[str, typer.Option(help="Expert server URL, e.g. http://127.0.0.1:8000")],
     out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
     limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
+    runtime: Annotated[str, typer.Option(help="Edge runtime: torch, onnx or onnx-int8 (see `export onnx`).")] = "torch",
     token_file: TokenOpt = None,
 ) -> None:
     """Run the edge: generalist here, unsure samples to the server; records every sample."""
@@ -259,7 +264,7 @@ def edge(
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     try:
-        records = run_edge(edge_classifier(sysdir, backend), data, out, cfg.serving.client_batch_size)
+        records = run_edge(edge_classifier(sysdir, backend, runtime=runtime), data, out, cfg.serving.client_batch_size)
     finally:
         backend.close()
     print_table(
@@ -268,6 +273,40 @@ def edge(
         ["source", "samples", "accuracy", "mean_ms", "p50_ms", "p99_ms", "bytes_sent"],
     )
     console.print(f"records: {out}")
+
+
+export_app = typer.Typer(help="Export models for edge runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    system: SystemOpt, int8: Annotated[bool, typer.Option(help="Also write a dynamic-INT8 model.")] = True
+) -> None:
+    """Export the generalist to ONNX (and INT8); compare accuracy and latency with PyTorch on the test split."""
+    import json
+
+    from askexpert.data import load_splits
+    from askexpert.evaluate.report import write_csv
+    from askexpert.inference.edge import onnx_path
+    from askexpert.models import load_checkpoint, predict_logits
+    from askexpert.models.onnx_export import OnnxGeneralist, compare_runtimes, export_onnx, quantize_int8
+    from askexpert.serving.server import input_size
+
+    sysdir = _system(system)
+    cfg = sysdir.config()
+    model, _ = load_checkpoint(sysdir.generalist_path)
+    fp32 = export_onnx(model, onnx_path(sysdir, "onnx"), input_size(cfg))
+    runtimes: dict[str, Any] = {"torch": lambda x: predict_logits(model, x), "onnx": OnnxGeneralist(fp32)}
+    if int8:
+        runtimes["onnx-int8"] = OnnxGeneralist(quantize_int8(fp32, onnx_path(sysdir, "onnx-int8")))
+    test = load_splits(cfg.data, sysdir.root).test
+    rows = compare_runtimes(runtimes, test.images, test.labels)
+    sysdir.report_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(sysdir.report_dir / "edge_runtimes.csv", rows)
+    (sysdir.report_dir / "edge_runtimes.json").write_text(json.dumps(rows, indent=1))
+    print_table("edge runtimes (generalist, test split)", rows, ["runtime", "accuracy", "agreement", "ms_per_image"])
+    console.print(f"wrote {fp32}" + (f" and {onnx_path(sysdir, 'onnx-int8')}" if int8 else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -142,6 +142,8 @@ class ServingConfig(_Strict):
     backoff_s: float = Field(0.05, ge=0.0)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, ge=0.0)
+    ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
+    ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
 
 
 class EvaluateConfig(_Strict):

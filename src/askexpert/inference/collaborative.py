@@ -17,6 +17,7 @@ import torch
 
 from askexpert.inference.backend import OTHER, BackendError, ExpertBackend, check_images
 from askexpert.models import ImageClassifier, predict_logits
+from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
 from askexpert.routing import Router
 
@@ -58,7 +59,7 @@ class Predictions:
 class CollaborativeClassifier:
     def __init__(
         self,
-        generalist: ImageClassifier,
+        generalist: ImageClassifier | OnnxGeneralist,
         router: Router,
         partition: Partition,
         backend: ExpertBackend,
@@ -79,7 +80,10 @@ class CollaborativeClassifier:
         self.batch_size = batch_size
 
     def edge_probs(self, images: np.ndarray) -> torch.Tensor:
-        logits = predict_logits(self.generalist, images, self.device, self.batch_size)
+        if isinstance(self.generalist, OnnxGeneralist):
+            logits = self.generalist(images, self.batch_size)
+        else:
+            logits = predict_logits(self.generalist, images, self.device, self.batch_size)
         return torch.from_numpy(logits).softmax(dim=1)
 
     def __call__(self, images: np.ndarray) -> Predictions:

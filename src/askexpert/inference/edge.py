@@ -18,19 +18,35 @@ import numpy as np
 from tqdm import tqdm
 
 from askexpert.data import LabeledImages
+from askexpert.errors import ConfigError
 from askexpert.inference.backend import ExpertBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
-from askexpert.models import load_checkpoint
+from askexpert.models import ImageClassifier, load_checkpoint
+from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
 from askexpert.routing import Router
 from askexpert.system import SystemDir
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 
-def edge_classifier(system: SystemDir, backend: ExpertBackend, device: str = "cpu") -> CollaborativeClassifier:
-    """The generalist, router and partition of a system directory, wired to `backend`."""
+
+def onnx_path(system: SystemDir, runtime: str) -> Path:
+    return system.root / ("generalist.int8.onnx" if runtime == "onnx-int8" else "generalist.onnx")
+
+
+def edge_classifier(
+    system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "torch"
+) -> CollaborativeClassifier:
+    """The generalist (in the chosen runtime), router and partition of a system, wired to `backend`."""
     cfg = system.config()
     part = Partition.from_json(system.partition_path)
-    generalist, _ = load_checkpoint(system.generalist_path, device)
+    generalist: ImageClassifier | OnnxGeneralist
+    if runtime == "torch":
+        generalist, _ = load_checkpoint(system.generalist_path, device)
+    elif runtime in RUNTIMES:
+        generalist = OnnxGeneralist(onnx_path(system, runtime))
+    else:
+        raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     rc = cfg.routing
     return CollaborativeClassifier(
         generalist, Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring), part, backend, device

@@ -8,7 +8,8 @@ GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s
 POST /v1/experts/{id}/predict       body: wire format (askexpert.serving.wire)
 ```
 `ExpertService` is the unit of serving (a small class with an async
-`__call__`); batching is the `dynamic_batch` decorator on its `run` method. The
+`__call__`); batching is the `dynamic_batch` decorator on its `run` method.
+`serving.ray_app` provides the same service on Ray Serve. The
 FastAPI app only translates HTTP to and from it, and turns every bad request
 into a 4xx JSON error that names the problem.
 """
@@ -29,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from askexpert.config import ServingConfig, SystemConfig
 from askexpert.errors import AskExpertError
 from askexpert.inference.backend import OTHER, LocalExpertBackend, reply_from_logits
+from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
 from askexpert.serving.batching import dynamic_batch
 from askexpert.serving.wire import MEDIA_TYPE, WireError, decode_images
@@ -64,29 +66,19 @@ class ServiceMetrics:
         )
 
 
-class ExpertService:
-    """All experts of one system, with dynamic batching per expert."""
+class ServiceBase:
+    """What the HTTP layer needs from a service: expert facts, metrics, and an async `__call__`."""
 
-    def __init__(self, backend: LocalExpertBackend, partition: Partition, image_size: int, cfg: ServingConfig) -> None:
-        self.backend = backend
-        self.partition = partition
+    def __init__(self, metas: dict[str, CheckpointMeta], image_size: int, cfg: ServingConfig) -> None:
+        self.metas = metas
         self.image_size = image_size
         self.cfg = cfg
-        self.max_batch_size = cfg.max_batch_size
-        self.max_wait_ms = cfg.max_wait_ms
         self.metrics = ServiceMetrics()
-        self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in backend.experts.items()}
+        self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, meta in metas.items()}
 
-    @classmethod
-    def from_system(cls, root: str | Path, schedule: str | None = None, device: str = "cpu") -> ExpertService:
-        system = SystemDir.open(root)
-        cfg = system.config()
-        if cfg.serving.torch_threads:
-            torch.set_num_threads(cfg.serving.torch_threads)
-        part = Partition.from_json(system.partition_path)
-        schedule = schedule or cfg.serving.schedule
-        backend = LocalExpertBackend.from_dir(system.root / "experts" / schedule, part, device)
-        return cls(backend, part, input_size(cfg), cfg.serving)
+    @property
+    def ready(self) -> bool:
+        return bool(self.metas)
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -98,8 +90,50 @@ class ExpertService:
                 "schedule": meta.schedule,
                 "sha256": meta.sha256,
             }
-            for eid, (_, meta) in self.backend.experts.items()
+            for eid, meta in self.metas.items()
         ]
+
+    def reply(self, expert_id: str, logits: np.ndarray, queue_s: float, compute_s: float, batch: int) -> dict[str, Any]:
+        """Record the call's metrics and map the expert's logits to global labels."""
+        m = self.metrics
+        m.batch_size.labels(expert_id).observe(batch)
+        m.queue.labels(expert_id).observe(queue_s)
+        m.compute.labels(expert_id).observe(compute_s)
+        m.images.labels(expert_id).inc(len(logits))
+        answer = reply_from_logits(logits, self.classes[expert_id])
+        return {
+            "expert": expert_id,
+            "labels": answer.labels.tolist(),
+            "other": (answer.labels == OTHER).tolist(),
+            "confidence": [round(float(c), 6) for c in answer.confidence],
+            "timing": {"queue_ms": queue_s * 1e3, "compute_ms": compute_s * 1e3, "batch_size": batch},
+        }
+
+    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ExpertService(ServiceBase):
+    """All experts of one system in this process, with dynamic batching per expert."""
+
+    def __init__(self, backend: LocalExpertBackend, partition: Partition, image_size: int, cfg: ServingConfig) -> None:
+        super().__init__({eid: meta for eid, (_, meta) in backend.experts.items()}, image_size, cfg)
+        self.backend = backend
+        self.partition = partition
+        self.max_batch_size = cfg.max_batch_size
+        self.max_wait_ms = cfg.max_wait_ms
+
+    @classmethod
+    def from_system(cls, root: str | Path, schedule: str | None = None, device: str = "cpu") -> ExpertService:
+        system = SystemDir.open(root)
+        cfg = system.config()
+        if cfg.serving.torch_threads:
+            torch.set_num_threads(cfg.serving.torch_threads)
+        part = Partition.from_json(system.partition_path)
+        backend = LocalExpertBackend.from_dir(
+            system.root / "experts" / (schedule or cfg.serving.schedule), part, device
+        )
+        return cls(backend, part, input_size(cfg), cfg.serving)
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
@@ -107,30 +141,14 @@ class ExpertService:
 
     async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
         result = await self.run(expert_id, images)
-        m = self.metrics
-        m.batch_size.labels(expert_id).observe(result.batch_size)
-        m.queue.labels(expert_id).observe(result.queue_s)
-        m.compute.labels(expert_id).observe(result.compute_s)
-        m.images.labels(expert_id).inc(len(images))
-        reply = reply_from_logits(result.rows, self.classes[expert_id])
-        return {
-            "expert": expert_id,
-            "labels": reply.labels.tolist(),
-            "other": (reply.labels == OTHER).tolist(),
-            "confidence": [round(float(c), 6) for c in reply.confidence],
-            "timing": {
-                "queue_ms": result.queue_s * 1e3,
-                "compute_ms": result.compute_s * 1e3,
-                "batch_size": result.batch_size,
-            },
-        }
+        return self.reply(expert_id, result.rows, result.queue_s, result.compute_s, result.batch_size)
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
-def create_app(service: ExpertService, token: str | None = None) -> FastAPI:
+def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     app = FastAPI(title="askexpert expert server", version=API_VERSION)
     limits = service.cfg
     expected_auth = f"Bearer {token}".encode() if token else None
@@ -147,10 +165,8 @@ def create_app(service: ExpertService, token: str | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        ready = bool(service.backend.experts)
-        return JSONResponse(
-            {"ready": ready, "experts": len(service.backend.experts)}, status_code=200 if ready else 503
-        )
+        ready = service.ready
+        return JSONResponse({"ready": ready, "experts": len(service.metas)}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,0 +1,138 @@
+"""Benchmark: bare expert throughput vs the expert server under 1, 8 and 32 concurrent clients.
+
+    .venv/bin/python benchmarks/serve_throughput.py --system askexpert-demo [--expert e0]
+
+Starts `askexpert serve` on a free loopback port, sends requests of
+`--images` images each from N client threads (a bounded number of requests,
+with a time cap), and prints throughput, p50/p99 request latency and the ratio to
+the bare model's batched throughput. Goal: >= 0.8 of bare at 32 clients.
+Client threads and the server share this machine's cores, so the ratio is a
+lower bound of what a separate edge machine would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from askexpert.inference.backend import LocalExpertBackend
+from askexpert.partition import Partition
+from askexpert.serving.server import input_size
+from askexpert.serving.wire import MEDIA_TYPE, encode_images
+from askexpert.system import SystemDir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bare_throughput(system: SystemDir, expert: str, batch: int, size: int, seconds: float = 5.0) -> float:
+    cfg = system.config()
+    part = Partition.from_json(system.partition_path)
+    backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    backend.logits(expert, images)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        backend.logits(expert, images)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def load(
+    url: str, expert: str, clients: int, per_request: int, size: int, requests: int, cap_s: float
+) -> dict[str, float]:
+    body = encode_images(np.random.default_rng(1).integers(0, 256, (per_request, size, size, 3), dtype=np.uint8))
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    per_client = max(1, requests // clients)
+    deadline = time.perf_counter() + cap_s
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx.Client(timeout=60, headers={"content-type": MEDIA_TYPE}) as client:
+            for _ in range(per_client):
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                ok = client.post(f"{url}/v1/experts/{expert}/predict", content=body).status_code == 200
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    errors += 0 if ok else 1
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1e3
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "images_per_s": len(latencies) * per_request / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--system", default="askexpert-demo")
+    ap.add_argument("--expert", default="e0")
+    ap.add_argument("--images", type=int, default=8, help="images per request")
+    ap.add_argument("--requests", type=int, default=320, help="requests per concurrency level")
+    ap.add_argument("--cap-s", type=float, default=30.0, help="time cap per level")
+    args = ap.parse_args()
+    system = SystemDir.open(args.system)
+    cfg = system.config()
+    size = input_size(cfg)
+    bare = bare_throughput(system, args.expert, cfg.serving.max_batch_size, size)
+    print(f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}: {bare:,.0f} images/s")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "askexpert.cli", "serve", "--system", str(Path(args.system)), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        load(url, args.expert, 4, args.images, size, 16, 10)  # warm-up
+        print(
+            f"server, {args.images} images per request (max batch {cfg.serving.max_batch_size}, "
+            f"max wait {cfg.serving.max_wait_ms:g} ms):"
+        )
+        print("| clients | requests | errors | images/s | p50 ms | p99 ms | ratio to bare |")
+        print("|---|---|---|---|---|---|---|")
+        for clients in (1, 8, 32):
+            r = load(url, args.expert, clients, args.images, size, args.requests, args.cap_s)
+            print(
+                f"| {clients} | {r['requests']} | {r['errors']} | {r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['images_per_s'] / bare:.2f} |"
+            )
+    finally:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The same expert server on Ray Serve, for a near-edge tier of several GPUs or nodes.
+
+One deployment per expert (`expert-<id>`), batching with `@serve.batch`, with
+`serving.ray_replicas` replicas each; an ingress deployment serves the very same
+FastAPI app as the plain server (`create_app`), so the edge client cannot tell
+the engines apart. Ray is an optional dependency (`pip install askexpert[ray]`);
+this module is imported only for `askexpert serve --engine ray`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from askexpert.models import load_checkpoint, predict_logits, read_meta
+from askexpert.partition import Partition
+from askexpert.serving.server import ServiceBase, create_app, input_size
+from askexpert.system import SystemDir
+
+APP_NAME = "askexpert"
+
+
+class ExpertReplica:
+    """One expert's model; each call carries one image batch, Ray merges concurrent calls."""
+
+    def __init__(self, weights: str, max_batch_size: int, max_wait_ms: float, torch_threads: int) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.model, _ = load_checkpoint(weights)
+        self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def __call__(self, calls: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, float, float, int]]:
+        started = time.time()
+        merged = np.concatenate([images for images, _ in calls]) if len(calls) > 1 else calls[0][0]
+        t0 = time.perf_counter()
+        logits = predict_logits(self.model, merged)
+        compute = time.perf_counter() - t0
+        out, offset = [], 0
+        for images, sent_at in calls:
+            out.append((logits[offset : offset + len(images)], max(0.0, started - sent_at), compute, len(merged)))
+            offset += len(images)
+        return out
+
+
+class RayExpertService(ServiceBase):
+    """The ingress side: validates like the plain server, forwards to the expert deployments."""
+
+    def __init__(self, root: str, schedule: str, handles: dict[str, Any]) -> None:
+        system = SystemDir.open(root)
+        cfg = system.config()
+        metas = {e: read_meta(system.expert_path(schedule, e)) for e in handles}
+        super().__init__(metas, input_size(cfg), cfg.serving)
+        self.handles = handles
+
+    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
+        logits, queue_s, compute_s, batch = await self.handles[expert_id].remote((images, time.time()))
+        return self.reply(expert_id, logits, queue_s, compute_s, batch)
+
+
+@serve.ingress()
+class Ingress:
+    """Receives the expert deployments' handles (bound below) and builds the shared HTTP app."""
+
+    def __init__(self, root: str, schedule: str, token: str | None, expert_ids: list[str], *handles: Any) -> None:
+        self.service = RayExpertService(root, schedule, dict(zip(expert_ids, handles, strict=True)))
+        self.token = token
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.service, self.token)
+
+
+def build_app(root: str | Path, schedule: str | None = None, token: str | None = None) -> Any:
+    """The Ray Serve application: one deployment per expert plus the HTTP ingress."""
+    system = SystemDir.open(root)
+    sc = system.config().serving
+    schedule = schedule or sc.schedule
+    part = Partition.from_json(system.partition_path)
+    replica = serve.deployment(num_replicas=sc.ray_replicas, ray_actor_options={"num_cpus": sc.ray_num_cpus})(
+        ExpertReplica
+    )
+    experts = []
+    for eid in part.expert_ids:
+        weights = system.expert_path(schedule, eid).resolve()
+        read_meta(weights)  # fail here, with the file's name, rather than inside a replica
+        experts.append(
+            replica.options(name=f"expert-{eid}").bind(
+                str(weights), sc.max_batch_size, sc.max_wait_ms, sc.torch_threads
+            )
+        )
+    ingress = serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})(Ingress)
+    return ingress.bind(str(Path(root).resolve()), schedule, token, list(part.expert_ids), *experts)
+
+
+def run_ray(root: str | Path, host: str, port: int, schedule: str | None, token: str | None) -> None:
+    """Start a local Ray instance (or join the cluster in RAY_ADDRESS) and serve until interrupted."""
+    import signal
+
+    import ray
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    app = build_app(root, schedule, token)
+    signal.signal(signal.SIGTERM, interrupt)  # so `kill` also tears the local Ray instance down
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
+        ray.shutdown()
