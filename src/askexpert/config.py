@@ -144,6 +144,7 @@ class ServingConfig(_Strict):
     breaker_cooldown_s: float = Field(5.0, ge=0.0)
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
+    ray_num_gpus: float = Field(0.0, ge=0.0)  # GPUs per expert replica; > 0 runs the expert on CUDA
 
 
 class EvaluateConfig(_Strict):

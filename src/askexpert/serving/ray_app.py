@@ -28,12 +28,13 @@ APP_NAME = "askexpert"
 class ExpertReplica:
     """One expert's model; each call carries one image batch, Ray merges concurrent calls."""
 
-    def __init__(self, weights: str, max_batch_size: int, max_wait_ms: float, torch_threads: int) -> None:
+    def __init__(self, weights: str, max_batch_size: int, max_wait_ms: float, torch_threads: int, device: str) -> None:
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.model, _ = load_checkpoint(weights)
+        self.device = device
+        self.model, _ = load_checkpoint(weights, device)
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
@@ -42,7 +43,7 @@ class ExpertReplica:
         started = time.time()
         merged = np.concatenate([images for images, _ in calls]) if len(calls) > 1 else calls[0][0]
         t0 = time.perf_counter()
-        logits = predict_logits(self.model, merged)
+        logits = predict_logits(self.model, merged, self.device)
         compute = time.perf_counter() - t0
         out, offset = [], 0
         for images, sent_at in calls:
@@ -84,16 +85,16 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
     sc = system.config().serving
     schedule = schedule or sc.schedule
     part = Partition.from_json(system.partition_path)
-    replica = serve.deployment(num_replicas=sc.ray_replicas, ray_actor_options={"num_cpus": sc.ray_num_cpus})(
-        ExpertReplica
-    )
+    actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
+    replica = serve.deployment(num_replicas=sc.ray_replicas, ray_actor_options=actor)(ExpertReplica)
+    device = "cuda" if sc.ray_num_gpus > 0 else "cpu"
     experts = []
     for eid in part.expert_ids:
         weights = system.expert_path(schedule, eid).resolve()
         read_meta(weights)  # fail here, with the file's name, rather than inside a replica
         experts.append(
             replica.options(name=f"expert-{eid}").bind(
-                str(weights), sc.max_batch_size, sc.max_wait_ms, sc.torch_threads
+                str(weights), sc.max_batch_size, sc.max_wait_ms, sc.torch_threads, device
             )
         )
     ingress = serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})(Ingress)
