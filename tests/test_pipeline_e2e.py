@@ -10,21 +10,16 @@ from askexpert.data import load_splits
 from askexpert.errors import CheckpointError, RoutingError
 from askexpert.inference.backend import BackendError, ExpertReply, LocalExpertBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
-from askexpert.models import load_checkpoint
+from askexpert.inference.edge import edge_classifier
 from askexpert.partition import Partition
-from askexpert.routing import Router
 from askexpert.system import SystemDir
 
 
 def _classifier(root: Path, schedule: str, backend=None) -> tuple[CollaborativeClassifier, object]:
     system = SystemDir.open(root)
-    cfg = system.config()
     part = Partition.from_json(system.partition_path)
-    generalist, _ = load_checkpoint(system.generalist_path)
-    rc = cfg.routing
-    router = Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring)
     backend = backend or LocalExpertBackend.from_dir(root / "experts" / schedule, part)
-    return CollaborativeClassifier(generalist, router, part, backend), load_splits(cfg.data, root).test
+    return edge_classifier(system, backend), load_splits(system.config().data, root).test
 
 
 def test_report_files_exist(trained_system: Path) -> None:

@@ -7,6 +7,7 @@ Runtime's dynamic quantization (weights to int8, activations quantised on the fl
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ def export_onnx(model: ImageClassifier, path: str | Path, image_size: int) -> Pa
         dynamic_shapes={"images": {0: batch}},
         dynamo=True,
         external_data=False,
+        verbose=False,
     )
     return path
 
@@ -39,7 +41,13 @@ def export_onnx(model: ImageClassifier, path: str | Path, image_size: int) -> Pa
 def quantize_int8(source: str | Path, target: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer warns on root about the uint8 input it leaves alone
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return Path(target)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -26,10 +28,14 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits (N, outputs) as float32, computed in eval mode in batches."""
     device = torch.device(device)
-    model.eval().to(device)
+    model.eval()
+    if model.mean.device != device:  # moving is not free; serving calls this per batch
+        model.to(device)
     out = np.empty((len(images), model.num_outputs), dtype=np.float32)
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+    starts: Iterable[int] = range(0, len(images), batch_size)
+    if desc is not None:
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for start in starts:
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch)
