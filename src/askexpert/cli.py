@@ -218,6 +218,7 @@ def serve(
     engine: Annotated[str, typer.Option(help="http (FastAPI + uvicorn) or ray (Ray Serve).")] = "http",
     token_file: TokenOpt = None,
     device: str = "cpu",
+    max_wait_ms: Annotated[float | None, typer.Option(help="Override serving.max_wait_ms (batching wait).")] = None,
 ) -> None:
     """Host every expert of a system directory (the near-edge server)."""
     token = _read_token(token_file)
@@ -239,6 +240,8 @@ def serve(
     from askexpert.serving.server import ExpertService, create_app
 
     service = ExpertService.from_system(system, schedule, device)
+    if max_wait_ms is not None:
+        service.max_wait_ms = max_wait_ms
     console.print(f"serving {len(service.classes)} experts on http://{host}:{port}", highlight=False)
     uvicorn.run(create_app(service, token), host=host, port=port, log_level="warning")
 

@@ -1,0 +1,1 @@
+"""Measurement: device and link profiles, energy meters and models, link emulation."""
