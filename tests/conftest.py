@@ -20,7 +20,7 @@ MICRO = {
     "generalist_training": {"epochs": 3, "batch_size": 32, "lr": 3e-3},
     "expert_training": {"epochs": 3, "batch_size": 32, "lr": 3e-3},
     "routing": {"tau": 0.5, "top_k": 2},
-    "evaluate": {"taus": 11, "max_k": 3},
+    "evaluate": {"taus": 21, "max_k": 3},
 }
 
 

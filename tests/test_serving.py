@@ -29,7 +29,8 @@ def test_lists_experts_and_health(server: ServerProcess, trained_system: Path) -
     part = Partition.from_json(trained_system / "partition.json")
     assert [e["id"] for e in doc["experts"]] == list(part.expert_ids)
     assert [tuple(e["classes"]) for e in doc["experts"]] == list(part.subsets)
-    assert all(len(e["sha256"]) == 64 and e["schedule"] == "progressive" for e in doc["experts"])
+    served = SystemDir.open(trained_system).config().serving.schedule
+    assert all(len(e["sha256"]) == 64 and e["schedule"] == served for e in doc["experts"])
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
@@ -44,7 +45,9 @@ def test_edge_over_http_gives_the_same_labels_as_in_process(
     records = run_edge(edge_classifier(system, backend), test, tmp_path / "r.jsonl", batch_size=16)
     backend.close()
     part = Partition.from_json(system.partition_path)
-    local = edge_classifier(system, LocalExpertBackend.from_dir(trained_system / "experts" / "progressive", part))
+    local = edge_classifier(
+        system, LocalExpertBackend.from_dir(trained_system / "experts" / cfg.serving.schedule, part)
+    )
     ref = local(test.images)
     assert [r["label"] for r in records] == ref.labels.tolist()
     assert [r["source"] for r in records] == ref.source.tolist()

@@ -23,7 +23,7 @@ data_app = typer.Typer(help="Data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI get whole tables
 err_console = Console(stderr=True, soft_wrap=True)  # one unbroken line per error
 
 SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System directory (holds config.yaml).")]
@@ -276,6 +276,98 @@ def edge(
         ["source", "samples", "accuracy", "mean_ms", "p50_ms", "p99_ms", "bytes_sent"],
     )
     console.print(f"records: {out}")
+
+
+def _taus(text: str | None) -> list[float] | None:
+    from askexpert.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--taus must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"--taus values must lie in [0, 1], got {text!r}")
+    return values
+
+
+@app.command()
+def testbed(
+    system: SystemOpt,
+    edge: Annotated[str, typer.Option(help="Edge device profile (name or YAML path).")] = "raspberry-pi-4",
+    near_edge: Annotated[str, typer.Option(help="Near-edge device profile (name or YAML path).")] = "desktop-gpu",
+    link: Annotated[str, typer.Option(help="Link preset: wired, wifi, lte.")] = "wifi",
+    samples: Annotated[int, typer.Option(help="Test samples, classified one at a time.")] = 500,
+    taus: Annotated[str | None, typer.Option(help="Comma-separated τ values for the collaborative rows.")] = None,
+    emulate: Annotated[str, typer.Option(help="auto | on | off: emulated link (root) or the link model.")] = "auto",
+) -> None:
+    """Latency and energy per sample: edge only, edge execution, near-edge only, collaborative at several τ."""
+    from askexpert.errors import ConfigError
+    from askexpert.testbed.runner import run_testbed, spec_from_names
+
+    if emulate not in ("auto", "on", "off"):
+        raise ConfigError(f"--emulate must be auto, on or off, not {emulate!r}")
+    summary = run_testbed(_system(system), spec_from_names(edge, near_edge, link), samples, _taus(taus), emulate)
+    cols = [
+        "strategy",
+        "tau",
+        "accuracy",
+        "offload_rate",
+        "latency_mean_ms",
+        "latency_p99_ms",
+        "energy_edge_mj",
+        "energy_radio_mj",
+        "energy_near_edge_mj",
+        "energy_total_mj",
+        "bytes_sent_per_sample",
+    ]
+    print_table(f"testbed ({summary['samples']} samples, link {link})", summary["table"], cols)
+    h = summary["headline"]
+    if h["eligible"]:
+        console.print(
+            f"at τ={h['tau']:g}: collaborative latency / edge execution latency = "
+            f"{h['latency_ratio_vs_edge_execution']:.3f}; collaborative energy / near-edge-only energy = "
+            f"{h['energy_ratio_vs_near_edge_only']:.3f}  (paper: 0.55, 0.54)",
+            highlight=False,
+        )
+    else:
+        console.print(h["note"], highlight=False)
+    for key, value in summary["provenance"].items():
+        console.print(f"{key}: {value}", highlight=False)
+    console.print(f"written to {summary['out']}/")
+
+
+@app.command()
+def calibrate(
+    system: SystemOpt,
+    latency_budget_ms: Annotated[float | None, typer.Option(help="Max mean latency per sample.")] = None,
+    energy_budget_mj: Annotated[float | None, typer.Option(help="Max mean energy per sample.")] = None,
+    accuracy_floor: Annotated[float | None, typer.Option(help="Min accuracy (validation split).")] = None,
+    minimise: Annotated[str, typer.Option(help="With only a floor: minimise latency or energy.")] = "latency",
+    testbed_json: Annotated[
+        Path | None, typer.Option(help="Testbed results (default DIR/testbed/testbed.json).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the choice without writing config.yaml.")] = False,
+) -> None:
+    """Choose τ and k for a budget from cached validation outputs and a testbed's costs; write them to config."""
+    from askexpert.errors import ConfigError
+    from askexpert.testbed.calibrate import calibrate as run_calibrate
+
+    if minimise not in ("latency", "energy"):
+        raise ConfigError(f"--minimise must be latency or energy, not {minimise!r}")
+    result = run_calibrate(
+        _system(system), testbed_json, latency_budget_ms, energy_budget_mj, accuracy_floor, minimise, write=not dry_run
+    )
+    c = result["chosen"]
+    console.print(
+        f"chosen: τ={c['tau']:.4f}, k={c['k']}: predicted accuracy {c['accuracy']:.4f} (validation), "
+        f"offload rate {c['offload_rate']:.3f}, latency {c['latency_ms']:.2f} ms, energy {c['energy_mj']:.2f} mJ",
+        highlight=False,
+    )
+    console.print(
+        "not written (--dry-run)" if dry_run else f"written to {system}/config.yaml (routing.tau, routing.top_k)"
+    )
 
 
 export_app = typer.Typer(help="Export models for edge runtimes.", no_args_is_help=True)

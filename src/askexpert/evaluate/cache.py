@@ -76,8 +76,11 @@ def cache_key(
     return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)
 
 
-def build_cache(system: SystemDir, schedules: list[str] | None = None) -> LogitCache:
-    """Load the cache for the current checkpoints, computing (and storing) it if absent."""
+def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:
+    """Load the cache for the current checkpoints, computing (and storing) it if absent.
+
+    `split="val"` caches the held-out validation split, for choices (see `calibrate`).
+    """
     cfg = system.config()
     partition = Partition.from_json(system.partition_path)
     if not system.generalist_path.is_file():
@@ -85,7 +88,8 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None) -> LogitC
     schedules = available_schedules(system, partition) if schedules is None else schedules
     if not schedules:
         raise CheckpointError(f"{system.root / 'experts'}: no complete expert set; run `askexpert train experts`")
-    test = load_splits(cfg.data, system.root).test
+    splits = load_splits(cfg.data, system.root)
+    test = splits.val if split == "val" else splits.test
     key = cache_key(system, partition, schedules, test.labels, test.images)
     path = system.cache_dir / f"logits-{key}.npz"
     if path.is_file():

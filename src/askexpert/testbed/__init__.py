@@ -1,0 +1,1 @@
+"""The testbed: per-sample latency and energy of each strategy, and budget-driven calibration."""

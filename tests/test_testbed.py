@@ -1,0 +1,82 @@
+"""The testbed and calibrate on the micro system (the emulated link when root, else the link model)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from askexpert.errors import ConfigError
+from askexpert.measure.netem import can_emulate
+from askexpert.system import SystemDir
+from askexpert.testbed.calibrate import calibrate
+from askexpert.testbed.runner import run_testbed, spec_from_names
+
+
+@pytest.fixture(scope="module")
+def bed(trained_system: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[SystemDir, dict]:
+    root = tmp_path_factory.mktemp("bed") / "sys"
+    shutil.copytree(trained_system, root)
+    system = SystemDir.open(root)
+    summary = run_testbed(
+        system, spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi"), samples=96, taus=[0.0, 0.1, 0.2, 0.5, 1.0]
+    )
+    return system, summary
+
+
+def test_testbed_table_files_and_provenance(bed: tuple[SystemDir, dict]) -> None:
+    system, summary = bed
+    out = system.root / "testbed"
+    for name in (
+        "testbed.md",
+        "testbed.csv",
+        "testbed.json",
+        "records.jsonl",
+        "latency_vs_accuracy.png",
+        "energy_vs_accuracy.png",
+    ):
+        assert (out / name).stat().st_size > 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 96
+    rows = {(r["strategy"], r["tau"]): r for r in summary["table"]}
+    edge, near, execution = rows[("edge-only", None)], rows[("near-edge-only", None)], rows[("edge-execution", None)]
+    assert edge["offload_rate"] == 0 and edge["energy_radio_mj"] == 0 and edge["bytes_sent_per_sample"] == 0
+    assert near["offload_rate"] == 1.0 and near["bytes_sent_per_sample"] > 3072
+    assert execution["latency_mean_ms"] > edge["latency_mean_ms"]
+    for r in summary["table"]:
+        parts = r["energy_edge_mj"] + r["energy_radio_mj"] + r["energy_near_edge_mj"]
+        assert parts == pytest.approx(r["energy_total_mj"], rel=1e-9)
+    assert rows[("collaborative", 0.0)]["offload_rate"] == 0.0
+    assert rows[("collaborative", 0.0)]["latency_mean_ms"] == pytest.approx(edge["latency_mean_ms"])
+    assert rows[("collaborative", 1.0)]["accuracy"] == pytest.approx(near["accuracy"])
+    link = summary["provenance"]["link"]
+    assert link.startswith("emulated") if can_emulate() is None else link.startswith("model")
+    assert "latency_ratio_vs_edge_execution" in summary["headline"] or "note" in summary["headline"]
+
+
+def test_calibrate_respects_its_budget_on_a_held_out_run(bed: tuple[SystemDir, dict]) -> None:
+    system, summary = bed
+    rows = {r["strategy"]: r for r in summary["table"]}
+    budget = (rows["edge-only"]["latency_mean_ms"] + rows["near-edge-only"]["latency_mean_ms"]) / 2
+    result = calibrate(system, latency_budget_ms=budget)
+    chosen = result["chosen"]
+    assert chosen["latency_ms"] <= budget
+    cfg = system.config()
+    assert cfg.routing.tau == pytest.approx(chosen["tau"]) and cfg.routing.top_k == chosen["k"]
+    assert json.loads((system.root / "testbed" / "calibration.json").read_text())["chosen"] == chosen
+    # held out: the test split (calibrate only saw the validation split), measured anew
+    again = run_testbed(
+        system, spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi"), samples=96, taus=[chosen["tau"]]
+    )
+    measured = next(r for r in again["table"] if r["strategy"] == "collaborative")
+    assert measured["latency_mean_ms"] <= budget * 1.3  # stated tolerance: 30 %
+    assert abs(measured["latency_mean_ms"] - chosen["latency_ms"]) <= 0.3 * measured["latency_mean_ms"]
+
+
+def test_calibrate_errors(bed: tuple[SystemDir, dict], tmp_path: Path) -> None:
+    system, _ = bed
+    with pytest.raises(ConfigError, match="give --latency-budget-ms"):
+        calibrate(system, write=False)
+    with pytest.raises(ConfigError, match="no \\(τ, k\\) meets the target"):
+        calibrate(system, latency_budget_ms=0.0001, write=False)
+    with pytest.raises(ConfigError, match="no testbed results"):
+        calibrate(system, testbed_json=tmp_path / "none.json", latency_budget_ms=1)
