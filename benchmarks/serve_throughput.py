@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from askexpert.inference.backend import LocalExpertBackend
 from askexpert.partition import Partition
+from askexpert.serving.process import ServerProcess
 from askexpert.serving.server import input_size
 from askexpert.serving.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bare_throughput(system: SystemDir, expert: str, batch: int, size: int, seconds: float = 5.0) -> float:
@@ -103,20 +94,9 @@ def main() -> None:
     size = input_size(cfg)
     bare = bare_throughput(system, args.expert, cfg.serving.max_batch_size, size)
     print(f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}: {bare:,.0f} images/s")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "askexpert.cli", "serve", "--system", str(Path(args.system)), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    server = ServerProcess(args.system)
+    url = server.wait_ready().url
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         load(url, args.expert, 4, args.images, size, 16, 10)  # warm-up
         print(
             f"server, {args.images} images per request (max batch {cfg.serving.max_batch_size}, "
@@ -131,8 +111,7 @@ def main() -> None:
                 f"{r['p99_ms']:.1f} | {r['images_per_s'] / bare:.2f} |"
             )
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from askexpert.serving.process import ServerProcess as _Server
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
@@ -54,63 +56,12 @@ def trained_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """`askexpert serve` in a child process on a free loopback port."""
+class ServerProcess(_Server):
+    """`askexpert serve` on a free loopback port, ready when constructed."""
 
     def __init__(self, system: Path, *extra: str, ready_s: float = 60) -> None:
-        import subprocess
-        import sys
-        import time
-
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "askexpert.cli",
-            "serve",
-            "--system",
-            str(system),
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode() if self.proc.stdout else ''}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become ready in {ready_s} s")
-
-    def stop(self, graceful_s: float = 0.0) -> None:
-        import subprocess
-
-        if self.proc.poll() is None and graceful_s > 0:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=graceful_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        super().__init__(system, *extra)
+        self.wait_ready(seconds=ready_s)
 
 
 @pytest.fixture(scope="session")

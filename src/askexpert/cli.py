@@ -304,25 +304,12 @@ def testbed(
 ) -> None:
     """Latency and energy per sample: edge only, edge execution, near-edge only, collaborative at several τ."""
     from askexpert.errors import ConfigError
-    from askexpert.testbed.runner import run_testbed, spec_from_names
+    from askexpert.testbed.runner import TABLE_COLUMNS, run_testbed, spec_from_names
 
     if emulate not in ("auto", "on", "off"):
         raise ConfigError(f"--emulate must be auto, on or off, not {emulate!r}")
     summary = run_testbed(_system(system), spec_from_names(edge, near_edge, link), samples, _taus(taus), emulate)
-    cols = [
-        "strategy",
-        "tau",
-        "accuracy",
-        "offload_rate",
-        "latency_mean_ms",
-        "latency_p99_ms",
-        "energy_edge_mj",
-        "energy_radio_mj",
-        "energy_near_edge_mj",
-        "energy_total_mj",
-        "bytes_sent_per_sample",
-    ]
-    print_table(f"testbed ({summary['samples']} samples, link {link})", summary["table"], cols)
+    print_table(f"testbed ({summary['samples']} samples, link {link})", summary["table"], TABLE_COLUMNS)
     h = summary["headline"]
     if h["eligible"]:
         console.print(

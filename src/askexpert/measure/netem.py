@@ -97,16 +97,9 @@ class NamespaceLink:
         half_delay = f"{p.rtt_ms / 2:.3f}ms"
         half_jitter = f"{p.jitter_ms / 2:.3f}ms"
         for prefix, dev, mbps in (([], self.host_dev, p.down_mbps), (ns, self.peer_dev, p.up_mbps)):
+            root_qdisc = [*prefix, "tc", "qdisc", "add", "dev", dev, "root"]
             netem = _run(
-                *prefix,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "root",
-                "handle",
-                "1:",
+                *root_qdisc,
                 "netem",
                 "delay",
                 half_delay,
@@ -121,22 +114,7 @@ class NamespaceLink:
                 self.methods.update(rate="netem", delay="netem", loss="netem")
                 continue
             burst = max(1600, int(mbps * 1e6 / 8 / 250))  # ~4 ms of data, at least one MTU
-            _run(
-                *prefix,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                f"{mbps}mbit",
-                "burst",
-                str(burst),
-                "latency",
-                "100ms",
-            )
+            _run(*root_qdisc, "tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", "100ms")
             self.methods.update(rate="tbf", delay="relay", loss="relay")
 
     def teardown(self) -> None:

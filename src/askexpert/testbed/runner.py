@@ -20,20 +20,16 @@ What is measured and what is modelled (each record says so):
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from askexpert.data import load_splits
-from askexpert.errors import AskExpertError
 from askexpert.evaluate.report import markdown_table, write_csv
 from askexpert.inference.backend import OTHER, BackendError, LocalExpertBackend
 from askexpert.inference.http_backend import HttpExpertBackend
@@ -44,7 +40,23 @@ from askexpert.measure.profiles import DeviceProfile, LinkPreset, RadioModel, lo
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.partition import Partition
 from askexpert.routing import Router, uncertainty
+from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
+
+TABLE_COLUMNS = [
+    "strategy",
+    "tau",
+    "accuracy",
+    "offload_rate",
+    "latency_mean_ms",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "energy_edge_mj",
+    "energy_radio_mj",
+    "energy_near_edge_mj",
+    "energy_total_mj",
+    "bytes_sent_per_sample",
+]
 
 
 @dataclass(frozen=True)
@@ -59,29 +71,6 @@ class TestbedSpec:
 def spec_from_names(edge: str, near_edge: str, link: str) -> TestbedSpec:
     preset, radio = load_link(link)
     return TestbedSpec(load_device(edge), load_device(near_edge), link, preset, radio)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise AskExpertError(f"expert server exited during start-up: {out[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AskExpertError(f"expert server at {url} not ready after {seconds:.0f} s")
 
 
 def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: int) -> list[dict[str, Any]]:
@@ -134,25 +123,6 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     return rows
 
 
-def _start_server(system: SystemDir, prefix: list[str], host: str, port: int) -> subprocess.Popen[bytes]:
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "askexpert.cli",
-        "serve",
-        "--system",
-        str(system.root.resolve()),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--max-wait-ms",
-        "0",
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto") -> dict[str, Any]:
     """Run the measurement pass; returns per-sample rows and how the link was made."""
     cfg = system.config()
@@ -164,34 +134,25 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
     if emulate == "on" and reason:
         raise LinkUnavailable(f"--emulate on, but {reason}")
     use_ns = emulate != "off" and reason is None
-    port = _free_port()
+    no_wait = ("--max-wait-ms", "0")  # one sample at a time: a batching wait would only add latency
     if use_ns:
         with NamespaceLink(spec.link) as link:
-            server = _start_server(system, link.exec_prefix(), PEER_IP, port)
-            try:
+            with ServerProcess(system.root, *no_wait, host=PEER_IP, prefix=link.exec_prefix()) as server:
                 relay_delay = link.methods.get("delay") == "relay"
                 p = spec.link
                 with DelayRelay(
-                    (PEER_IP, port),
+                    (PEER_IP, server.port),
                     p.rtt_ms if relay_delay else 0.0,
                     p.jitter_ms if relay_delay else 0.0,
                     p.loss if relay_delay else 0.0,
                 ) as relay:
-                    _wait_ready(f"http://127.0.0.1:{relay.port}", server)
+                    server.wait_ready(f"http://127.0.0.1:{relay.port}")
                     rows = _measure_samples(system, images, f"http://127.0.0.1:{relay.port}", threads)
-            finally:
-                server.kill()
-                server.wait()
             methods = link.methods
             mode = f"emulated: namespace + veth, rate by {methods['rate']}, delay/jitter/loss by {methods['delay']}"
     else:
-        server = _start_server(system, [], "127.0.0.1", port)
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}", server)
-            rows = _measure_samples(system, images, f"http://127.0.0.1:{port}", threads)
-        finally:
-            server.kill()
-            server.wait()
+        with ServerProcess(system.root, *no_wait) as server:
+            rows = _measure_samples(system, images, server.wait_ready().url, threads)
         mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
     return {"rows": rows, "labels": labels.tolist(), "link_mode": mode, "emulated": use_ns, "edge_threads": threads}
 
@@ -403,20 +364,7 @@ def run_testbed(
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
     _plots(out, table)
-    cols = [
-        "strategy",
-        "tau",
-        "accuracy",
-        "offload_rate",
-        "latency_mean_ms",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "energy_edge_mj",
-        "energy_radio_mj",
-        "energy_near_edge_mj",
-        "energy_total_mj",
-        "bytes_sent_per_sample",
-    ]
+    cols = TABLE_COLUMNS
     md = [
         f"# askexpert testbed: {cfg.name}\n",
         f"{len(records)} test samples, one at a time. Edge `{spec.edge.name}`, near-edge `{spec.near_edge.name}`, "

@@ -1,0 +1,85 @@
+"""`askexpert serve` as a child process: for the testbed, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from askexpert.errors import AskExpertError
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """Start the server (optionally under a command prefix such as `ip netns exec NS`)."""
+
+    def __init__(
+        self,
+        system: str | Path,
+        *extra: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "askexpert.cli",
+            "serve",
+            "--system",
+            str(Path(system).resolve()),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, url: str | None = None, seconds: float = 90) -> ServerProcess:
+        """Poll `/readyz` (at `url`, default the server's own) until it answers 200."""
+        url = url or self.url
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                raise AskExpertError(f"expert server exited during start-up: {out[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AskExpertError(f"expert server at {url} not ready after {seconds:.0f} s")
+
+    def stop(self, graceful_s: float = 0.0) -> None:
+        if self.proc.poll() is None and graceful_s > 0:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=graceful_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
