@@ -60,3 +60,19 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False)) and values[-1] < 0.01
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path) -> None:
+    import safetensors.torch
+    from conftest import MICRO
+
+    from askexpert.system import SystemDir
+    from askexpert.training.generalist import train_generalist
+
+    weights = []
+    for i in range(2):
+        system = SystemDir.create(tmp_path / str(i), SystemConfig.from_dict(MICRO))
+        train_generalist(system)
+        weights.append(safetensors.torch.load_file(str(system.generalist_path)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -8,6 +8,7 @@ every schedule; a schedule only changes which samples fill those batches.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from askexpert.config import SystemConfig
 from askexpert.data import load_splits
@@ -69,6 +70,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         seed = cfg.seed * 1000 + e
         path.parent.mkdir(parents=True, exist_ok=True)
         plan = expert_plan(cfg, train.labels, subset, schedule, seed)
+        torch.manual_seed(seed)  # the initial weights come from torch's global generator
         model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
         stats = train_model(
             model,

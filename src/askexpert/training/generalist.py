@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from askexpert.config import Stage
 from askexpert.data import load_splits
@@ -33,6 +34,7 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     train, val = splits.train, splits.val
     device = resolve_device(cfg.device)
     tc = cfg.generalist_training
+    torch.manual_seed(cfg.seed)  # the initial weights come from torch's global generator
     model = create_model(cfg.generalist.preset, train.num_classes, cfg.generalist.pretrained_file)
     steps = budget_steps(tc.epochs, len(train), tc.batch_size)
     plan = plan_schedule(
