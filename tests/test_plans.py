@@ -64,10 +64,10 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 
 def test_training_is_reproducible_from_the_seed(tmp_path) -> None:
     import safetensors.torch
-    from conftest import MICRO
 
     from askexpert.system import SystemDir
     from askexpert.training.generalist import train_generalist
+    from conftest import MICRO
 
     weights = []
     for i in range(2):

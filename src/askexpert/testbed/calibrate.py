@@ -87,7 +87,8 @@ def choose(
             "no (τ, k) meets the target; the cheapest point predicts "
             f"{cheapest['latency_ms']:.2f} ms, {cheapest['energy_mj']:.2f} mJ "
             f"at accuracy {cheapest['accuracy']:.4f}; "
-            f"the most accurate predicts {best['accuracy']:.4f} at {best['latency_ms']:.2f} ms, {best['energy_mj']:.2f} mJ"
+            f"the most accurate predicts {best['accuracy']:.4f} "
+            f"at {best['latency_ms']:.2f} ms, {best['energy_mj']:.2f} mJ"
         )
     if latency_budget_ms is not None or energy_budget_mj is not None:
         return max(feasible, key=lambda r: (r["accuracy"], -r["latency_ms"], -r["k"]))
