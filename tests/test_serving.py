@@ -169,3 +169,15 @@ def test_server_binds_loopback_by_default() -> None:
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert "127.0.0.1" in result.output
     assert SystemConfig().serving.timeout_s > 0
+
+
+def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProcess, trained_system: Path) -> None:
+    cfg = SystemDir.open(trained_system).config().serving
+    backend = HttpExpertBackend(server.url, cfg)
+    images = np.random.default_rng(3).integers(0, 256, (cfg.max_batch_size * 2 + 5, 32, 32, 3), dtype=np.uint8)
+    reply = backend.predict("e0", images)
+    backend.close()
+    part = Partition.from_json(trained_system / "partition.json")
+    ref = LocalExpertBackend.from_dir(trained_system / "experts" / cfg.schedule, part).predict("e0", images)
+    assert reply.labels.tolist() == ref.labels.tolist()
+    assert reply.info["bytes_sent"] > images.nbytes

@@ -56,7 +56,18 @@ class HttpExpertBackend:
         self.client.close()
 
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        """Ask `expert_id`, in requests of at most `serving.max_batch_size` images (the server's limit)."""
         check_images(images)
+        step = self.cfg.max_batch_size
+        if len(images) <= step:
+            return self._predict(expert_id, images)
+        parts = [self._predict(expert_id, images[i : i + step]) for i in range(0, len(images), step)]
+        info = {k: float(sum(p.info.get(k, 0.0) for p in parts)) for k in parts[0].info}  # sequential: times add
+        return ExpertReply(
+            np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts]), info
+        )
+
+    def _predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
         if not self.breaker.allow():
             raise BackendError("circuit open: server failed repeatedly, not retrying yet")
         t0 = time.perf_counter()
