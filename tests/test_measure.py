@@ -135,3 +135,21 @@ def test_not_root_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LinkUnavailable, match="not running as root"):
         with NamespaceLink(LinkPreset(up_mbps=1, down_mbps=1, rtt_ms=1)):
             pass
+
+
+def test_rapl_meter_reads_powercap_and_handles_wraparound(tmp_path) -> None:
+    from askexpert.measure.energy import RaplMeter
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000000\n")
+    (zone / "energy_uj").write_text("999000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone (core): must not be double counted
+    meter = RaplMeter(tmp_path)
+    assert meter.read_j() == 0.0
+    (zone / "energy_uj").write_text("500\n")  # wrapped past the range: 1,000 + 500 µJ later
+    assert meter.read_j() == pytest.approx(0.0015)
+    (zone / "energy_uj").write_text("2500\n")
+    assert meter.read_j() == pytest.approx(0.0035)
+    with pytest.raises(OSError, match="no RAPL package zones"):
+        RaplMeter(tmp_path / "intel-rapl:0:0")
