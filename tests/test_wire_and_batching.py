@@ -89,3 +89,4 @@ def test_dynamic_batching_merges_callers_and_returns_each_its_rows() -> None:
     assert sum(service.calls) == 24 and max(service.calls) <= 16
     assert len(service.calls) <= 3  # merged, not 12 separate model calls
     assert max(r.batch_size for r in results) > 2
+    assert sum(r.first_in_batch for r in results) == len(service.calls)  # one per model call

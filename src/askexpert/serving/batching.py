@@ -34,6 +34,7 @@ class BatchResult:
     queue_s: float  # from enqueue to the start of this caller's batch
     compute_s: float  # the model call for the whole batch
     batch_size: int  # images in the merged batch
+    first_in_batch: bool  # exactly one caller per model call, so per-batch figures are counted once
 
 
 @dataclass
@@ -104,7 +105,9 @@ class DynamicBatcher:
             for p in items:
                 n = len(p.images)
                 if not p.future.done():
-                    p.future.set_result(BatchResult(rows[offset : offset + n], start - p.enqueued, compute, len(batch)))
+                    p.future.set_result(
+                        BatchResult(rows[offset : offset + n], start - p.enqueued, compute, len(batch), offset == 0)
+                    )
                 offset += n
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from ray import serve
 
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.partition import Partition
+from askexpert.serving.batching import BatchResult
 from askexpert.serving.server import ServiceBase, create_app, input_size
 from askexpert.system import SystemDir
 
@@ -39,7 +40,7 @@ class ExpertReplica:
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def __call__(self, calls: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, float, float, int]]:
+    async def __call__(self, calls: list[tuple[np.ndarray, float]]) -> list[BatchResult]:
         started = time.time()
         merged = np.concatenate([images for images, _ in calls]) if len(calls) > 1 else calls[0][0]
         t0 = time.perf_counter()
@@ -47,7 +48,8 @@ class ExpertReplica:
         compute = time.perf_counter() - t0
         out, offset = [], 0
         for images, sent_at in calls:
-            out.append((logits[offset : offset + len(images)], max(0.0, started - sent_at), compute, len(merged)))
+            rows = logits[offset : offset + len(images)]
+            out.append(BatchResult(rows, max(0.0, started - sent_at), compute, len(merged), offset == 0))
             offset += len(images)
         return out
 
@@ -63,8 +65,7 @@ class RayExpertService(ServiceBase):
         self.handles = handles
 
     async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
-        logits, queue_s, compute_s, batch = await self.handles[expert_id].remote((images, time.time()))
-        return self.reply(expert_id, logits, queue_s, compute_s, batch)
+        return self.reply(expert_id, await self.handles[expert_id].remote((images, time.time())))
 
 
 @serve.ingress()

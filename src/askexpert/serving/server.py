@@ -32,7 +32,7 @@ from askexpert.errors import AskExpertError
 from askexpert.inference.backend import OTHER, LocalExpertBackend, reply_from_logits
 from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
-from askexpert.serving.batching import dynamic_batch
+from askexpert.serving.batching import BatchResult, dynamic_batch
 from askexpert.serving.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.system import SystemDir
 
@@ -93,20 +93,25 @@ class ServiceBase:
             for eid, meta in self.metas.items()
         ]
 
-    def reply(self, expert_id: str, logits: np.ndarray, queue_s: float, compute_s: float, batch: int) -> dict[str, Any]:
-        """Record the call's metrics and map the expert's logits to global labels."""
+    def reply(self, expert_id: str, result: BatchResult) -> dict[str, Any]:
+        """Record the call's metrics (per-batch ones once per batch) and map logits to global labels."""
         m = self.metrics
-        m.batch_size.labels(expert_id).observe(batch)
-        m.queue.labels(expert_id).observe(queue_s)
-        m.compute.labels(expert_id).observe(compute_s)
-        m.images.labels(expert_id).inc(len(logits))
-        answer = reply_from_logits(logits, self.classes[expert_id])
+        if result.first_in_batch:
+            m.batch_size.labels(expert_id).observe(result.batch_size)
+            m.compute.labels(expert_id).observe(result.compute_s)
+        m.queue.labels(expert_id).observe(result.queue_s)
+        m.images.labels(expert_id).inc(len(result.rows))
+        answer = reply_from_logits(result.rows, self.classes[expert_id])
         return {
             "expert": expert_id,
             "labels": answer.labels.tolist(),
             "other": (answer.labels == OTHER).tolist(),
             "confidence": [round(float(c), 6) for c in answer.confidence],
-            "timing": {"queue_ms": queue_s * 1e3, "compute_ms": compute_s * 1e3, "batch_size": batch},
+            "timing": {
+                "queue_ms": result.queue_s * 1e3,
+                "compute_ms": result.compute_s * 1e3,
+                "batch_size": result.batch_size,
+            },
         }
 
     async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
@@ -140,8 +145,7 @@ class ExpertService(ServiceBase):
         return self.backend.logits(expert_id, images)
 
     async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
-        result = await self.run(expert_id, images)
-        return self.reply(expert_id, result.rows, result.queue_s, result.compute_s, result.batch_size)
+        return self.reply(expert_id, await self.run(expert_id, images))
 
 
 def _error(status: int, message: str) -> JSONResponse:

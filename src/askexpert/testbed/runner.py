@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from askexpert.data import load_splits
+from askexpert.evaluate.metrics import offload_masks
 from askexpert.evaluate.report import markdown_table, write_csv
 from askexpert.inference.backend import OTHER, BackendError, LocalExpertBackend
 from askexpert.inference.http_backend import HttpExpertBackend
@@ -248,7 +249,7 @@ def strategies(
         ),
     ]
     for tau in taus:
-        off = (stat > tau if run.get("gate") == "entropy" else stat < tau) & ok
+        off = offload_masks(stat, run["gate"], np.asarray([tau]))[0] & ok
         table.append(
             summarise(
                 "collaborative", tau, off, np.where(off, remote_or_gen, gen_label), gen_s + offload_extra * off, gen_s
