@@ -304,6 +304,8 @@ def testbed(
 ) -> None:
     """Latency and energy per sample: edge only, edge execution, near-edge only, collaborative at several τ."""
     from askexpert.errors import ConfigError
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
     from askexpert.testbed.runner import TABLE_COLUMNS, run_testbed, spec_from_names
 
     if emulate not in ("auto", "on", "off"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ class ServerProcess:
         host: str = "127.0.0.1",
         port: int | None = None,
         prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
@@ -48,7 +50,9 @@ class ServerProcess:
             str(self.port),
             *extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self, url: str | None = None, seconds: float = 90) -> ServerProcess:
         """Poll `/readyz` (at `url`, default the server's own) until it answers 200."""

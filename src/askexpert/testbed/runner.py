@@ -87,6 +87,13 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
     try:
+        # Warm-up, untimed: first calls pay for lazy initialisation (kernels, allocator, connection),
+        # which would otherwise inflate the first measured samples and make reruns disagree.
+        for _ in range(3):
+            predict_logits(generalist, images[:1])
+            for eid in part.expert_ids:
+                local.predict(eid, images[:1])
+                remote.predict(eid, images[:1])
         for i in tqdm(range(len(images)), desc="testbed", unit="sample", leave=False):
             img = images[i : i + 1]
             t0 = time.perf_counter()
@@ -136,9 +143,12 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
         raise LinkUnavailable(f"--emulate on, but {reason}")
     use_ns = emulate != "off" and reason is None
     no_wait = ("--max-wait-ms", "0")  # one sample at a time: a batching wait would only add latency
+    # The server shares this machine's cores with the edge measurement: OpenMP threads that
+    # busy-wait after each request would steal them and inflate the edge's compute times.
+    quiet = {"OMP_WAIT_POLICY": "PASSIVE"}
     if use_ns:
         with NamespaceLink(spec.link) as link:
-            with ServerProcess(system.root, *no_wait, host=PEER_IP, prefix=link.exec_prefix()) as server:
+            with ServerProcess(system.root, *no_wait, host=PEER_IP, prefix=link.exec_prefix(), env=quiet) as server:
                 relay_delay = link.methods.get("delay") == "relay"
                 p = spec.link
                 with DelayRelay(
@@ -152,7 +162,7 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
             methods = link.methods
             mode = f"emulated: namespace + veth, rate by {methods['rate']}, delay/jitter/loss by {methods['delay']}"
     else:
-        with ServerProcess(system.root, *no_wait) as server:
+        with ServerProcess(system.root, *no_wait, env=quiet) as server:
             rows = _measure_samples(system, images, server.wait_ready().url, threads)
         mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
     return {"rows": rows, "labels": labels.tolist(), "link_mode": mode, "emulated": use_ns, "edge_threads": threads}
