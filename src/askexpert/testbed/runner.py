@@ -80,12 +80,12 @@ def spec_from_names(edge: str, near_edge: str, link: str) -> TestbedSpec:
 EDGE_REPEATS = 3  # edge compute is timed as the best of this many runs: a shared host's hiccups are not the device's
 
 
-def _best_of(repeats: int, fn: Callable[[], T]) -> tuple[float, T]:
-    """(shortest wall time of `repeats` calls, the last call's result)."""
+def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
+    """(shortest wall time of `repeats` calls of fn(*args), the last call's result)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         best = min(best, time.perf_counter() - start)
     return best, result
 
@@ -112,14 +112,12 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                 remote.predict(eid, images[:1])
         for i in tqdm(range(len(images)), desc="testbed", unit="sample", leave=False):
             img = images[i : i + 1]
-
-            def edge_pass() -> tuple[torch.Tensor, Any]:
-                probs = torch.from_numpy(predict_logits(generalist, img)).softmax(dim=1)
-                return probs, router(probs)
-
-            gen_s, (probs, decision) = _best_of(EDGE_REPEATS, edge_pass)
+            gen_s, logits = _best_of(EDGE_REPEATS, predict_logits, generalist, img)
+            probs = torch.from_numpy(logits).softmax(dim=1)
+            route_s, decision = _best_of(EDGE_REPEATS, router, probs)
+            gen_s += route_s
             eid = part.expert_ids[int(decision.expert[0])]
-            local_s, local_reply = _best_of(EDGE_REPEATS, lambda: local.predict(eid, img))
+            local_s, local_reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
             t0 = time.perf_counter()
             try:
                 reply = remote.predict(eid, img)
