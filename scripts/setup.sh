@@ -6,6 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # The pinned torch is a CUDA build: a new .venv takes about 6.5 GB. Say so up front
+  # instead of letting pip die half-way with "No space left on device".
+  need_kb=$((7 * 1024 * 1024))
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt "$need_kb" ]; then
+    echo "setup: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}');" \
+      "a new .venv needs about 7 GiB (torch 2.14.1 is a CUDA build). Free some space and rerun." >&2
+    exit 1
+  fi
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip

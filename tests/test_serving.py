@@ -181,3 +181,42 @@ def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProce
     ref = LocalExpertBackend.from_dir(trained_system / "experts" / cfg.schedule, part).predict("e0", images)
     assert reply.labels.tolist() == ref.labels.tolist()
     assert reply.info["bytes_sent"] > images.nbytes
+
+
+def test_edge_cli_runs_on_a_device_profile(
+    server: ServerProcess, trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`askexpert edge --profile`: the profile's thread count is applied, its slowdown is a separate modelled field."""
+    import torch
+
+    from askexpert.cli import main
+
+    profile = tmp_path / "tiny-board.yaml"
+    profile.write_text(
+        "name: tiny-board\ntier: edge\nidle_w: 1.0\nactive_w: 3.0\nthreads: 1\nslowdown: 3.5\nsources: [test]\n"
+    )
+    out = tmp_path / "records.jsonl"
+    before = torch.get_num_threads()
+    try:
+        main(["edge", "--system", str(trained_system), "--server", server.url, "--limit", "24",
+              "--out", str(out), "--profile", str(profile)])  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 24
+    for rec in records:
+        assert rec["edge_ms_modelled"] == pytest.approx(rec["edge_ms"] * 3.5)
+    assert "tiny-board" in capsys.readouterr().out
+
+
+def test_edge_cli_names_an_unknown_profile(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from askexpert.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["edge", "--system", str(trained_system), "--server", "http://127.0.0.1:9",
+              "--profile", "toaster", "--out", str(tmp_path / "r.jsonl")])  # fmt: skip
+    text = capsys.readouterr()
+    assert info.value.code == 2 and "unknown device profile 'toaster'" in text.out + text.err

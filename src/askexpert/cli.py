@@ -253,6 +253,10 @@ def edge(
     out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
     limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
     runtime: Annotated[str, typer.Option(help="Edge runtime: torch, onnx or onnx-int8 (see `export onnx`).")] = "torch",
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
+    ] = None,
     token_file: TokenOpt = None,
 ) -> None:
     """Run the edge: generalist here, unsure samples to the server; records every sample."""
@@ -262,12 +266,23 @@ def edge(
 
     sysdir = _system(system)
     cfg = sysdir.config()
+    threads, slowdown = 0, None
+    if profile is not None:
+        from askexpert.measure.profiles import load_device
+
+        device = load_device(profile)
+        threads, slowdown = min(device.threads, os.cpu_count() or 1), device.slowdown
+        console.print(
+            f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
+            f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
+        )
     backend = HttpExpertBackend(server, cfg.serving, _read_token(token_file))
     data = load_splits(cfg.data, sysdir.root).test
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     try:
-        records = run_edge(edge_classifier(sysdir, backend, runtime=runtime), data, out, cfg.serving.client_batch_size)
+        classifier = edge_classifier(sysdir, backend, runtime=runtime, threads=threads)
+        records = run_edge(classifier, data, out, cfg.serving.client_batch_size, edge_slowdown=slowdown)
     finally:
         backend.close()
     print_table(

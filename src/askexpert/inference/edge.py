@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from askexpert.data import LabeledImages
@@ -35,16 +36,24 @@ def onnx_path(system: SystemDir, runtime: str) -> Path:
 
 
 def edge_classifier(
-    system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "torch"
+    system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "torch", threads: int = 0
 ) -> CollaborativeClassifier:
-    """The generalist (in the chosen runtime), router and partition of a system, wired to `backend`."""
+    """The generalist (in the chosen runtime), router and partition of a system, wired to `backend`.
+
+    `threads` > 0 limits the generalist's compute threads, to behave like an edge
+    board with that many cores (0: the runtime's default).
+    """
+    if threads < 0:
+        raise ConfigError(f"threads must be ≥ 0, got {threads}")
     cfg = system.config()
     part = Partition.from_json(system.partition_path)
     generalist: ImageClassifier | OnnxGeneralist
     if runtime == "torch":
+        if threads:
+            torch.set_num_threads(threads)
         generalist, _ = load_checkpoint(system.generalist_path, device)
     elif runtime in RUNTIMES:
-        generalist = OnnxGeneralist(onnx_path(system, runtime))
+        generalist = OnnxGeneralist(onnx_path(system, runtime), threads)
     else:
         raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     rc = cfg.routing
@@ -59,8 +68,14 @@ def run_edge(
     out: str | Path,
     batch_size: int = 64,
     after_batch: Callable[[int], None] | None = None,
+    edge_slowdown: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify `data`, writing one JSON record per sample to `out`; returns the records."""
+    """Classify `data`, writing one JSON record per sample to `out`; returns the records.
+
+    With `edge_slowdown` (a device profile's factor), each record also carries
+    `edge_ms_modelled`: the measured edge time scaled to that device. It is a
+    model, kept apart from the measured `edge_ms`.
+    """
     records: list[dict[str, Any]] = []
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +90,8 @@ def run_edge(
                 rec: dict[str, Any] = {"id": start + i, **pred.record(i)}
                 rec["truth"] = int(data.labels[start + i])
                 rec["edge_ms"] = pred.edge_ms
+                if edge_slowdown is not None:
+                    rec["edge_ms_modelled"] = pred.edge_ms * edge_slowdown
                 rec["batch_ms"] = batch_ms
                 rec.setdefault("bytes_sent", 0.0)
                 fh.write(json.dumps(rec) + "\n")
