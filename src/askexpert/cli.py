@@ -221,6 +221,10 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option(help="Override serving.max_wait_ms (batching wait).")] = None,
 ) -> None:
     """Host every expert of a system directory (the near-edge server)."""
+    # Before torch loads: the model's OpenMP threads must sleep, not spin, between
+    # batches, or they take the cores the event loop needs to receive the next batch
+    # (measured on 2 cores: 2,496 → 2,878 images/s at 32 clients).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     token = _read_token(token_file)
     if engine == "ray":
         try:
