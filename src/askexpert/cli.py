@@ -37,11 +37,21 @@ def _system(path: Path) -> Any:
 
 
 def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """A rich table; headers wrap at their underscores instead of being cut off on narrow terminals.
+
+    Floats show 4 significant digits (the CSV/JSON files keep full precision).
+    """
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    for i, column in enumerate(columns):
+        table.add_column(column.replace("_", " "), overflow="fold", no_wrap=i == 0)
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns])
+        table.add_row(*[cell(row.get(c)) for c in columns])
     console.print(table)
 
 
