@@ -1,0 +1,161 @@
+"""Benchmark: one expert trained under several schedules at the same budget, judged on validation.
+
+    .venv/bin/python benchmarks/schedule_sweep.py --system askexpert-demo --experts e0,e4 [--schedules FILE]
+
+Why: the paper's progressive training beat static experts at its scale; at CPU scale
+the demo's default progressive mix loses. This asks which stage mix works at *your*
+budget, without touching the test split: every schedule of an expert starts from the
+same initial weights and seed, gets the same optimizer steps × batch, and is scored by
+its closed-set accuracy on the expert's classes in the **validation** split.
+
+Schedules: those of the system's config, plus a few built-in variants, plus any in
+`--schedules FILE` (YAML: name → list of {fraction, subset_share} stages, as in the
+config). Writes `report/schedule_sweep.{md,csv,json,png}` in the system directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+import yaml
+from pydantic import ValidationError
+
+from askexpert.config import ExpertTrainConfig, Stage
+from askexpert.data import load_splits
+from askexpert.evaluate.metrics import subset_accuracy
+from askexpert.models import create_model, predict_logits, resolve_device
+from askexpert.partition import Partition
+from askexpert.system import SystemDir
+from askexpert.training.loop import train_model
+from askexpert.training.plans import budget_steps, expert_targets, plan_schedule
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    # a short look at the whole data, then mostly the subset
+    "progressive-short": [
+        {"fraction": 0.1, "subset_share": None},
+        {"fraction": 0.1, "subset_share": 0.5},
+        {"fraction": 0.8, "subset_share": 1.0},
+    ],
+    # no narrowing: a constant 20 % of "other" samples throughout (a regulariser, not a schedule)
+    "mixed-0.8": [{"fraction": 1.0, "subset_share": 0.8}],
+}
+
+
+def schedules_to_run(tc: ExpertTrainConfig, extra_file: Path | None) -> dict[str, list[Stage]]:
+    raw: dict[str, Any] = {name: [s.model_dump() for s in stages] for name, stages in tc.schedules.items()}
+    raw.update(VARIANTS)
+    if extra_file is not None:
+        loaded = yaml.safe_load(extra_file.read_text())
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{extra_file}: expected a mapping of schedule name → stages")
+        raw.update(loaded)
+    # Validated exactly as the config validates schedules (fractions sum to 1, shares in (0, 1]).
+    try:
+        return ExpertTrainConfig.model_validate({**tc.model_dump(), "schedules": raw}).schedules
+    except ValidationError as exc:
+        raise SystemExit(f"bad schedule: {exc}") from None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--system", default="askexpert-demo")
+    ap.add_argument("--experts", default="e0", help="comma-separated expert ids")
+    ap.add_argument("--schedules", type=Path, default=None, help="YAML file with more schedules")
+    ap.add_argument("--epochs", type=float, default=None, help="override expert_training.epochs (the budget)")
+    args = ap.parse_args()
+
+    system = SystemDir.open(args.system)
+    cfg = system.config()
+    tc = cfg.expert_training
+    epochs = args.epochs if args.epochs is not None else tc.epochs
+    part = Partition.from_json(system.partition_path)
+    splits = load_splits(cfg.data, system.root)
+    train, val = splits.train, splits.val
+    device = resolve_device(cfg.device)
+    schedules = schedules_to_run(tc, args.schedules)
+    rows: list[dict[str, Any]] = []
+    for eid in [e.strip() for e in args.experts.split(",") if e.strip()]:
+        if eid not in part.expert_ids:
+            raise SystemExit(f"unknown expert {eid!r}; partition has {', '.join(part.expert_ids)}")
+        e = part.expert_ids.index(eid)
+        subset = part.subsets[e]
+        inside = np.flatnonzero(np.isin(train.labels, subset))
+        outside = np.flatnonzero(~np.isin(train.labels, subset))
+        steps = budget_steps(epochs, len(inside), tc.batch_size)
+        seed = cfg.seed * 1000 + e
+        for name, stages in schedules.items():
+            plan = plan_schedule(inside, outside, stages, steps, tc.batch_size, seed)
+            subset_samples = int(np.isin(train.labels[plan], subset).sum())
+            torch.manual_seed(seed)
+            model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
+            start = time.perf_counter()
+            train_model(model, train.images, expert_targets(train.labels, subset), plan, tc, device, seed,
+                        desc=f"{eid} {name}")  # fmt: skip
+            logits = predict_logits(model, val.images, device)
+            rows.append(
+                {
+                    "expert": eid,
+                    "schedule": name,
+                    "stages": json.dumps([s.model_dump() for s in stages]),
+                    "steps": len(plan),
+                    "batch_size": int(plan.shape[1]),
+                    "subset_samples_seen": subset_samples,
+                    "val_samples": int(np.isin(val.labels, subset).sum()),  # judge differences against this
+                    "val_subset_accuracy": subset_accuracy(logits, val.labels, subset),
+                    "train_s": time.perf_counter() - start,
+                }
+            )
+            print(f"{eid} {name}: val subset accuracy {rows[-1]['val_subset_accuracy']:.4f}", flush=True)
+
+    out = system.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["expert", "schedule", "steps", "batch_size", "subset_samples_seen", "val_samples"]
+    columns += ["val_subset_accuracy", "train_s"]
+    lines = [
+        f"# Schedule sweep ({epochs:g} epochs over each subset, validation split)",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for r in rows:
+        cells = [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "schedule_sweep.md").write_text("\n".join(lines) + "\n")
+    with (out / "schedule_sweep.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "schedule_sweep.json").write_text(json.dumps({"epochs": epochs, "rows": rows}, indent=2))
+
+    experts = sorted({r["expert"] for r in rows})
+    names = list(schedules)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names) * len(experts) / 2, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        acc = [next(r["val_subset_accuracy"] for r in rows if r["expert"] == x and r["schedule"] == name)
+               for x in experts]  # fmt: skip
+        ax.bar(np.arange(len(experts)) + i * width, acc, width, label=name)
+    ax.set_xticks(np.arange(len(experts)) + 0.4 - width / 2, experts)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("validation accuracy on the expert's classes (fraction)")
+    ax.set_title(f"Schedules at an equal budget ({epochs:g} epochs over the subset)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "schedule_sweep.png", dpi=120)
+    print("\n".join(lines))
+    print(f"written to {out}/schedule_sweep.*")
+
+
+if __name__ == "__main__":
+    main()
