@@ -1,4 +1,5 @@
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,23 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
     assert model.num_outputs == 3
     with pytest.raises(CheckpointError, match="pretrained weights not found"):
         create_model("micro-generalist", 3, pretrained_file=tmp_path / "missing.safetensors")
+
+
+def test_versions_are_checked(tmp_path: Path) -> None:
+    from askexpert.models.checkpoint import CheckpointVersionWarning
+
+    path, _ = _saved(tmp_path)
+    meta_file = path.with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the releases that wrote it load silently
+        load_checkpoint(path)
+    meta["versions"]["timm"] = "0.9.2"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(CheckpointVersionWarning, match=r"e0\.json: written under timm 0\.9\.2 \(now "):
+        loaded, _ = load_checkpoint(path)
+    assert loaded.num_outputs == 5  # a warning, not a refusal
+    meta["versions"]["askexpert"] = "99.0.0"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="written by askexpert 99.0.0, newer than this askexpert"):
+        load_checkpoint(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ from askexpert.errors import CheckpointError
 from askexpert.models.registry import ImageClassifier, create_model
 
 FORMAT = "askexpert.checkpoint/1"
+
+
+class CheckpointVersionWarning(UserWarning):
+    """The checkpoint was written under other torch/timm releases than the ones loading it."""
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 @dataclass
@@ -89,7 +102,34 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{side}: malformed checkpoint metadata: {exc}") from None
     if meta.format != FORMAT:
         raise CheckpointError(f"{side}: format {meta.format!r}, expected {FORMAT!r}")
+    check_versions(side, meta)
     return meta
+
+
+def check_versions(side: Path, meta: CheckpointMeta) -> None:
+    """A newer askexpert's checkpoint is refused; another torch/timm release only warns.
+
+    Shapes are checked on load either way, but a model definition that changed
+    between timm releases can load cleanly and compute something else, so the
+    user is told which releases differ.
+    """
+    written = meta.versions.get("askexpert")
+    if written and _major_minor(written) > _major_minor(__version__):
+        raise CheckpointError(
+            f"{side}: written by askexpert {written}, newer than this askexpert {__version__}; upgrade askexpert"
+        )
+    installed = {"torch": torch.__version__, "timm": timm.__version__}
+    differ = [
+        f"{lib} {meta.versions[lib]} (now {now})"
+        for lib, now in installed.items()
+        if lib in meta.versions and _major_minor(meta.versions[lib]) != _major_minor(now)
+    ]
+    if differ:
+        warnings.warn(
+            f"{side}: written under {', '.join(differ)}; shapes match, but check accuracy before trusting it",
+            CheckpointVersionWarning,
+            stacklevel=3,
+        )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, CheckpointMeta]:
