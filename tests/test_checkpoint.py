@@ -88,7 +88,7 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path: Path) -> None:
 
 
 def test_versions_are_checked(tmp_path: Path) -> None:
-    from askexpert.models.checkpoint import CheckpointVersionWarning
+    from askexpert.errors import CheckpointVersionWarning
 
     path, _ = _saved(tmp_path)
     meta_file = path.with_suffix(".json")

@@ -44,3 +44,21 @@ def test_train_experts_needs_a_partition(
     assert code == 2 and "partition.json: partition file not found" in text
     code, text = _run(["train", "experts", "--system", str(copy), "--schedule", "warp"], capsys)
     assert code == 2 and "unknown schedule 'warp'" in text
+
+
+def test_checkpoint_version_warning_is_one_line(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    system = tmp_path / "copy"
+    shutil.copytree(trained_system, system)
+    side = system / "generalist.json"
+    meta = json.loads(side.read_text())
+    meta["versions"]["timm"] = "0.9.2"
+    side.write_text(json.dumps(meta))
+    main(["evaluate", "--system", str(system)])
+    err = capsys.readouterr().err
+    assert "warning: " in err and "generalist.json: written under timm 0.9.2" in err
+    assert "CheckpointVersionWarning" not in err  # no Python warning format, no source line

@@ -11,10 +11,11 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from askexpert.config import SynthConfig, SystemConfig
-from askexpert.errors import AskExpertError
+from askexpert.errors import AskExpertError, CheckpointVersionWarning
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub: weights come from local files only
 
@@ -422,7 +423,23 @@ def export_onnx_cmd(
     console.print(f"wrote {fp32}" + (f" and {onnx_path(sysdir, 'onnx-int8')}" if int8 else ""))
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """askexpert's own warnings are for users: one line on stderr, no source excerpt."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, CheckpointVersionWarning):
+            _one_line_warning(message, category)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except AskExpertError as exc:
@@ -438,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ class PartitionError(AskExpertError):
 
 class RoutingError(AskExpertError):
     """Router inputs are inconsistent (shapes, k, unknown gate, unknown expert)."""
+
+
+class CheckpointVersionWarning(UserWarning):
+    """A checkpoint was written under other torch/timm releases than the ones loading it."""

@@ -22,14 +22,10 @@ import torch
 from safetensors import SafetensorError
 
 from askexpert import __version__
-from askexpert.errors import CheckpointError
+from askexpert.errors import CheckpointError, CheckpointVersionWarning
 from askexpert.models.registry import ImageClassifier, create_model
 
 FORMAT = "askexpert.checkpoint/1"
-
-
-class CheckpointVersionWarning(UserWarning):
-    """The checkpoint was written under other torch/timm releases than the ones loading it."""
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
