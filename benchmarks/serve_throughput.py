@@ -1,6 +1,6 @@
 """Benchmark: bare expert throughput vs the expert server under 1, 8 and 32 concurrent clients.
 
-    .venv/bin/python benchmarks/serve_throughput.py --system askexpert-demo [--expert e0]
+    .venv/bin/python benchmarks/serve_throughput.py --system askexpert-demo [--expert e0] [--engine ray]
 
 Starts `askexpert serve` on a free loopback port, sends requests of
 `--images` images each from N concurrent clients (asyncio + aiohttp, one process; a
@@ -105,6 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--system", default="askexpert-demo")
     ap.add_argument("--expert", default="e0")
+    ap.add_argument("--engine", default="http", choices=["http", "ray"], help="which engine serves")
     ap.add_argument("--images", type=int, default=8, help="images per request")
     ap.add_argument("--requests", type=int, default=1280, help="requests per concurrency level")
     ap.add_argument("--cap-s", type=float, default=30.0, help="time cap per level")
@@ -113,7 +114,7 @@ def main() -> None:
     cfg = system.config()
     size = input_size(cfg)
     bare_windows = bare_throughput(system, args.expert, cfg.serving.max_batch_size, size)
-    server = ServerProcess(args.system)
+    server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url
     results = []
     try:
@@ -130,7 +131,7 @@ def main() -> None:
         f"range {min(bare_windows):,.0f}-{max(bare_windows):,.0f})"
     )
     print(
-        f"server, {args.images} images per request (max batch {cfg.serving.max_batch_size}, "
+        f"server ({args.engine} engine), {args.images} images per request (max batch {cfg.serving.max_batch_size}, "
         f"max wait {cfg.serving.max_wait_ms:g} ms):"
     )
     print("| clients | requests | errors | images/s | p50 ms | p99 ms | ratio to bare | client CPU (cores) |")

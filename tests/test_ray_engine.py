@@ -1,5 +1,6 @@
 """`askexpert serve --engine ray`: the same API and labels on Ray Serve (one test; Ray costs ~1 GB and ~20 s)."""
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -46,5 +47,17 @@ def test_ray_engine_answers_like_the_http_engine(trained_system: Path, server: S
         backend_ray.close()
         assert via_http.labels.tolist() == via_ray.labels.tolist()
         assert (via_ray.source == "expert").any()
+        # concurrent requests are merged, but a batch never exceeds max_batch_size *images*
+        limit = system.config().serving.max_batch_size
+        body = encode_images(np.zeros((8, 32, 32, 3), dtype=np.uint8))
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=ray_server.url, headers=headers, timeout=60) as client:
+                calls = (client.post("/v1/experts/e0/predict", content=body) for _ in range(24))
+                replies = await asyncio.gather(*calls)
+            return [r.json()["timing"]["batch_size"] for r in replies]
+
+        sizes = asyncio.run(burst())
+        assert all(8 <= n <= limit for n in sizes), (sizes, limit)
     finally:
         ray_server.stop(graceful_s=30)

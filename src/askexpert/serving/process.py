@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,9 +51,17 @@ class ServerProcess:
             str(self.port),
             *extra,
         ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        # The server's output goes to a file, not a pipe: nobody reads a pipe while the
+        # server runs, and a chatty engine (Ray logs a lot) would block once it filled.
+        self.log = tempfile.NamedTemporaryFile(prefix="askexpert-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def output(self, limit: int = 2000) -> str:
+        """The last `limit` characters the server printed."""
+        try:
+            return Path(self.log.name).read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
 
     def wait_ready(self, url: str | None = None, seconds: float = 90) -> ServerProcess:
         """Poll `/readyz` (at `url`, default the server's own) until it answers 200."""
@@ -60,8 +69,9 @@ class ServerProcess:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                raise AskExpertError(f"expert server exited during start-up: {out[-2000:]}")
+                out = self.output()
+                self.stop()
+                raise AskExpertError(f"expert server exited during start-up: {out}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     return self
@@ -81,6 +91,8 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -24,6 +24,14 @@ from askexpert.serving.server import ServiceBase, create_app, input_size
 from askexpert.system import SystemDir
 
 APP_NAME = "askexpert"
+# The ingress only validates and forwards (async), so it may hold many requests at once;
+# Ray Serve's default of 5 ongoing requests per replica would queue clients at the proxy.
+INGRESS_MAX_ONGOING = 1024
+
+
+def _images_in(calls: list[tuple[np.ndarray, float]]) -> int:
+    """Batch size in images, not calls, so `serving.max_batch_size` means the same on both engines."""
+    return sum(len(images) for images, _ in calls)
 
 
 class ExpertReplica:
@@ -39,7 +47,7 @@ class ExpertReplica:
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def __call__(self, calls: list[tuple[np.ndarray, float]]) -> list[BatchResult]:
         started = time.time()
         merged = np.concatenate([images for images, _ in calls]) if len(calls) > 1 else calls[0][0]
@@ -87,7 +95,11 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
     schedule = schedule or sc.schedule
     part = Partition.from_json(system.partition_path)
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
-    replica = serve.deployment(num_replicas=sc.ray_replicas, ray_actor_options=actor)(ExpertReplica)
+    # Enough calls admitted per replica to fill one batch while the previous one computes
+    # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.
+    replica = serve.deployment(
+        num_replicas=sc.ray_replicas, ray_actor_options=actor, max_ongoing_requests=2 * sc.max_batch_size
+    )(ExpertReplica)
     device = "cuda" if sc.ray_num_gpus > 0 else "cpu"
     experts = []
     for eid in part.expert_ids:
@@ -98,7 +110,9 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
                 str(weights), sc.max_batch_size, sc.max_wait_ms, sc.torch_threads, device
             )
         )
-    ingress = serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})(Ingress)
+    ingress = serve.deployment(
+        name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING
+    )(Ingress)
     return ingress.bind(str(Path(root).resolve()), schedule, token, list(part.expert_ids), *experts)
 
 
