@@ -24,18 +24,15 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-import torch
 import yaml
 from pydantic import ValidationError
 
-from askexpert.config import ExpertTrainConfig, Stage
+from askexpert.config import ExpertTrainConfig
 from askexpert.data import load_splits
-from askexpert.evaluate.metrics import subset_accuracy
-from askexpert.models import create_model, predict_logits, resolve_device
+from askexpert.models import resolve_device
 from askexpert.partition import Partition
 from askexpert.system import SystemDir
-from askexpert.training.loop import train_model
-from askexpert.training.plans import budget_steps, expert_targets, plan_schedule
+from askexpert.training.experts import train_expert
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,7 +49,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def schedules_to_run(tc: ExpertTrainConfig, extra_file: Path | None) -> dict[str, list[Stage]]:
+def sweep_training(tc: ExpertTrainConfig, extra_file: Path | None, epochs: float | None) -> ExpertTrainConfig:
+    """The config's expert training with the sweep's schedules (and budget, if overridden)."""
     raw: dict[str, Any] = {name: [s.model_dump() for s in stages] for name, stages in tc.schedules.items()}
     raw.update(VARIANTS)
     if extra_file is not None:
@@ -61,8 +59,9 @@ def schedules_to_run(tc: ExpertTrainConfig, extra_file: Path | None) -> dict[str
             raise SystemExit(f"{extra_file}: expected a mapping of schedule name → stages")
         raw.update(loaded)
     # Validated exactly as the config validates schedules (fractions sum to 1, shares in (0, 1]).
+    update: dict[str, Any] = {"schedules": raw} if epochs is None else {"schedules": raw, "epochs": epochs}
     try:
-        return ExpertTrainConfig.model_validate({**tc.model_dump(), "schedules": raw}).schedules
+        return ExpertTrainConfig.model_validate({**tc.model_dump(), **update})
     except ValidationError as exc:
         raise SystemExit(f"bad schedule: {exc}") from None
 
@@ -77,43 +76,35 @@ def main() -> None:
 
     system = SystemDir.open(args.system)
     cfg = system.config()
-    tc = cfg.expert_training
-    epochs = args.epochs if args.epochs is not None else tc.epochs
+    tc = sweep_training(cfg.expert_training, args.schedules, args.epochs)
+    sweep_cfg = cfg.model_copy(update={"expert_training": tc})
+    epochs = tc.epochs
     part = Partition.from_json(system.partition_path)
     splits = load_splits(cfg.data, system.root)
     train, val = splits.train, splits.val
     device = resolve_device(cfg.device)
-    schedules = schedules_to_run(tc, args.schedules)
+    schedules = tc.schedules
     rows: list[dict[str, Any]] = []
     for eid in [e.strip() for e in args.experts.split(",") if e.strip()]:
         if eid not in part.expert_ids:
             raise SystemExit(f"unknown expert {eid!r}; partition has {', '.join(part.expert_ids)}")
         e = part.expert_ids.index(eid)
         subset = part.subsets[e]
-        inside = np.flatnonzero(np.isin(train.labels, subset))
-        outside = np.flatnonzero(~np.isin(train.labels, subset))
-        steps = budget_steps(epochs, len(inside), tc.batch_size)
-        seed = cfg.seed * 1000 + e
         for name, stages in schedules.items():
-            plan = plan_schedule(inside, outside, stages, steps, tc.batch_size, seed)
-            subset_samples = int(np.isin(train.labels[plan], subset).sum())
-            torch.manual_seed(seed)
-            model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
             start = time.perf_counter()
-            train_model(model, train.images, expert_targets(train.labels, subset), plan, tc, device, seed,
-                        desc=f"{eid} {name}")  # fmt: skip
-            logits = predict_logits(model, val.images, device)
+            # the same function, seed and plan builder as `askexpert train experts`
+            trained = train_expert(sweep_cfg, train, val, subset, e, name, device, desc=f"{eid} {name}")
             rows.append(
                 {
                     "expert": eid,
                     "schedule": name,
                     "stages": json.dumps([s.model_dump() for s in stages]),
-                    "steps": len(plan),
-                    "batch_size": int(plan.shape[1]),
-                    "subset_samples_seen": subset_samples,
+                    "steps": len(trained.plan),
+                    "batch_size": int(trained.plan.shape[1]),
+                    "subset_samples_seen": int(np.isin(train.labels[trained.plan], subset).sum()),
                     "val_samples": int(np.isin(val.labels, subset).sum()),  # judge differences against this
-                    "val_subset_accuracy": subset_accuracy(logits, val.labels, subset),
-                    "train_s": time.perf_counter() - start,
+                    "val_subset_accuracy": trained.val_subset_accuracy,
+                    "train_s": time.perf_counter() - start,  # training plus one validation pass
                 }
             )
             print(f"{eid} {name}: val subset accuracy {rows[-1]['val_subset_accuracy']:.4f}", flush=True)

@@ -7,15 +7,26 @@ every schedule; a schedule only changes which samples fill those batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from askexpert.config import SystemConfig
-from askexpert.data import load_splits
+from askexpert.data import LabeledImages, load_splits
 from askexpert.errors import ConfigError
 from askexpert.evaluate.metrics import subset_accuracy
 from askexpert.fingerprint import fingerprint
-from askexpert.models import CheckpointMeta, create_model, predict_logits, read_meta, resolve_device, save_checkpoint
+from askexpert.models import (
+    CheckpointMeta,
+    ImageClassifier,
+    create_model,
+    predict_logits,
+    read_meta,
+    resolve_device,
+    save_checkpoint,
+)
 from askexpert.partition import Partition
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
@@ -40,6 +51,43 @@ def expert_plan(cfg: SystemConfig, labels: np.ndarray, subset: tuple[int, ...], 
     inside, outside = np.flatnonzero(in_subset), np.flatnonzero(~in_subset)
     steps = budget_steps(tc.epochs, len(inside), tc.batch_size)
     return plan_schedule(inside, outside, tc.schedules[schedule], steps, tc.batch_size, seed)
+
+
+@dataclass
+class TrainedExpert:
+    model: ImageClassifier
+    plan: np.ndarray  # (steps, batch) sample indices it was trained on
+    stats: dict[str, float]
+    val_subset_accuracy: float
+    seed: int
+
+
+def train_expert(
+    cfg: SystemConfig,
+    train: LabeledImages,
+    val: LabeledImages,
+    subset: tuple[int, ...],
+    index: int,
+    schedule: str,
+    device: torch.device,
+    resume_path: Path | None = None,
+    desc: str = "expert",
+) -> TrainedExpert:
+    """Train the `index`-th expert on `subset` under `schedule`, and score it on validation.
+
+    The seed depends on the expert's index only, so every schedule of one expert starts
+    from the same weights and draws the same augmentation: schedules compare paired.
+    """
+    seed = cfg.seed * 1000 + index
+    plan = expert_plan(cfg, train.labels, subset, schedule, seed)
+    torch.manual_seed(seed)  # the initial weights come from torch's global generator
+    model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
+    targets = expert_targets(train.labels, subset)
+    stats = train_model(
+        model, train.images, targets, plan, cfg.expert_training, device, seed, resume_path=resume_path, desc=desc
+    )
+    val_logits = predict_logits(model, val.images, device)
+    return TrainedExpert(model, plan, stats, subset_accuracy(val_logits, val.labels, subset), seed)
 
 
 def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list[CheckpointMeta]:
@@ -67,32 +115,23 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             if meta.extra.get("fingerprint") == key:
                 metas.append(meta)
                 continue
-        seed = cfg.seed * 1000 + e
         path.parent.mkdir(parents=True, exist_ok=True)
-        plan = expert_plan(cfg, train.labels, subset, schedule, seed)
-        torch.manual_seed(seed)  # the initial weights come from torch's global generator
-        model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
-        stats = train_model(
-            model,
-            train.images,
-            expert_targets(train.labels, subset),
-            plan,
-            tc,
-            device,
-            seed,
-            resume_path=path.with_suffix(".resume.pt"),
-            desc=f"{schedule} {eid}",
-        )
-        val_logits = predict_logits(model, val.images, device)
+        resume = path.with_suffix(".resume.pt")
+        trained = train_expert(cfg, train, val, subset, e, schedule, device, resume, desc=f"{schedule} {eid}")
         meta = CheckpointMeta(
             role="expert",
             preset=cfg.expert.preset,
             classes=[*subset, OTHER],
             expert_id=eid,
             schedule=schedule,
-            seed=seed,
-            metrics={"val_subset_accuracy": subset_accuracy(val_logits, val.labels, subset), **stats},
-            extra={"fingerprint": key, "stages": stages, "steps": len(plan), "batch_size": plan.shape[1]},
+            seed=trained.seed,
+            metrics={"val_subset_accuracy": trained.val_subset_accuracy, **trained.stats},
+            extra={
+                "fingerprint": key,
+                "stages": stages,
+                "steps": len(trained.plan),
+                "batch_size": trained.plan.shape[1],
+            },
         )
-        metas.append(save_checkpoint(model.cpu(), path, meta))
+        metas.append(save_checkpoint(trained.model.cpu(), path, meta))
     return metas
