@@ -29,15 +29,12 @@ from askexpert.serving.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 
 
-def bare_throughput(system: SystemDir, expert: str, batch: int, size: int, windows: int = 5) -> list[float]:
+def bare_throughput(backend: LocalExpertBackend, expert: str, batch: int, size: int, windows: int = 5) -> list[float]:
     """The model alone, batch after batch: images/s in `windows` one-second windows.
 
     This machine's speed drifts by ±10 % from second to second, so the ratio is taken
     against the median of windows measured both before and after the server runs.
     """
-    cfg = system.config()
-    part = Partition.from_json(system.partition_path)
-    backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     backend.logits(expert, images)
     rates = []
@@ -113,7 +110,9 @@ def main() -> None:
     system = SystemDir.open(args.system)
     cfg = system.config()
     size = input_size(cfg)
-    bare_windows = bare_throughput(system, args.expert, cfg.serving.max_batch_size, size)
+    part = Partition.from_json(system.partition_path)
+    backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+    bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url
     results = []
@@ -123,7 +122,7 @@ def main() -> None:
             results.append(load(url, args.expert, clients, args.images, size, args.requests, args.cap_s))
     finally:
         server.stop()
-    bare_windows += bare_throughput(system, args.expert, cfg.serving.max_batch_size, size)
+    bare_windows += bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
     bare = float(np.median(bare_windows))
     print(
         f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}: "

@@ -286,7 +286,7 @@ def edge(
         from askexpert.measure.profiles import load_device
 
         device = load_device(profile)
-        threads, slowdown = min(device.threads, os.cpu_count() or 1), device.slowdown
+        threads, slowdown = device.threads_here(), device.slowdown
         console.print(
             f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
             f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
@@ -423,19 +423,15 @@ def export_onnx_cmd(
     console.print(f"wrote {fp32}" + (f" and {onnx_path(sysdir, 'onnx-int8')}" if int8 else ""))
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    """askexpert's own warnings are for users: one line on stderr, no source excerpt."""
-    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     import warnings
 
     previous = warnings.showwarning
 
     def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        """askexpert's own warnings are for users: one line on stderr, no source excerpt."""
         if issubclass(category, CheckpointVersionWarning):
-            _one_line_warning(message, category)
+            err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
         else:
             previous(message, category, *args, **kwargs)
 

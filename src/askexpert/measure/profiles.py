@@ -28,6 +28,12 @@ class DeviceProfile(BaseModel):
     slowdown: float = Field(gt=0.0)  # compute time there = measured here × slowdown
     sources: list[str] = Field(min_length=1)
 
+    def threads_here(self) -> int:
+        """The profile's thread count, capped at the threads torch may use on this machine."""
+        import torch
+
+        return max(1, min(self.threads, torch.get_num_threads()))
+
 
 class RadioModel(BaseModel):
     """P = alpha_up·up_Mbps + alpha_down·down_Mbps + beta (mW) while the radio transfers."""

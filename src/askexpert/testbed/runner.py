@@ -151,7 +151,7 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
     test = load_splits(cfg.data, system.root).test
     n = min(samples, len(test))
     images, labels = test.images[:n], test.labels[:n]
-    threads = max(1, min(spec.edge.threads, torch.get_num_threads()))
+    threads = spec.edge.threads_here()
     reason = can_emulate()
     if emulate == "on" and reason:
         raise LinkUnavailable(f"--emulate on, but {reason}")
