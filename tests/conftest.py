@@ -11,7 +11,7 @@ import torch
 from askexpert.serving.process import ServerProcess as _Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("ASKEXPERT_TEST_THREADS", "2")))
 
 MICRO = {
     "name": "micro",
@@ -20,7 +20,7 @@ MICRO = {
     "expert": {"preset": "micro-expert"},
     "partition": {"strategy": "confusion", "num_experts": 2},
     "generalist_training": {"epochs": 3, "batch_size": 32, "lr": 3e-3},
-    "expert_training": {"epochs": 3, "batch_size": 32, "lr": 3e-3},
+    "expert_training": {"epochs": 3, "shared_epochs": 2, "batch_size": 32, "lr": 3e-3},
     "routing": {"tau": 0.5, "top_k": 2},
     "evaluate": {"taus": 21, "max_k": 3},
 }

@@ -86,3 +86,27 @@ def test_stratified_split_holds_out_every_class() -> None:
     assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == 50
     assert np.bincount(labels[held]).tolist() == [2] * 5
     assert np.array_equal(stratified_split(labels, 0.2, seed=1)[1], held)
+
+
+def test_image_folder_with_cifar100_names_gets_the_coarse_groups(tmp_path: Path) -> None:
+    from askexpert.data.cifar100 import COARSE_TABLE
+    from askexpert.partition import superclass_partition
+
+    names = sorted(fine for group in COARSE_TABLE.values() for fine in group)
+    assert len(names) == 100
+    for name in names:
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (len(name), 0, 0)).save(tmp_path / "train" / name / "0.png")
+    train = folder.load(tmp_path, "train", 32)
+    assert train.groups is not None and train.group_names is not None
+    assert train.group_names[train.groups[train.class_names.index("whale")]] == "aquatic_mammals"
+    assert train.group_names[train.groups[train.class_names.index("tractor")]] == "vehicles_2"
+    assert np.bincount(train.groups).tolist() == [5] * 20
+    part = superclass_partition(train.groups, 5)
+    assert all(len(s) == 20 for s in part.subsets)
+    # Other names: no groups, and `superclass` says why.
+    assert folder.load(tmp_path.parent / tmp_path.name, "train", 16).groups is not None  # same tree, other size
+    other = tmp_path / "other"
+    (other / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(other / "train" / "cat" / "0.png")
+    assert folder.load(other, "train", 32).groups is None

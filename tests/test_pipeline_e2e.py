@@ -99,3 +99,96 @@ def test_bad_inputs_give_clear_errors(trained_system: Path, tmp_path: Path) -> N
     swapped = Partition("manual", part.num_classes, part.expert_ids, tuple(reversed(part.subsets)))
     with pytest.raises(CheckpointError, match="retrain the experts"):
         LocalExpertBackend.from_dir(trained_system / "experts" / "static", swapped)
+
+
+def test_choices_are_made_on_validation(trained_system: Path) -> None:
+    from askexpert.evaluate.cache import build_cache
+    from askexpert.evaluate.metrics import OperatingPoint, choose_point
+
+    system = SystemDir.open(trained_system)
+    cfg = system.config()
+    summary = json.loads((trained_system / "report" / "summary.json").read_text())
+    val = build_cache(system, ["progressive", "static"], split="val")
+    taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
+    ks = list(range(1, cfg.evaluate.max_k + 1))
+    rules = [("replace", 0.0)] + [("mix", w) for w in cfg.evaluate.mix_weights]
+    for schedule, chosen in summary["chosen_on_validation"].items():
+        best = {
+            rule[0]: choose_point(val, val.schedules[schedule], taus, ks, [rule] if rule[0] == "replace" else rules[1:])
+            for rule in rules[:2]
+        }
+        winner = max(best.values(), key=lambda pv: pv[1])[0]
+        assert OperatingPoint(**chosen) == winner
+        rows = [r for r in summary["combination_rules"] if r["schedule"] == schedule]
+        assert {r["rule"] for r in rows} == {"replace", "mix"}
+        assert max(r["val_accuracy"] for r in rows) == pytest.approx(max(v for _, v in best.values()))
+
+
+@pytest.mark.parametrize("schedule", ["static", "progressive"])
+def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: Path, schedule: str) -> None:
+    summary = json.loads((trained_system / "report" / "summary.json").read_text())
+    point = summary["chosen_on_validation"][schedule]
+    clf, test = _classifier(trained_system, schedule)
+    clf.router.gate, clf.router.tau, clf.router.k = point["gate"], point["tau"], point["k"]
+    clf.combine, clf.mix_weight = point["combine"], point["mix_weight"]
+    pred = clf(test.images)
+    row = next(r for r in summary["headline"] if r["schedule"] == schedule and "chosen on validation" in r["system"])
+    assert row["accuracy"] == pytest.approx(float((pred.labels == test.labels).mean()), abs=1e-12)
+    assert row["offload_rate"] == pytest.approx(float((pred.source != "edge").mean()), abs=1e-12)
+
+
+def test_progressive_experts_start_from_stage1_and_keep_other(trained_system: Path) -> None:
+    from askexpert.models import read_meta
+
+    system = SystemDir.open(trained_system)
+    stage1 = read_meta(system.stage1_path)
+    assert stage1.role == "stage1" and len(stage1.classes) == 12
+    for eid in Partition.from_json(system.partition_path).expert_ids:
+        prog = read_meta(system.expert_path("progressive", eid))
+        assert prog.extra["init"] == str(system.stage1_path)
+        assert prog.extra["schedule"]["correct_other"] is True
+        assert np.isfinite(prog.extra["other_logit_correction"])
+        static = read_meta(system.expert_path("static", eid))
+        assert static.extra["schedule"]["init"] == "pretrained" and static.extra["other_logit_correction"] == 0.0
+    summary = json.loads((trained_system / "report" / "summary.json").read_text())
+    budget = {r["schedule"]: r for r in summary["budgets"]}
+    assert budget["progressive"]["own_images_per_expert"] == budget["static"]["own_images_per_expert"]
+    assert budget["progressive"]["per_expert_charged_whole"] == pytest.approx(
+        budget["progressive"]["own_images_per_expert"] + budget["progressive"]["stage1_images"]
+    )
+    assert budget["static"]["stage1_images"] == 0
+    assert {"closed_set_subsets", "open_set_subsets", "system"} <= set(summary["versus_static"][0])
+
+
+def test_backbone_pretraining_feeds_both_roles(tmp_path: Path) -> None:
+    from askexpert.config import SystemConfig
+    from askexpert.models import read_meta
+    from askexpert.training.experts import train_experts
+    from askexpert.training.generalist import train_generalist
+    from askexpert.training.partition_stage import build_partition
+    from askexpert.training.shared import train_backbones
+    from conftest import MICRO
+
+    raw = json.loads(json.dumps(MICRO))
+    raw["backbone"] = {
+        "data": {"source": "synth", "root": "pretrain", "synth": {**raw["data"]["synth"], "seed": 7}},
+        "training": {"epochs": 1, "batch_size": 32},
+    }
+    raw["partition"]["strategy"] = "random"
+    system = SystemDir.create(tmp_path / "sys", SystemConfig.from_dict(raw))
+    with pytest.raises(CheckpointError, match="run `askexpert train backbone"):
+        train_generalist(system)
+    metas = train_backbones(system)
+    assert [m.preset for m in metas] == ["micro-generalist", "micro-expert"]
+    assert all(m.role == "backbone" and "val_accuracy" in m.metrics for m in metas)
+    gen = train_generalist(system)
+    assert gen.extra["init"] == str(system.backbone_path("micro-generalist"))
+    build_partition(system)
+    static = train_experts(system, "static")
+    assert all(m.extra["init"] == str(system.backbone_path("micro-expert")) for m in static)
+    # Retraining a backbone makes the models that started from it stale.
+    raw["backbone"]["training"]["epochs"] = 2
+    SystemConfig.from_dict(raw).to_yaml(system.config_path)
+    train_backbones(system)
+    assert train_generalist(system).sha256 != gen.sha256
+    assert read_meta(system.backbone_path("micro-expert")).extra["steps"] > metas[1].extra["steps"]

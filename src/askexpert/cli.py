@@ -76,12 +76,23 @@ def init(
 def list_presets() -> None:
     """List the model presets."""
     from askexpert.models import presets
+    from askexpert.models.registry import model_cost
 
-    rows = [
-        {"name": p.name, "role": p.role, "timm": p.timm_name, "px": p.img_size, "note": p.note}
-        for p in presets().values()
-    ]
-    print_table("model presets", rows, ["name", "role", "timm", "px", "note"])
+    rows = []
+    for p in presets().values():
+        cost = model_cost(p.name)
+        rows.append(
+            {
+                "name": p.name,
+                "role": p.role,
+                "timm": p.timm_name,
+                "px": p.img_size,
+                "params_M": cost["params"] / 1e6,
+                "GFLOPs_per_image": cost["flops"] / 1e9,
+                "note": p.note,
+            }
+        )
+    print_table("model presets (100 outputs; FLOPs: 2 per multiply-add)", rows, list(rows[0]))
 
 
 @data_app.command("synth")
@@ -105,6 +116,35 @@ def data_synth(
     )
     synth.write(cfg, out)
     console.print(f"wrote {out} ({num_groups * classes_per_group} classes)")
+
+
+@train_app.command("backbone")
+def train_backbone_cmd(
+    system: SystemOpt,
+    preset: Annotated[
+        list[str] | None, typer.Option(help="Preset to pretrain (repeatable); default: the generalist's and expert's.")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Image-folder tree (train/<class>/..., test/<class>/...) to pretrain on; saved to config."),
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Pretraining epochs (saved to config).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain backbones on another data set; generalist and experts then start from them (head replaced)."""
+    from askexpert.training.shared import train_backbones
+
+    sysdir = _system(system)
+    if data is not None or epochs is not None:
+        raw = sysdir.config().model_dump(mode="json")
+        if data is not None:
+            raw["backbone"]["data"] = {"source": "folder", "root": str(data.expanduser().resolve())}
+        if epochs is not None:
+            raw["backbone"]["training"]["epochs"] = epochs
+        SystemConfig.from_dict(raw, origin="--data/--epochs").to_yaml(sysdir.config_path)
+    metas = train_backbones(sysdir, preset or None, force=force)
+    rows = [{"preset": m.preset, "classes": len(m.classes), **m.metrics} for m in metas]
+    print_table("pretrained backbones", rows, ["preset", "classes", "val_accuracy", "train_loss"])
 
 
 @train_app.command("generalist")
@@ -165,15 +205,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print_table(
         "headline (test split)",
         summary["headline"],
-        ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate"],
+        ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate", "abstain_rate"],
     )
     schedules = summary["schedules"]
-    print_table(
-        "experts on their own subsets (test split)", summary["experts"], ["expert", "classes", "generalist", *schedules]
-    )
-    if summary.get("progressive_minus_static") is not None:
-        console.print(
-            f"mean progressive − static on the subsets: {summary['progressive_minus_static'] * 100:+.2f} points"
+    columns = ["expert", "classes", "generalist"] + [f"{s}{x}" for s in schedules for x in ("", " open-set")]
+    print_table("experts on their own subsets (test split; closed-set and open-set)", summary["experts"], columns)
+    if summary.get("combination_rules"):
+        print_table(
+            "combination rules, each at its best validation point",
+            summary["combination_rules"],
+            ["schedule", "rule", "point", "val_accuracy", "test_accuracy", "test_offload_rate"],
+        )
+    if summary.get("versus_static"):
+        print_table(
+            "minus static (accuracy, fraction)",
+            summary["versus_static"],
+            ["schedule", "closed_set_subsets", "open_set_subsets", "system"],
         )
     console.print(f"report: {summary['report']}")
 
@@ -436,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             previous(message, category, *args, **kwargs)
 
     warnings.showwarning = show
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="askexpert: %(message)s")
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except AskExpertError as exc:

@@ -58,14 +58,44 @@ class ModelConfig(_Strict):
 class Stage(_Strict):
     """One stage of an expert schedule.
 
-    `fraction`: share of the total optimizer steps spent in this stage.
+    `fraction`: share of the expert's optimizer steps spent in this stage.
     `subset_share`: probability that a training sample is drawn from the
     expert's own classes; the rest are out-of-subset samples labelled "other".
     `null` means the natural share (sample uniformly from the whole training set).
+    `others`: where the out-of-subset samples come from: `all` of them, or
+    `routed`, those the generalist's Top-k router would send to this expert
+    (the confusable ones it will really be asked about; `all` when too few).
     """
 
     fraction: float = Field(gt=0.0, le=1.0)
     subset_share: float | None = Field(None, gt=0.0, le=1.0)
+    others: Literal["all", "routed"] = "all"
+
+
+class Schedule(_Strict):
+    """How one expert set is trained: where it starts and which stages follow.
+
+    `init`: `pretrained` (the expert preset's `pretrained_file`, head replaced:
+    the paper's static baseline) or `shared` (the shared all-class stage 1
+    model, head swapped to subset + "other": Hinton et al. 2015's specialists).
+    `correct_other`: after training, shift the "other" logit by the log-odds
+    between the "other" share the last stage trained with and the share the
+    expert meets when the generalist routes validation samples to it.
+    """
+
+    init: Literal["pretrained", "shared"] = "pretrained"
+    stages: list[Stage]
+    correct_other: bool = False
+
+    @field_validator("stages")
+    @classmethod
+    def _fractions_sum_to_one(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:
+            raise ValueError("a schedule needs at least one stage")
+        total = sum(s.fraction for s in stages)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"stage fractions sum to {total:g}, not 1")
+        return stages
 
 
 class TrainConfig(_Strict):
@@ -80,30 +110,64 @@ class TrainConfig(_Strict):
     augment: bool = True
 
 
-class ExpertTrainConfig(TrainConfig):
-    """Expert budget: `epochs` counts passes over the expert's *subset*, for every schedule."""
-
-    schedules: dict[str, list[Stage]] = Field(
-        default_factory=lambda: {
-            "static": [Stage(fraction=1.0, subset_share=1.0)],
-            "progressive": [
-                Stage(fraction=0.25, subset_share=None),
-                Stage(fraction=0.25, subset_share=0.5),
-                Stage(fraction=0.5, subset_share=1.0),
+def _default_schedules() -> dict[str, Schedule]:
+    return {
+        "static": Schedule(init="pretrained", stages=[Stage(fraction=1.0, subset_share=1.0)]),
+        "progressive": Schedule(
+            init="shared",
+            stages=[
+                Stage(fraction=0.3, subset_share=0.5),
+                Stage(fraction=0.7, subset_share=0.75, others="routed"),
             ],
-        }
-    )
+            correct_other=True,
+        ),
+    }
+
+
+LEGACY_PROGRESSIVE = Schedule(
+    init="pretrained",
+    stages=[
+        Stage(fraction=0.25, subset_share=None),
+        Stage(fraction=0.25, subset_share=0.5),
+        Stage(fraction=0.5, subset_share=1.0),
+    ],
+)
+"""The schedule askexpert 0.1 called `progressive`: no shared stage, "other" dropped at the end."""
+
+
+class ExpertTrainConfig(TrainConfig):
+    """Expert budget: `epochs` counts passes over the expert's *subset*, the same for every schedule.
+
+    `shared_epochs` is the shared stage 1 (all classes, full labels, passes over
+    the whole training split) that `init: shared` schedules start from; it is
+    trained once for all experts and reported both amortised and charged to each.
+    """
+
+    shared_epochs: float = Field(5.0, gt=0.0)
+    seed: int = 0  # the expert stage's own seed (stage 1 and experts), so it can be repeated alone
+    schedules: dict[str, Schedule] = Field(default_factory=_default_schedules)
+
+    @field_validator("schedules", mode="before")
+    @classmethod
+    def _bare_stage_lists(cls, value: object) -> object:
+        """A bare list of stages (askexpert 0.1's form) is a schedule that starts from `pretrained`."""
+        if isinstance(value, dict):
+            return {k: {"stages": v} if isinstance(v, list) else v for k, v in value.items()}
+        return value
 
     @field_validator("schedules")
     @classmethod
-    def _fractions_sum_to_one(cls, value: dict[str, list[Stage]]) -> dict[str, list[Stage]]:
-        for name, stages in value.items():
-            if not stages:
-                raise ValueError(f"schedule {name!r} has no stages")
-            total = sum(s.fraction for s in stages)
-            if abs(total - 1.0) > 1e-6:
-                raise ValueError(f"schedule {name!r}: stage fractions sum to {total:g}, not 1")
+    def _some_schedule(cls, value: dict[str, Schedule]) -> dict[str, Schedule]:
+        if not value:
+            raise ValueError("define at least one schedule")
         return value
+
+
+class BackboneConfig(_Strict):
+    """`askexpert train backbone`: pretraining on another data set, for `pretrained_file`."""
+
+    data: DataConfig | None = None  # None: no pretraining stage in `demo`/the benchmark
+    training: TrainConfig = TrainConfig(epochs=5, lr=2e-3)
 
 
 class PartitionConfig(_Strict):
@@ -119,6 +183,8 @@ class RoutingConfig(_Strict):
     tau: float = 0.6
     top_k: int = Field(3, ge=1)
     scoring: Literal["weighted", "count"] = "weighted"
+    combine: Literal["replace", "mix"] = "replace"
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)  # generalist's share under `combine: mix`
 
     @field_validator("tau")
     @classmethod
@@ -150,6 +216,8 @@ class ServingConfig(_Strict):
 class EvaluateConfig(_Strict):
     taus: int = Field(50, ge=2, le=1000)
     max_k: int = Field(5, ge=1)
+    mix_weights: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    choose_on_validation: bool = True  # pick gate, τ, k and combination per schedule on the validation split
 
 
 class SystemConfig(_Strict):
@@ -164,6 +232,7 @@ class SystemConfig(_Strict):
     partition: PartitionConfig = PartitionConfig()
     generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
     expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=40, batch_size=64, lr=2e-3)
+    backbone: BackboneConfig = BackboneConfig()
     routing: RoutingConfig = RoutingConfig()
     serving: ServingConfig = ServingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

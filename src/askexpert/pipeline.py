@@ -1,7 +1,7 @@
 """The demo: every stage in order on one system directory, reusing finished stages.
 
-generate data → train generalist → partition (confusion) → static experts →
-progressive experts → evaluate → report. Each stage checks whether its output
+generate data → [pretrain backbones] → train generalist → partition →
+[shared stage 1] → one expert set per schedule → evaluate → report. Each stage checks whether its output
 already exists for the same settings and skips itself if so.
 """
 
@@ -19,6 +19,7 @@ from askexpert.system import SystemDir
 from askexpert.training.experts import train_experts
 from askexpert.training.generalist import train_generalist
 from askexpert.training.partition_stage import build_partition
+from askexpert.training.shared import train_backbones, train_shared_stage
 
 
 def open_or_create(root: str | Path, config: SystemConfig | None = None) -> SystemDir:
@@ -40,8 +41,12 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
         log(f"askexpert: {name}: done in {timings[name]:.1f} s")
 
     stage("data", lambda: load_splits(cfg.data, system.root))
+    if cfg.backbone.data is not None:
+        stage("pretrain backbones", lambda: train_backbones(system))
     stage("train generalist", lambda: train_generalist(system))
     stage(f"partition ({cfg.partition.strategy})", lambda: build_partition(system))
+    if any(s.init == "shared" for s in cfg.expert_training.schedules.values()):
+        stage("train stage 1 (all classes, shared by the experts)", lambda: train_shared_stage(system))
     for schedule in cfg.expert_training.schedules:
         stage(f"train experts ({schedule})", lambda s=schedule: train_experts(system, s))  # type: ignore[misc]
     summary: dict[str, Any] = {}

@@ -4,7 +4,9 @@
 DIR/config.yaml                        SystemConfig
 DIR/data/                              the generated data set (synth source)
 DIR/partition.json                     class → expert partition
+DIR/backbones/<preset>.safetensors     pretrained backbones (`train backbone`)
 DIR/generalist.safetensors (+ .json)   edge model and its metadata
+DIR/stage1.safetensors (+ .json)       shared all-class stage 1 of progressive experts
 DIR/experts/<schedule>/<id>.safetensors (+ .json)
 DIR/cache/logits-<hash>.npz            cached test-split outputs
 DIR/report/                            report.md, CSV, JSON, PNG
@@ -58,6 +60,19 @@ class SystemDir:
     @property
     def generalist_path(self) -> Path:
         return self.root / "generalist.safetensors"
+
+    @property
+    def stage1_path(self) -> Path:
+        """The shared all-class stage 1 that `init: shared` expert schedules start from."""
+        return self.root / "stage1.safetensors"
+
+    def backbone_path(self, preset: str) -> Path:
+        return self.root / "backbones" / f"{preset}.safetensors"
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config: absolute, or relative to the system directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
 
     def expert_path(self, schedule: str, expert_id: str) -> Path:
         return self.root / "experts" / schedule / f"{expert_id}.safetensors"

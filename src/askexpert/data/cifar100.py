@@ -77,3 +77,37 @@ def load(root: str | Path, split: str, download: bool = False, verify_checksums:
     if not isinstance(coarse_names, list):
         raise DataError(f"{folder / 'meta'}: no coarse_label_names")
     return LabeledImages(np.ascontiguousarray(ds.data), fine, tuple(ds.classes), groups, tuple(coarse_names))
+
+
+# CIFAR-100's published fine → coarse table (Krizhevsky 2009): 20 superclasses of 5 classes each.
+COARSE_TABLE: dict[str, tuple[str, ...]] = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+
+
+def coarse_groups(class_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Coarse group of each class when the names are exactly CIFAR-100's fine labels (else None)."""
+    group_names = tuple(COARSE_TABLE)
+    of = {fine: g for g, name in enumerate(group_names) for fine in COARSE_TABLE[name]}
+    if set(class_names) != set(of):
+        return None
+    return np.asarray([of[c] for c in class_names], dtype=np.int64), group_names

@@ -1,7 +1,10 @@
 """Users' own images: an image-folder tree (`root/<split>/<class>/*.png|jpg`).
 
 Listing follows torchvision's ImageFolder (sorted class folders); every image is
-decoded, converted to RGB and resized to `image_size` once, into memory.
+decoded, converted to RGB and resized to `image_size` once, into memory, and kept
+for the process (the stages of one run read the same tree many times). When the
+class names are CIFAR-100's, the coarse groups come from its published table, so
+`superclass` partitioning works on an image-folder copy of CIFAR-100.
 """
 
 from __future__ import annotations
@@ -13,14 +16,30 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from askexpert.data.base import LabeledImages
+from askexpert.data.cifar100 import coarse_groups
 from askexpert.errors import DataError
 
 
 def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, ...] | None = None) -> LabeledImages:
     """Load `root/split`. Pass `class_names` (e.g. from the train split) to keep ids aligned."""
+    path = (Path(root) / split).resolve()
+    key = (str(path), image_size, path.stat().st_mtime_ns if path.is_dir() else 0)
+    if key not in _MEMO:
+        while len(_MEMO) >= 4:  # train + test of the data set and of the pretraining set
+            del _MEMO[next(iter(_MEMO))]
+        _MEMO[key] = _read(path, image_size)
+    data = _MEMO[key]
+    if class_names is not None and data.class_names != class_names:
+        raise DataError(f"{path}: class folders {data.class_names} differ from the training split's {class_names}")
+    return data
+
+
+_MEMO: dict[tuple[str, int, int], LabeledImages] = {}
+
+
+def _read(path: Path, image_size: int) -> LabeledImages:
     from torchvision.datasets import ImageFolder
 
-    path = Path(root) / split
     if not path.is_dir():
         raise DataError(f"image folder not found: {path} (expected {path}/<class>/<image files>)")
     try:
@@ -28,8 +47,6 @@ def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, 
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{path}: {exc}") from None
     names = tuple(listing.classes)
-    if class_names is not None and names != class_names:
-        raise DataError(f"{path}: class folders {names} differ from the training split's {class_names}")
     images = np.empty((len(listing.samples), image_size, image_size, 3), dtype=np.uint8)
     labels = np.empty(len(listing.samples), dtype=np.int64)
     for i, (file, label) in enumerate(tqdm(listing.samples, desc=f"reading {path}", unit="img", leave=False)):
@@ -42,4 +59,7 @@ def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, 
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
         images[i] = np.asarray(rgb)
         labels[i] = label
-    return LabeledImages(images, labels, names)
+    coarse = coarse_groups(names)
+    if coarse is None:
+        return LabeledImages(images, labels, names)
+    return LabeledImages(images, labels, names, coarse[0], coarse[1])

@@ -8,12 +8,14 @@ choice (which depends on k, not τ) is computed once per k.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
+from askexpert.protocol import OTHER, expert_answer, final_labels
 from askexpert.routing import GATES, choose_expert, uncertainty
 
 
@@ -26,12 +28,48 @@ def subset_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int
     return float((pred == labels[mask]).mean())
 
 
+def open_set_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
+    """Accuracy on samples of the subset with "other" competing: answering "other" counts as wrong."""
+    mask = np.isin(labels, subset)
+    if not mask.any():
+        return float("nan")
+    classes = np.asarray([*subset, OTHER])
+    pred = classes[logits[mask].argmax(1)]
+    return float((pred == labels[mask]).mean())
+
+
+def other_rate_outside(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
+    """Share of out-of-subset samples the expert answers with "other" (its abstain recall)."""
+    mask = ~np.isin(labels, subset)
+    if not mask.any():
+        return float("nan")
+    return float((logits[mask].argmax(1) == len(subset)).mean())
+
+
+def expert_labels(
+    cache: LogitCache, outputs: ScheduleOutputs, rule: str = "replace", weight: float = 0.5
+) -> np.ndarray:
+    """(E, N) every expert's global answer on every sample under a combination rule (OTHER: abstains)."""
+    if rule == "replace":
+        return outputs.labels
+    rows = []
+    for eid, subset in zip(cache.partition.expert_ids, cache.partition.subsets, strict=True):
+        classes = np.asarray([*subset, OTHER], dtype=np.int64)
+        rows.append(expert_answer(outputs.logits[eid], classes, cache.gen_probs, rule, weight))
+    return np.stack(rows)
+
+
 def outcomes(
-    cache: LogitCache, outputs: ScheduleOutputs, offload: np.ndarray, chosen: np.ndarray
+    cache: LogitCache,
+    outputs: ScheduleOutputs,
+    offload: np.ndarray,
+    chosen: np.ndarray,
+    answers: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Metrics for T routing settings at once.
 
-    offload: (T, N) bool; chosen: (N,) or (T, N) expert index per sample.
+    offload: (T, N) bool; chosen: (N,) or (T, N) expert index per sample;
+    answers: (E, N) the experts' labels under a combination rule (default: `replace`).
     Returns arrays of length T.
     """
     y = cache.labels
@@ -39,9 +77,8 @@ def outcomes(
     offload = np.atleast_2d(offload)
     chosen = np.broadcast_to(chosen, offload.shape)
     cols = np.broadcast_to(np.arange(n), offload.shape)
-    expert_label = outputs.labels[chosen, cols]  # (T, N)
-    answered = offload & (expert_label >= 0)
-    final = np.where(answered, expert_label, cache.gen_pred[None, :])
+    expert_label = (outputs.labels if answers is None else answers)[chosen, cols]  # (T, N)
+    final, answered = final_labels(cache.gen_pred[None, :], expert_label, offload)
     n_off = offload.sum(axis=1)
     hit = cache.partition.membership()[chosen, np.broadcast_to(y, offload.shape)]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -114,39 +151,95 @@ def sweep(
     return rows
 
 
-def headline(cache: LogitCache, gate: str, tau: float, k: int, scoring: str) -> list[dict[str, Any]]:
-    """Generalist alone, near-edge only, oracle routing and collaborative, for each schedule."""
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Everything that turns cached outputs into one collaborative system's answers."""
+
+    gate: str
+    tau: float
+    k: int
+    scoring: str = "weighted"
+    combine: str = "replace"
+    mix_weight: float = 0.5
+
+    def describe(self) -> str:
+        rule = f"mix w={self.mix_weight:g}" if self.combine == "mix" else self.combine
+        return f"{self.gate} τ={self.tau:.3g}, k={self.k}, {rule}"
+
+
+def point_outcome(cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint) -> dict[str, float]:
+    mask = offload_masks(gate_statistic(cache, point.gate), point.gate, np.asarray([point.tau]))
+    answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
+    res = outcomes(cache, outputs, mask, routed_experts(cache, point.k, point.scoring), answers)
+    return {name: float(v[0]) for name, v in res.items() if name != "load"}
+
+
+def choose_point(
+    cache: LogitCache,
+    outputs: ScheduleOutputs,
+    taus: np.ndarray,
+    ks: Sequence[int],
+    rules: Sequence[tuple[str, float]],
+    gates: Sequence[str] = GATES,
+    scoring: str = "weighted",
+) -> tuple[OperatingPoint, float]:
+    """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate."""
+    best: tuple[float, float] | None = None
+    choice = OperatingPoint(gates[0], float(taus[0]), ks[0], scoring)
+    stats = {g: gate_statistic(cache, g) for g in gates}
+    masks = {g: offload_masks(stats[g], g, taus) for g in gates}
+    answers = {rule: expert_labels(cache, outputs, *rule) for rule in rules}
+    for k in ks:
+        chosen = routed_experts(cache, k, scoring)
+        for rule in rules:
+            for gate in gates:
+                res = outcomes(cache, outputs, masks[gate], chosen, answers[rule])
+                for t in range(len(taus)):
+                    score = (float(res["accuracy"][t]), -float(res["offload_rate"][t]))
+                    if best is None or score > best:
+                        best = score
+                        choice = OperatingPoint(gate, float(taus[t]), k, scoring, rule[0], rule[1])
+    return choice, (best[0] if best else float("nan"))
+
+
+def headline(
+    cache: LogitCache, point: OperatingPoint, chosen: dict[str, OperatingPoint] | None = None
+) -> list[dict[str, Any]]:
+    """Generalist alone, near-edge only, oracle routing and collaborative, for each schedule.
+
+    `point` is the config's operating point; `chosen` adds, per schedule, the point chosen on validation.
+    """
     n = len(cache.labels)
     gen_acc = float((cache.gen_pred == cache.labels).mean())
-    chosen = routed_experts(cache, k, scoring)
     everything = np.ones((1, n), dtype=bool)
-    at_point = offload_masks(gate_statistic(cache, gate), gate, np.asarray([tau]))
     rows = []
     for schedule, outputs in cache.schedules.items():
+        own = (chosen or {}).get(schedule)
+        k = own.k if own is not None else point.k
         rows.append(
             {"schedule": schedule, "system": "generalist only (edge)", "accuracy": gen_acc, "offload_rate": 0.0}
         )
         for system, mask, experts in (
-            (f"near-edge only (router, k={k})", everything, chosen),
+            (f"near-edge only (router, k={k})", everything, routed_experts(cache, k, point.scoring)),
             ("oracle routing (all offloaded)", everything, oracle_experts(cache)),
-            (f"collaborative ({gate} τ={tau:g}, k={k})", at_point, chosen),
         ):
             res = outcomes(cache, outputs, mask, experts)
             rows.append(
-                {
-                    "schedule": schedule,
-                    "system": system,
-                    "accuracy": float(res["accuracy"][0]),
-                    "offload_rate": float(res["offload_rate"][0]),
-                    "routing_hit_rate": float(res["routing_hit_rate"][0]),
-                    "abstain_rate": float(res["abstain_rate"][0]),
-                }
+                {"schedule": schedule, "system": system, **{m: float(v[0]) for m, v in res.items() if m != "load"}}
+            )
+        points = [("collaborative, config", point)]
+        if own is not None:
+            points.append(("collaborative, chosen on validation", own))
+        for name, p in points:
+            rows.append(
+                {"schedule": schedule, "system": f"{name} ({p.describe()})", **point_outcome(cache, outputs, p)}
             )
     return rows
 
 
 def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
-    """Each expert's closed-set accuracy on its own subset (test split), per schedule."""
+    """Each expert on its own subset, per schedule: closed-set (argmax over the subset), open-set
+    ("other" competing, counted wrong) and how often it says "other" outside its subset."""
     rows = []
     for eid, subset in zip(cache.partition.expert_ids, cache.partition.subsets, strict=True):
         row: dict[str, Any] = {"expert": eid, "classes": len(subset)}
@@ -154,5 +247,7 @@ def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
         row["generalist"] = float((cache.gen_pred[mask] == cache.labels[mask]).mean()) if mask.any() else float("nan")
         for schedule, outputs in cache.schedules.items():
             row[schedule] = subset_accuracy(outputs.logits[eid], cache.labels, subset)
+            row[f"{schedule} open-set"] = open_set_accuracy(outputs.logits[eid], cache.labels, subset)
+            row[f"{schedule} other-outside"] = other_rate_outside(outputs.logits[eid], cache.labels, subset)
         rows.append(row)
     return rows

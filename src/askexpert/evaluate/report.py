@@ -147,6 +147,9 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     write_csv(out / "headline.csv", summary["headline"])
     write_csv(out / "experts.csv", summary["experts"])
     write_csv(out / "accuracy_vs_k.csv", summary["accuracy_vs_k"])
+    for name in ("combination_rules", "versus_static", "budgets"):
+        if summary.get(name):
+            write_csv(out / f"{name}.csv", summary[name])
     plot_pareto(out / "pareto.png", sweep, point, summary["headline"])
     plot_accuracy_vs_k(out / "accuracy_vs_k.png", summary["accuracy_vs_k"])
     load_row = summary["operating_rows"][-1]
@@ -157,17 +160,32 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
         f"# askexpert evaluation: {summary['system']}\n",
         f"Test split: {summary['test_samples']} samples, {summary['num_classes']} classes, "
         f"{len(expert_ids)} experts (partition `{summary['partition_strategy']}`). "
-        f"Cache key `{summary['cache_key']}`. Operating point: gate `{point['gate']}`, τ={point['tau']:g}, "
-        f"k={point['k']}, scoring `{point['scoring']}`.\n",
+        f"Cache key `{summary['cache_key']}`. Config operating point: gate `{point['gate']}`, τ={point['tau']:g}, "
+        f"k={point['k']}, scoring `{point['scoring']}`. Points marked *chosen on validation* were picked on the "
+        f"{summary.get('val_samples', 0)} validation samples; the test split only reports them.\n",
         "## Headline\n",
         markdown_table(
             summary["headline"], ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate", "abstain_rate"]
         ),
-        "\n## Experts on their own subsets (closed-set accuracy, test split)\n",
+    ]
+    if summary.get("combination_rules"):
+        md += [
+            "\n## Combination rules (best point of each, chosen on validation)\n",
+            markdown_table(summary["combination_rules"]),
+        ]
+    md += [
+        "\n## Experts on their own subsets (test split)\n",
+        'Closed-set: argmax over the subset\'s classes. Open-set: "other" competes and counts as wrong. '
+        'Other-outside: share of out-of-subset samples answered "other".\n\n',
         markdown_table(summary["experts"]),
     ]
+    if summary.get("versus_static"):
+        md += ["\n## Against static experts (points of accuracy × 100 = percentage points)\n"]
+        md.append(markdown_table(summary["versus_static"]))
     if diff is not None:
-        md.append(f"\nMean progressive − static on the subsets: **{diff * 100:+.2f} points**.\n")
+        md.append(f"\nMean progressive − static on the subsets (closed-set): **{diff * 100:+.2f} points**.\n")
+    if summary.get("budgets"):
+        md += ["\n## Training budget (images seen per expert)\n", markdown_table(summary["budgets"])]
     md += [
         "\n## Accuracy vs k at the operating τ\n",
         markdown_table(summary["accuracy_vs_k"], ["schedule", "k", "accuracy", "offload_rate", "routing_hit_rate"]),

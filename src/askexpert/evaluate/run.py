@@ -1,4 +1,9 @@
-"""`askexpert evaluate`: cache once, sweep from the cache, write the report."""
+"""`askexpert evaluate`: cache once, choose on validation, report the test split once.
+
+Every choice (gate, τ, k, combination rule) is made per schedule on the
+validation split's cached outputs; the test split's cache is only read to
+report the chosen points, next to the config's own operating point.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,19 @@ import numpy as np
 
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.metrics import (
+    OperatingPoint,
+    choose_point,
     expert_table,
     gate_statistic,
     headline,
     offload_masks,
     outcomes,
+    point_outcome,
     routed_experts,
     sweep,
 )
 from askexpert.evaluate.report import write_report
+from askexpert.models import read_meta
 from askexpert.system import SystemDir
 
 
@@ -34,7 +43,95 @@ def _operating_rows(cache: LogitCache, gate: str, tau: float, ks: list[int], sco
     return rows
 
 
-def summarise(system: SystemDir, cache: LogitCache) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def choose_on_validation(
+    system: SystemDir, test: LogitCache, val: LogitCache
+) -> tuple[dict[str, OperatingPoint], list[dict[str, Any]]]:
+    """Per schedule: the best point under each combination rule (on validation), and the overall choice."""
+    cfg = system.config()
+    taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
+    ks = list(range(1, min(cfg.evaluate.max_k, test.gen_probs.shape[1]) + 1))
+    families = {"replace": [("replace", 0.0)], "mix": [("mix", float(w)) for w in cfg.evaluate.mix_weights]}
+    chosen: dict[str, OperatingPoint] = {}
+    rows: list[dict[str, Any]] = []
+    for schedule in test.schedules:
+        best: tuple[float, OperatingPoint] | None = None
+        for family, rules in families.items():
+            if not rules:
+                continue
+            point, val_acc = choose_point(val, val.schedules[schedule], taus, ks, rules, scoring=cfg.routing.scoring)
+            on_test = point_outcome(test, test.schedules[schedule], point)
+            rows.append(
+                {
+                    "schedule": schedule,
+                    "rule": family,
+                    "point": point.describe(),
+                    "val_accuracy": val_acc,
+                    "test_accuracy": on_test["accuracy"],
+                    "test_offload_rate": on_test["offload_rate"],
+                }
+            )
+            if best is None or val_acc > best[0]:
+                best = (val_acc, point)
+        assert best is not None
+        chosen[schedule] = best[1]
+    return chosen, rows
+
+
+def budgets(system: SystemDir, cache: LogitCache) -> list[dict[str, Any]]:
+    """Training images per expert for each schedule: its own steps, plus stage 1 amortised or charged whole."""
+    rows = []
+    ids = cache.partition.expert_ids
+    for schedule in cache.schedules:
+        metas = [read_meta(system.expert_path(schedule, e)) for e in ids]
+        own = float(np.mean([m.extra.get("steps", 0) * m.extra.get("batch_size", 0) for m in metas]))
+        shared = 0.0
+        if any((m.extra.get("schedule") or {}).get("init") == "shared" for m in metas) and system.stage1_path.is_file():
+            s1 = read_meta(system.stage1_path)
+            shared = float(s1.extra.get("steps", 0) * s1.extra.get("batch_size", 0))
+        rows.append(
+            {
+                "schedule": schedule,
+                "own_images_per_expert": own,
+                "stage1_images": shared,
+                "per_expert_amortised": own + shared / len(ids),
+                "per_expert_charged_whole": own + shared,
+            }
+        )
+    return rows
+
+
+def versus_static(
+    experts: list[dict[str, Any]], head: list[dict[str, Any]], schedules: list[str]
+) -> list[dict[str, Any]]:
+    """Each schedule minus `static`: closed-set and open-set on the subsets, and the whole system."""
+    if "static" not in schedules:
+        return []
+
+    def system_acc(schedule: str) -> float:
+        rows = [r for r in head if r["schedule"] == schedule and r["system"].startswith("collaborative, chosen")]
+        rows = rows or [r for r in head if r["schedule"] == schedule and r["system"].startswith("collaborative")]
+        return float(rows[0]["accuracy"]) if rows else float("nan")
+
+    out = []
+    for schedule in schedules:
+        if schedule == "static":
+            continue
+        out.append(
+            {
+                "schedule": schedule,
+                "closed_set_subsets": float(np.nanmean([r[schedule] - r["static"] for r in experts])),
+                "open_set_subsets": float(
+                    np.nanmean([r[f"{schedule} open-set"] - r["static open-set"] for r in experts])
+                ),
+                "system": system_acc(schedule) - system_acc("static"),
+            }
+        )
+    return out
+
+
+def summarise(
+    system: SystemDir, cache: LogitCache, val: LogitCache | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     cfg = system.config()
     rc = cfg.routing
     max_k = min(cfg.evaluate.max_k, cache.gen_probs.shape[1])
@@ -43,21 +140,28 @@ def summarise(system: SystemDir, cache: LogitCache) -> tuple[dict[str, Any], lis
     rows = sweep(cache, taus, ks)
     experts = expert_table(cache)
     schedules = list(cache.schedules)
-    diff = None
-    if "static" in schedules and "progressive" in schedules:
-        diff = float(np.nanmean([r["progressive"] - r["static"] for r in experts]))
+    point = OperatingPoint(rc.gate, rc.tau, rc.top_k, rc.scoring, rc.combine, rc.mix_weight)
+    chosen, rule_rows = choose_on_validation(system, cache, val) if val is not None else ({}, [])
+    head = headline(cache, point, chosen)
+    vs = versus_static(experts, head, schedules)
+    diff = next((r["closed_set_subsets"] for r in vs if r["schedule"] == "progressive"), None)
     by_k = _operating_rows(cache, rc.gate, rc.tau, ks, rc.scoring)
     summary: dict[str, Any] = {
         "system": cfg.name,
         "test_samples": int(len(cache.labels)),
+        "val_samples": int(len(val.labels)) if val is not None else 0,
         "num_classes": int(cache.gen_probs.shape[1]),
         "partition_strategy": cache.partition.strategy,
         "expert_ids": list(cache.partition.expert_ids),
         "schedules": schedules,
         "cache_key": cache.key,
         "operating_point": {"gate": rc.gate, "tau": rc.tau, "k": rc.top_k, "scoring": rc.scoring},
-        "headline": headline(cache, rc.gate, rc.tau, rc.top_k, rc.scoring),
+        "chosen_on_validation": {s: vars(p) for s, p in chosen.items()},
+        "combination_rules": rule_rows,
+        "headline": head,
         "experts": experts,
+        "versus_static": vs,
+        "budgets": budgets(system, cache),
         "progressive_minus_static": diff,
         "accuracy_vs_k": [{k: v for k, v in r.items() if not k.startswith("load_")} for r in by_k],
         "operating_rows": [r for r in by_k if r["k"] == rc.top_k],
@@ -66,8 +170,13 @@ def summarise(system: SystemDir, cache: LogitCache) -> tuple[dict[str, Any], lis
 
 
 def evaluate_system(system: SystemDir) -> dict[str, Any]:
-    """Build/reuse the cache, compute every table, write `report/`; returns the summary."""
+    """Build/reuse the caches, choose on validation, compute every table, write `report/`."""
     cache = build_cache(system)
-    summary, rows = summarise(system, cache)
+    val = (
+        build_cache(system, list(cache.schedules), split="val")
+        if system.config().evaluate.choose_on_validation
+        else None
+    )
+    summary, rows = summarise(system, cache, val)
     summary["report"] = str(write_report(system.report_dir, summary, rows))
     return summary

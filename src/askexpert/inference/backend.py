@@ -17,8 +17,7 @@ import torch
 from askexpert.errors import AskExpertError, CheckpointError, RoutingError
 from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits
 from askexpert.partition import Partition
-
-OTHER = -1
+from askexpert.protocol import OTHER, softmax
 
 
 class BackendError(AskExpertError):
@@ -29,12 +28,15 @@ class BackendError(AskExpertError):
 class ExpertReply:
     """labels: global class ids, OTHER (-1) where the expert abstains; confidence: its softmax max.
 
+    probs: (N, |S|+1) the expert's softmax over its outputs ("other" last), for rules that use
+    both answers; None when the server did not send it.
     info: per-call facts a remote backend measured (bytes, encode/network/queue/compute ms).
     """
 
     labels: np.ndarray
     confidence: np.ndarray
     info: dict[str, float] = field(default_factory=dict)
+    probs: np.ndarray | None = None
 
 
 class ExpertBackend(Protocol):
@@ -43,11 +45,11 @@ class ExpertBackend(Protocol):
 
 def reply_from_logits(logits: np.ndarray, classes: np.ndarray) -> ExpertReply:
     """Map an expert's outputs back to global labels (`classes[i]` for output i, -1 = other)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = softmax(logits)
     best = probs.argmax(axis=1)
-    return ExpertReply(classes[best].astype(np.int64), probs.max(axis=1).astype(np.float32))
+    return ExpertReply(
+        classes[best].astype(np.int64), probs.max(axis=1).astype(np.float32), probs=probs.astype(np.float32)
+    )
 
 
 def check_images(images: np.ndarray, size: int | None = None) -> None:

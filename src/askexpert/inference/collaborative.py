@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.inference.backend import OTHER, BackendError, ExpertBackend, check_images
+from askexpert.inference.backend import BackendError, ExpertBackend, check_images
 from askexpert.models import ImageClassifier, predict_logits
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
+from askexpert.protocol import OTHER, expert_answer, final_labels
 from askexpert.routing import Router
 
 EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
@@ -65,6 +66,8 @@ class CollaborativeClassifier:
         backend: ExpertBackend,
         device: str | torch.device = "cpu",
         batch_size: int = 512,
+        combine: str = "replace",
+        mix_weight: float = 0.5,
     ) -> None:
         if router.num_experts != partition.num_experts:
             raise ValueError(f"router has {router.num_experts} experts, partition {partition.num_experts}")
@@ -78,6 +81,9 @@ class CollaborativeClassifier:
         self.backend = backend
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.combine = combine
+        self.mix_weight = mix_weight
+        self._classes = [np.asarray([*s, OTHER], dtype=np.int64) for s in partition.subsets]
 
     def edge_probs(self, images: np.ndarray) -> torch.Tensor:
         if isinstance(self.generalist, OnnxGeneralist):
@@ -116,8 +122,20 @@ class CollaborativeClassifier:
                 share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(idx))
                 for i in idx:
                     info[i] = share
-            abstain = reply.labels == OTHER
-            labels[idx[~abstain]] = reply.labels[~abstain]
+            answers = reply.labels
+            if self.combine != "replace":
+                if reply.probs is None:
+                    source[idx], reason[idx] = (
+                        FALLBACK,
+                        f"error: expert {eid} sent no probabilities for '{self.combine}'",
+                    )
+                    continue
+                log_probs = np.log(np.clip(reply.probs, 1e-12, None))
+                gen = probs.numpy()[idx]
+                answers = expert_answer(log_probs, self._classes[int(e)], gen, self.combine, self.mix_weight)
+            final, answered = final_labels(gen_labels[idx], answers, np.ones(len(idx), dtype=bool))
+            abstain = ~answered
+            labels[idx] = final
             source[idx[~abstain]] = EXPERT
             source[idx[abstain]], reason[idx[abstain]] = FALLBACK, "abstain"
         return Predictions(

@@ -58,7 +58,13 @@ def edge_classifier(
         raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     rc = cfg.routing
     return CollaborativeClassifier(
-        generalist, Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring), part, backend, device
+        generalist,
+        Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring),
+        part,
+        backend,
+        device,
+        combine=rc.combine,
+        mix_weight=rc.mix_weight,
     )
 
 

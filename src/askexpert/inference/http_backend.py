@@ -63,8 +63,9 @@ class HttpExpertBackend:
             return self._predict(expert_id, images)
         parts = [self._predict(expert_id, images[i : i + step]) for i in range(0, len(images), step)]
         info = {k: float(sum(p.info.get(k, 0.0) for p in parts)) for k in parts[0].info}  # sequential: times add
+        probs = None if any(p.probs is None for p in parts) else np.concatenate([p.probs for p in parts])
         return ExpertReply(
-            np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts]), info
+            np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts]), info, probs
         )
 
     def _predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
@@ -111,11 +112,18 @@ def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms
         doc = response.json()
         labels = np.asarray(doc["labels"], dtype=np.int64)
         confidence = np.asarray(doc["confidence"], dtype=np.float32)
+        probs = None if doc.get("probs") is None else np.asarray(doc["probs"], dtype=np.float32)
         timing = doc.get("timing", {})
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(timing, dict):
+            raise TypeError(f"timing is {type(timing).__name__}, not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BackendError(f"malformed server reply: {exc}") from None
     if labels.shape != (n,) or confidence.shape != (n,):
-        raise BackendError(f"server answered {labels.shape[0]} labels for {n} images")
+        raise BackendError(
+            f"malformed server reply: labels {labels.shape}, confidence {confidence.shape} for {n} images"
+        )
+    if probs is not None and (probs.ndim != 2 or probs.shape[0] != n):
+        raise BackendError(f"malformed server reply: probs of shape {probs.shape} for {n} images")
     info = {
         "bytes_sent": float(sent),
         "bytes_received": float(len(response.content)),
@@ -125,4 +133,4 @@ def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms
         "compute_ms": float(timing.get("compute_ms", float("nan"))),
         "retries": float(retries),
     }
-    return ExpertReply(labels, confidence, info)
+    return ExpertReply(labels, confidence, info, probs)

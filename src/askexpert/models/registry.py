@@ -12,16 +12,20 @@ export then share one input format and cannot disagree on preprocessing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
+import timm.models.vision_transformer
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from askexpert.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("askexpert")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,10 +65,14 @@ def _cifar_vit(name: str, role: str, dim: int, depth: int, heads: int, note: str
     )
 
 
+# The CPU pair keeps the paper's proportions: DeiT-S costs ~3.6x DeiT-T's FLOPs (4.6 vs 1.3 GFLOPs),
+# and doubling the width at equal depth and tokens gives ~3.6x here too (`askexpert presets` prints both).
 register(
-    _cifar_vit("cpu-generalist", "generalist", 64, 3, 2, "ViT 32px/p4, dim 64, 3 blocks: the CPU-scale edge model")
+    _cifar_vit("cpu-generalist", "generalist", 64, 4, 2, "ViT 32px/p4, dim 64, 4 blocks: the CPU-scale edge model")
 )
-register(_cifar_vit("cpu-expert", "expert", 96, 3, 3, "ViT 32px/p4, dim 96, 3 blocks: the CPU-scale expert"))
+register(
+    _cifar_vit("cpu-expert", "expert", 128, 4, 4, "ViT 32px/p4, dim 128, 4 blocks: the CPU-scale expert (~3.6x FLOPs)")
+)
 register(_cifar_vit("micro-generalist", "generalist", 16, 1, 2, "for tests only"))
 register(_cifar_vit("micro-expert", "expert", 24, 1, 2, "for tests only"))
 register(
@@ -115,6 +123,7 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.init_report: WeightsReport | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -128,22 +137,125 @@ class ImageClassifier(nn.Module):
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
-def create_model(preset_name: str, num_outputs: int, pretrained_file: str | Path | None = None) -> ImageClassifier:
-    """Build a preset with `num_outputs` logits; optionally start from a local timm/safetensors file.
+def model_cost(preset_name: str, num_outputs: int = 100) -> dict[str, float]:
+    """Parameters and forward FLOPs for one image (torch's FLOP counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    Never touches the network: pretrained weights come only from `pretrained_file`.
+    preset = get_preset(preset_name)
+    model = create_model(preset_name, num_outputs)
+    images = torch.zeros(1, preset.img_size, preset.img_size, 3, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(images)
+    return {"params": float(sum(p.numel() for p in model.parameters())), "flops": float(counter.get_total_flops())}
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What `load_backbone_weights` took from a file: the number says it really loaded something."""
+
+    path: str
+    loaded: int  # tensors copied into the model
+    total: int  # tensors the model has
+    head_left_out: tuple[str, ...]  # the classifier tensors kept at their fresh initialisation
+
+    def describe(self) -> str:
+        head = f"; head left at init ({', '.join(self.head_left_out)})" if self.head_left_out else ""
+        return f"{self.path}: loaded {self.loaded} of {self.total} tensors{head}"
+
+
+_PREFIXES = ("backbone.", "module.", "model.")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file (tensors only, never arbitrary pickles)."""
+    try:
+        if path.suffix == ".safetensors":
+            import safetensors.torch
+
+            state: Any = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle and zip errors have no common base
+        raise CheckpointError(f"{path}: not a readable weights file: {exc}") from None
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> WeightsReport:
+    """Copy a pretrained body into `backbone`; only the classifier head may be left out.
+
+    An empty file, another architecture or a shape mismatch in the body is an
+    error naming the file: a wrong weights file must never leave the model at
+    its random initialisation without a word.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights not found: {path}")
+    state = _read_state(path)
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors")
+    filter_fn = getattr(timm.models.vision_transformer, "checkpoint_filter_fn", None)
+    if filter_fn is not None and hasattr(backbone, "pos_embed"):
+        try:  # timm's own conversion: resizes position embeddings, maps original-repo key names
+            state = filter_fn(state, backbone)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot adapt to this model: {exc}") from None
+    expected = backbone.state_dict()
+    head_prefixes = tuple(
+        f"{name}." for name in ([getattr(backbone, "pretrained_cfg", {}).get("classifier") or "head"])
+    )
+    is_head = [k for k in expected if k.startswith(head_prefixes)]
+    body = [k for k in expected if k not in is_head]
+    missing = [k for k in body if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: does not match the model's body: {len(missing)} of {len(body)} tensors missing "
+            f"({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''})"
+        )
+    take = {}
+    for key in expected:
+        if key not in state:
+            continue
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            if key in is_head:
+                continue  # another class count: the head is replaced
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(state[key].shape)}, "
+                f"the model needs {tuple(expected[key].shape)}"
+            )
+        take[key] = state[key]
+    backbone.load_state_dict(take, strict=False)
+    left = tuple(k for k in is_head if k not in take)
+    return WeightsReport(str(path), len(take), len(expected), left)
+
+
+def create_model(preset_name: str, num_outputs: int, pretrained_file: str | Path | None = None) -> ImageClassifier:
+    """Build a preset with `num_outputs` logits; optionally start from a local weights file.
+
+    Never touches the network: pretrained weights come only from `pretrained_file`
+    (timm weights, or an askexpert checkpoint such as `train backbone` writes); the
+    classifier head is replaced when the class count differs. What was loaded is
+    logged and kept on the model as `init_report`.
     """
     preset = get_preset(preset_name)
     kwargs: dict[str, Any] = dict(preset.kwargs, num_classes=num_outputs)
+    backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    model = ImageClassifier(preset, backbone)
     if pretrained_file is not None:
-        path = Path(pretrained_file).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"pretrained weights not found: {path}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), hf_hub_id=None, url=None)
-        try:
-            backbone = timm.create_model(preset.timm_name, pretrained=True, **kwargs)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot load as {preset.timm_name} weights: {exc}") from None
-    else:
-        backbone = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
-    return ImageClassifier(preset, backbone)
+        report = load_backbone_weights(backbone, pretrained_file)
+        log.info("%s", report.describe())
+        model.init_report = report
+    return model

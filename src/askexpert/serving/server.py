@@ -29,9 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from askexpert.config import ServingConfig, SystemConfig
 from askexpert.errors import AskExpertError
-from askexpert.inference.backend import OTHER, LocalExpertBackend, reply_from_logits
+from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
+from askexpert.protocol import OTHER
 from askexpert.serving.batching import BatchResult, dynamic_batch
 from askexpert.serving.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.system import SystemDir
@@ -107,6 +108,7 @@ class ServiceBase:
             "labels": answer.labels.tolist(),
             "other": (answer.labels == OTHER).tolist(),
             "confidence": [round(float(c), 6) for c in answer.confidence],
+            "probs": np.round(answer.probs, 6).tolist() if answer.probs is not None else None,
             "timing": {
                 "queue_ms": result.queue_s * 1e3,
                 "compute_ms": result.compute_s * 1e3,

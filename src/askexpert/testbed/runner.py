@@ -33,7 +33,7 @@ from tqdm import tqdm
 from askexpert.data import load_splits
 from askexpert.evaluate.metrics import offload_masks
 from askexpert.evaluate.report import markdown_table, write_csv
-from askexpert.inference.backend import OTHER, BackendError, LocalExpertBackend
+from askexpert.inference.backend import BackendError, LocalExpertBackend
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.energy import PowerModel, account, available_meters
 from askexpert.measure.link import LinkModel
@@ -41,6 +41,7 @@ from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, Namesp
 from askexpert.measure.profiles import DeviceProfile, LinkPreset, RadioModel, load_device, load_link
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.partition import Partition
+from askexpert.protocol import OTHER
 from askexpert.routing import Router, uncertainty
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir

@@ -1,56 +1,160 @@
 """Train one expert per partition subset under a named schedule (`askexpert train experts`).
 
-Every expert outputs its subset's classes plus one "other" class. The budget
-is `epochs` passes over the expert's *subset* (steps × batch), the same for
-every schedule; a schedule only changes which samples fill those batches.
+Every expert outputs its subset's classes plus one "other" class. The per-expert
+budget is `epochs` passes over the expert's *subset* (steps × batch), the same
+for every schedule; a schedule changes where the expert starts (`init`) and
+which samples fill those batches (its stages). Schedules that start from the
+shared stage 1 (`init: shared`, see `training.shared`) add that stage's cost
+once for all experts; `budget()` reports it both amortised and charged to each.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from askexpert.config import SystemConfig
+from askexpert.config import Schedule, SystemConfig
 from askexpert.data import LabeledImages, load_splits
-from askexpert.errors import ConfigError
+from askexpert.errors import CheckpointError, ConfigError
 from askexpert.evaluate.metrics import subset_accuracy
 from askexpert.fingerprint import fingerprint
 from askexpert.models import (
     CheckpointMeta,
     ImageClassifier,
     create_model,
+    load_checkpoint,
     predict_logits,
     read_meta,
     resolve_device,
     save_checkpoint,
 )
+from askexpert.models.checkpoint import file_sha256
 from askexpert.partition import Partition
+from askexpert.protocol import OTHER
+from askexpert.routing import choose_expert
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps, expert_targets, plan_schedule
+from askexpert.training.shared import pretrained_for, train_shared_stage
 
-OTHER = -1  # the global "class id" recorded for an expert's "other" output
 
-
-def schedule_stages(cfg: SystemConfig, schedule: str) -> list[dict[str, float | None]]:
-    stages = cfg.expert_training.schedules.get(schedule)
-    if stages is None:
+def schedule_of(cfg: SystemConfig, schedule: str) -> Schedule:
+    found = cfg.expert_training.schedules.get(schedule)
+    if found is None:
         known = ", ".join(sorted(cfg.expert_training.schedules))
         raise ConfigError(f"unknown schedule {schedule!r}; the config defines: {known}")
-    return [s.model_dump() for s in stages]
+    return found
 
 
-def expert_plan(cfg: SystemConfig, labels: np.ndarray, subset: tuple[int, ...], schedule: str, seed: int) -> np.ndarray:
+def expert_plan(
+    cfg: SystemConfig,
+    labels: np.ndarray,
+    subset: tuple[int, ...],
+    schedule: str,
+    seed: int,
+    routed: np.ndarray | None = None,
+) -> np.ndarray:
     """The batch plan of one expert under one schedule (its length is the schedule-free budget)."""
-    schedule_stages(cfg, schedule)
+    sched = schedule_of(cfg, schedule)
     tc = cfg.expert_training
     in_subset = np.isin(labels, subset)
     inside, outside = np.flatnonzero(in_subset), np.flatnonzero(~in_subset)
     steps = budget_steps(tc.epochs, len(inside), tc.batch_size)
-    return plan_schedule(inside, outside, tc.schedules[schedule], steps, tc.batch_size, seed)
+    return plan_schedule(inside, outside, sched.stages, steps, tc.batch_size, seed, routed)
+
+
+def head_swap(source: ImageClassifier, subset: tuple[int, ...], preset: str) -> ImageClassifier:
+    """An expert that starts from the all-class model: its subset's rows kept, "other" made from the rest.
+
+    The "other" row is the mean of the remaining classes' weights, and its bias
+    their mean bias plus log(#rest): for similar logits this approximates the
+    log of their summed probability, so the swapped head starts out giving
+    "other" the mass the all-class model gave the classes it stands for.
+    """
+    head = _classifier(source)
+    num_classes = head.out_features
+    if max(subset) >= num_classes:
+        raise CheckpointError(f"stage 1 model has {num_classes} outputs; subset reaches class {max(subset)}")
+    rest = np.setdiff1d(np.arange(num_classes), np.asarray(subset))
+    expert = create_model(preset, len(subset) + 1)
+    state = {k: v for k, v in source.backbone.state_dict().items() if not k.startswith("head.")}
+    with torch.no_grad():
+        weight, bias = head.weight.detach().cpu(), head.bias.detach().cpu()
+        keep = torch.as_tensor(subset)
+        other_w = weight[rest].mean(dim=0, keepdim=True) if len(rest) else torch.zeros_like(weight[:1])
+        other_b = bias[rest].mean().view(1) + (math.log(len(rest)) if len(rest) else -10.0)
+        state["head.weight"] = torch.cat([weight[keep], other_w])
+        state["head.bias"] = torch.cat([bias[keep], other_b])
+    expert.backbone.load_state_dict(state)
+    return expert
+
+
+def _classifier(model: ImageClassifier) -> torch.nn.Linear:
+    get = getattr(model.backbone, "get_classifier", None)
+    head = get() if get is not None else None
+    if not isinstance(head, torch.nn.Linear):
+        raise CheckpointError(f"preset {model.preset_name!r} has no linear classifier head; cannot swap it")
+    return head
+
+
+def other_logit_correction(trained_share: float, deployed_share: float) -> float:
+    """Log-odds shift for the "other" logit (Hinton et al. 2015 correct specialists for oversampling).
+
+    The last stage showed "other" in `trained_share` of samples; the expert meets
+    it in `deployed_share` of what it is asked. Adding log(d/(1-d)) − log(t/(1-t))
+    to the "other" logit turns the trained prior into the deployed one.
+    """
+    t = min(max(trained_share, 1e-3), 1 - 1e-3)
+    d = min(max(deployed_share, 1e-3), 1 - 1e-3)
+    return math.log(d / (1 - d)) - math.log(t / (1 - t))
+
+
+def _last_other_share(sched: Schedule, natural: float) -> float:
+    share = sched.stages[-1].subset_share
+    return 1.0 - (natural if share is None else share)
+
+
+@dataclass
+class RoutingPools:
+    """What the generalist's router does with each split, for `others: routed` and the "other" correction."""
+
+    routed_train: list[np.ndarray]  # per expert: out-of-subset train indices routed to it
+    deployed_other: list[float]  # per expert: share of the validation samples routed to it that are not its classes
+    generalist_sha: str
+
+
+def routing_pools(
+    cfg: SystemConfig,
+    system: SystemDir,
+    part: Partition,
+    train: LabeledImages,
+    val: LabeledImages,
+    device: torch.device,
+) -> RoutingPools:
+    """Route the training and validation splits with the generalist (no gate: what each expert could be asked)."""
+    if not system.generalist_path.is_file():
+        raise CheckpointError(
+            f"{system.generalist_path}: this schedule routes with the generalist; run `askexpert train generalist`"
+        )
+    model, meta = load_checkpoint(system.generalist_path, device)
+    membership = torch.from_numpy(part.membership())
+    k = min(cfg.routing.top_k, part.num_classes)
+    routed, deployed = [], []
+    chosen = {}
+    for name, split in (("train", train), ("val", val)):
+        probs = torch.from_numpy(predict_logits(model, split.images, device, desc=f"routing {name}")).softmax(1)
+        chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring).numpy()
+    for e, subset in enumerate(part.subsets):
+        outside_train = ~np.isin(train.labels, subset)
+        routed.append(np.flatnonzero((chosen["train"] == e) & outside_train))
+        to_e = chosen["val"] == e
+        deployed.append(float((~np.isin(val.labels[to_e], subset)).mean()) if to_e.any() else 0.5)
+    return RoutingPools(routed, deployed, meta.sha256)
 
 
 @dataclass
@@ -60,6 +164,7 @@ class TrainedExpert:
     stats: dict[str, float]
     val_subset_accuracy: float
     seed: int
+    other_correction: float = 0.0
 
 
 def train_expert(
@@ -72,28 +177,62 @@ def train_expert(
     device: torch.device,
     resume_path: Path | None = None,
     desc: str = "expert",
+    stage1: ImageClassifier | None = None,
+    pools: RoutingPools | None = None,
+    pretrained_file: Path | None = None,
 ) -> TrainedExpert:
     """Train the `index`-th expert on `subset` under `schedule`, and score it on validation.
 
-    The seed depends on the expert's index only, so every schedule of one expert starts
-    from the same weights and draws the same augmentation: schedules compare paired.
+    The seed depends on the expert's index and `expert_training.seed` only, so every
+    schedule of one expert draws the same augmentation and, from the same `init`, the
+    same weights: schedules compare paired.
     """
-    seed = cfg.seed * 1000 + index
-    plan = expert_plan(cfg, train.labels, subset, schedule, seed)
-    torch.manual_seed(seed)  # the initial weights come from torch's global generator
-    model = create_model(cfg.expert.preset, len(subset) + 1, cfg.expert.pretrained_file)
+    sched = schedule_of(cfg, schedule)
+    seed = cfg.expert_training.seed * 1000 + index
+    routed = pools.routed_train[index] if pools is not None else None
+    plan = expert_plan(cfg, train.labels, subset, schedule, seed, routed)
+    torch.manual_seed(seed)  # a fresh head's weights come from torch's global generator
+    if sched.init == "shared":
+        if stage1 is None:
+            raise ConfigError(f"schedule {schedule!r} starts from the shared stage 1, which was not given")
+        model = head_swap(stage1, subset, cfg.expert.preset)
+    else:
+        model = create_model(cfg.expert.preset, len(subset) + 1, pretrained_file)
     targets = expert_targets(train.labels, subset)
     stats = train_model(
         model, train.images, targets, plan, cfg.expert_training, device, seed, resume_path=resume_path, desc=desc
     )
+    correction = 0.0
+    if sched.correct_other:
+        if pools is None:
+            raise ConfigError(f"schedule {schedule!r} corrects the 'other' logit, which needs the generalist's routing")
+        natural = float(np.isin(train.labels, subset).mean())
+        correction = other_logit_correction(_last_other_share(sched, natural), pools.deployed_other[index])
+        with torch.no_grad():
+            _classifier(model).bias[-1] += correction
     val_logits = predict_logits(model, val.images, device)
-    return TrainedExpert(model, plan, stats, subset_accuracy(val_logits, val.labels, subset), seed)
+    return TrainedExpert(model, plan, stats, subset_accuracy(val_logits, val.labels, subset), seed, correction)
+
+
+def budget(cfg: SystemConfig, schedule: str, num_train: int, subset_sizes: list[int]) -> dict[str, float]:
+    """Training images per expert under `schedule`: its own steps, plus stage 1 amortised or charged whole."""
+    tc = cfg.expert_training
+    own = float(np.mean([budget_steps(tc.epochs, n, tc.batch_size) * tc.batch_size for n in subset_sizes]))
+    shared = 0.0
+    if schedule_of(cfg, schedule).init == "shared":
+        shared = float(budget_steps(tc.shared_epochs, num_train, tc.batch_size) * tc.batch_size)
+    return {
+        "own_images": own,
+        "shared_images": shared,
+        "images_amortised": own + shared / max(1, len(subset_sizes)),
+        "images_charged_to_each": own + shared,
+    }
 
 
 def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list[CheckpointMeta]:
     """Train (or reuse up-to-date) experts for every subset of `partition.json`."""
     cfg = system.config()
-    stages = schedule_stages(cfg, schedule)
+    sched = schedule_of(cfg, schedule)
     part = Partition.from_json(system.partition_path)
     splits = load_splits(cfg.data, system.root)
     train, val = splits.train, splits.val
@@ -104,20 +243,54 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         )
     device = resolve_device(cfg.device)
     tc = cfg.expert_training
+    needs_routing = sched.correct_other or any(s.others == "routed" for s in sched.stages)
+    pretrained = pretrained_for(system, "expert")
+    depends: dict[str, Any] = {"init_file": file_sha256(pretrained) if pretrained else None}
+    stage1: ImageClassifier | None = None
+    if sched.init == "shared":
+        stage1_meta = train_shared_stage(system, force=False)
+        depends["stage1"] = stage1_meta.sha256
+    pools: RoutingPools | None = None
+    if needs_routing:
+        depends["generalist"] = read_meta(system.generalist_path).sha256 if system.generalist_path.is_file() else None
     metas = []
     for e, (eid, subset) in enumerate(zip(part.expert_ids, part.subsets, strict=True)):
         path = system.expert_path(schedule, eid)
         key = fingerprint(
-            "expert", cfg.data.model_dump(), cfg.expert.model_dump(), tc.model_dump(), schedule, subset, cfg.seed
+            "expert/2",
+            cfg.data.model_dump(),
+            cfg.expert.model_dump(),
+            tc.model_dump(exclude={"schedules"}),
+            sched.model_dump(),
+            subset,
+            cfg.routing.top_k if needs_routing else None,
+            depends,
         )
         if not force and path.is_file() and path.with_suffix(".json").is_file():
             meta = read_meta(path)
             if meta.extra.get("fingerprint") == key:
                 metas.append(meta)
                 continue
+        if sched.init == "shared" and stage1 is None:
+            stage1, _ = load_checkpoint(system.stage1_path)
+        if needs_routing and pools is None:
+            pools = routing_pools(cfg, system, part, train, val, device)
         path.parent.mkdir(parents=True, exist_ok=True)
         resume = path.with_suffix(".resume.pt")
-        trained = train_expert(cfg, train, val, subset, e, schedule, device, resume, desc=f"{schedule} {eid}")
+        trained = train_expert(
+            cfg,
+            train,
+            val,
+            subset,
+            e,
+            schedule,
+            device,
+            resume,
+            desc=f"{schedule} {eid}",
+            stage1=stage1,
+            pools=pools,
+            pretrained_file=pretrained,
+        )
         meta = CheckpointMeta(
             role="expert",
             preset=cfg.expert.preset,
@@ -128,9 +301,14 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             metrics={"val_subset_accuracy": trained.val_subset_accuracy, **trained.stats},
             extra={
                 "fingerprint": key,
-                "stages": stages,
+                "schedule": sched.model_dump(),
                 "steps": len(trained.plan),
                 "batch_size": trained.plan.shape[1],
+                "other_logit_correction": trained.other_correction,
+                "routed_pool": int(len(pools.routed_train[e])) if pools is not None else None,
+                "init": str(system.stage1_path)
+                if sched.init == "shared"
+                else (str(pretrained) if pretrained else None),
             },
         )
         metas.append(save_checkpoint(trained.model.cpu(), path, meta))

@@ -58,15 +58,24 @@ def plan_schedule(
     total_steps: int,
     batch_size: int,
     seed: int,
+    routed: np.ndarray | None = None,
 ) -> np.ndarray:
     """The (total_steps, batch_size) plan for a schedule.
 
     In a stage with `subset_share = s`, each batch holds round(s·batch) subset
-    samples and the rest from `others`; `None` samples the union uniformly.
+    samples and the rest from `others` (or from `routed`, the out-of-subset
+    samples the router sends to this expert, in stages with `others: routed`,
+    when there are at least a batch of them); `None` samples the union uniformly.
     """
     rng = np.random.default_rng(seed)
     union = np.concatenate([subset, others])
-    streams = {"subset": _Stream(subset, rng), "others": _Stream(others, rng), "union": _Stream(union, rng)}
+    use_routed = routed is not None and len(routed) >= batch_size
+    streams = {
+        "subset": _Stream(subset, rng),
+        "others": _Stream(others, rng),
+        "union": _Stream(union, rng),
+        "routed": _Stream(routed if use_routed and routed is not None else others, rng),
+    }
     batch_size = min(batch_size, len(union))
     plan = np.empty((total_steps, batch_size), dtype=np.int64)
     row = 0
@@ -80,7 +89,8 @@ def plan_schedule(
             else:
                 n_in = int(round(share * batch_size))
                 plan[row, :n_in] = streams["subset"].take(n_in)
-                plan[row, n_in:] = streams["others"].take(batch_size - n_in)
+                pool = "routed" if stage.others == "routed" and use_routed else "others"
+                plan[row, n_in:] = streams[pool].take(batch_size - n_in)
             row += 1
     return plan
 

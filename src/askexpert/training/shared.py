@@ -1,0 +1,183 @@
+"""Starting points shared by several models: pretrained backbones and the experts' stage 1.
+
+* `train_backbones` (`askexpert train backbone`): pretrain the generalist's and
+  the expert's presets on another data set (`backbone.data`; on our machines
+  Tiny-ImageNet photos, at paper scale ImageNet weights replace this stage).
+  The checkpoints work as `pretrained_file` for either role: the head is replaced.
+* `train_shared_stage`: stage 1 of the progressive schedule, the expert preset
+  trained on all classes with full labels, once for every expert (Hinton et
+  al. 2015: specialists start from the generalist-style all-class model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from askexpert.config import Stage, SystemConfig, TrainConfig
+from askexpert.data import LabeledImages, load_splits
+from askexpert.errors import CheckpointError, ConfigError
+from askexpert.fingerprint import fingerprint
+from askexpert.models import (
+    CheckpointMeta,
+    ImageClassifier,
+    create_model,
+    predict_logits,
+    read_meta,
+    resolve_device,
+    save_checkpoint,
+)
+from askexpert.models.checkpoint import file_sha256
+from askexpert.system import SystemDir
+from askexpert.training.loop import train_model
+from askexpert.training.plans import budget_steps, plan_schedule
+
+
+def pretrained_for(system: SystemDir, role: str) -> Path | None:
+    """The weights file a role starts from: its `pretrained_file`, else the system's backbone, else none.
+
+    When `backbone.data` is configured, pretraining is part of the system and both
+    roles start from `DIR/backbones/<preset>.safetensors` unless a file is named.
+    """
+    cfg = system.config()
+    model_cfg = cfg.generalist if role == "generalist" else cfg.expert
+    if model_cfg.pretrained_file:
+        path = system.resolve(model_cfg.pretrained_file)
+        if not path.is_file() and Path(model_cfg.pretrained_file).expanduser().is_file():
+            path = Path(model_cfg.pretrained_file).expanduser()  # relative to the working directory
+        return path
+    if cfg.backbone.data is None:
+        return None
+    path = system.backbone_path(model_cfg.preset)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no pretrained backbone for {model_cfg.preset!r}; "
+            f"run `askexpert train backbone --system {system.root}`"
+        )
+    return path
+
+
+def init_fingerprint(path: Path | None) -> str | None:
+    return file_sha256(path) if path is not None else None
+
+
+def fit_all_classes(
+    preset: str,
+    data: LabeledImages,
+    val: LabeledImages,
+    tc: TrainConfig,
+    seed: int,
+    device: torch.device,
+    init: Path | None,
+    resume: Path | None,
+    desc: str,
+) -> tuple[ImageClassifier, dict[str, float], int]:
+    """Train `preset` on every class of `data` (uniform sampling); returns model, metrics, steps."""
+    torch.manual_seed(seed)
+    model = create_model(preset, data.num_classes, init)
+    steps = budget_steps(tc.epochs, len(data), tc.batch_size)
+    plan = plan_schedule(np.arange(len(data)), np.empty(0, np.int64), [Stage(fraction=1.0)], steps, tc.batch_size, seed)
+    stats = train_model(model, data.images, data.labels, plan, tc, device, seed, resume_path=resume, desc=desc)
+    val_pred = predict_logits(model, val.images, device).argmax(1)
+    return model, {"val_accuracy": float((val_pred == val.labels).mean()), **stats}, steps
+
+
+def train_backbones(system: SystemDir, presets: list[str] | None = None, force: bool = False) -> list[CheckpointMeta]:
+    """Pretrain each preset (default: the generalist's and the expert's) on `backbone.data`."""
+    cfg = system.config()
+    if cfg.backbone.data is None:
+        raise ConfigError(
+            f"{system.config_path}: backbone.data is not set; give the pretraining data "
+            "(e.g. `askexpert train backbone --data DIR`, an image-folder tree with train/ and test/)"
+        )
+    presets = presets or list(dict.fromkeys([cfg.generalist.preset, cfg.expert.preset]))
+    bc = cfg.backbone
+    assert bc.data is not None
+    metas = []
+    splits = None
+    for preset in presets:
+        path = system.backbone_path(preset)
+        key = fingerprint("backbone/1", bc.model_dump(), preset, cfg.seed)
+        if not force and path.is_file() and path.with_suffix(".json").is_file():
+            meta = read_meta(path)
+            if meta.extra.get("fingerprint") == key:
+                metas.append(meta)
+                continue
+        if splits is None:
+            splits = load_splits(bc.data, system.root)
+        device = resolve_device(cfg.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model, metrics, steps = fit_all_classes(
+            preset,
+            splits.train,
+            splits.val,
+            bc.training,
+            cfg.seed,
+            device,
+            None,
+            path.with_suffix(".resume.pt"),
+            f"backbone {preset}",
+        )
+        meta = CheckpointMeta(
+            role="backbone",
+            preset=preset,
+            classes=list(range(splits.train.num_classes)),
+            seed=cfg.seed,
+            metrics=metrics,
+            extra={
+                "fingerprint": key,
+                "steps": steps,
+                "data": bc.data.model_dump(),
+                "class_names": list(splits.train.class_names),
+            },
+        )
+        metas.append(save_checkpoint(model.cpu(), path, meta))
+    return metas
+
+
+def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
+    tc = cfg.expert_training
+    return fingerprint(
+        "stage1/1",
+        cfg.data.model_dump(),
+        cfg.expert.model_dump(),
+        tc.model_dump(exclude={"schedules", "epochs"}),
+        init_fingerprint(pretrained_for(system, "expert")),
+    )
+
+
+def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta:
+    """Stage 1 (all classes, full labels, from the expert's pretrained start); trained once, reused."""
+    cfg = system.config()
+    tc = cfg.expert_training
+    key = shared_stage_fingerprint(system, cfg)
+    path = system.stage1_path
+    if not force and path.is_file() and path.with_suffix(".json").is_file():
+        meta = read_meta(path)
+        if meta.extra.get("fingerprint") == key:
+            return meta
+    splits = load_splits(cfg.data, system.root)
+    device = resolve_device(cfg.device)
+    stage_tc = TrainConfig(**{**tc.model_dump(include=set(TrainConfig.model_fields)), "epochs": tc.shared_epochs})
+    model, metrics, steps = fit_all_classes(
+        cfg.expert.preset,
+        splits.train,
+        splits.val,
+        stage_tc,
+        tc.seed,
+        device,
+        pretrained_for(system, "expert"),
+        path.with_suffix(".resume.pt"),
+        "stage 1 (all classes)",
+    )
+    meta = CheckpointMeta(
+        role="stage1",
+        preset=cfg.expert.preset,
+        classes=list(range(splits.train.num_classes)),
+        seed=tc.seed,
+        metrics=metrics,
+        extra={"fingerprint": key, "steps": steps, "batch_size": stage_tc.batch_size},
+    )
+    return save_checkpoint(model.cpu(), path, meta)

@@ -1,0 +1,104 @@
+"""The shared answer rules: combination rules, abstain → fallback, and their use on the live path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from askexpert.protocol import OTHER, expert_answer, expert_full_distribution, final_labels, softmax
+
+
+def _gen(rows: list[list[float]]) -> np.ndarray:
+    p = np.asarray(rows, dtype=np.float64)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+CLASSES = np.array([1, 3, OTHER])  # an expert for classes 1 and 3 of 5
+
+
+def test_full_distribution_spreads_other_by_the_generalist() -> None:
+    gen = _gen([[0.1, 0.2, 0.3, 0.1, 0.3]])
+    expert = np.array([[0.5, 0.1, 0.4]])
+    full = expert_full_distribution(expert, CLASSES, gen)
+    assert full.sum() == pytest.approx(1.0)
+    assert full[0, 1] == 0.5 and full[0, 3] == pytest.approx(0.1)
+    outside = gen[0, [0, 2, 4]] / gen[0, [0, 2, 4]].sum()
+    assert np.allclose(full[0, [0, 2, 4]], 0.4 * outside)
+
+
+def test_replace_takes_the_expert_argmax_and_abstains_on_other() -> None:
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    assert expert_answer(logits, CLASSES).tolist() == [1, OTHER]
+
+
+def test_mix_pools_both_answers() -> None:
+    gen = _gen([[0.05, 0.30, 0.05, 0.25, 0.35], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    expert = np.log(np.array([[0.2, 0.7, 0.1], [0.05, 0.05, 0.9]]))
+    # w = 1: the generalist alone; w = 0: the expert's full distribution.
+    assert expert_answer(expert, CLASSES, gen, "mix", 1.0).tolist() == gen.argmax(1).tolist()
+    only_expert = expert_full_distribution(softmax(expert), CLASSES, gen).argmax(1)
+    assert expert_answer(expert, CLASSES, gen, "mix", 0.0).tolist() == only_expert.tolist() == [3, 4]
+    # A confident "other" hands the answer to the generalist's best class outside the subset, never -1.
+    assert OTHER not in expert_answer(expert, CLASSES, gen, "mix", 0.3)
+    # In between, the pooled argmax can differ from both: expert says 3, generalist says 4, 1 is a close second.
+    mixed = expert_answer(expert[:1], CLASSES, gen[:1], "mix", 0.5)
+    pooled = 0.5 * gen[:1] + 0.5 * expert_full_distribution(softmax(expert[:1]), CLASSES, gen[:1])
+    assert mixed.tolist() == pooled.argmax(1).tolist()
+    with pytest.raises(ValueError, match="needs the generalist"):
+        expert_answer(expert, CLASSES, None, "mix")
+    with pytest.raises(ValueError, match="unknown combination rule 'vote'"):
+        expert_answer(expert, CLASSES, gen, "vote")
+
+
+def test_abstain_falls_back_to_the_generalist() -> None:
+    labels, answered = final_labels(
+        np.array([0, 1, 2, 3]), np.array([9, OTHER, 7, 8]), np.array([True, True, True, False])
+    )
+    assert labels.tolist() == [9, 1, 7, 3]
+    assert answered.tolist() == [True, False, True, False]
+
+
+class _FixedBackend:
+    """An expert that answers given probabilities, or none (as an old server would)."""
+
+    def __init__(self, probs: np.ndarray | None, labels: np.ndarray) -> None:
+        self.probs, self.labels = probs, labels
+
+    def predict(self, expert_id: str, images: np.ndarray):  # noqa: ANN201
+        from askexpert.inference.backend import ExpertReply
+
+        n = len(images)
+        probs = None if self.probs is None else np.repeat(self.probs, n, axis=0)
+        return ExpertReply(np.repeat(self.labels, n), np.full(n, 0.9, np.float32), probs=probs)
+
+
+def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities() -> None:
+    import torch
+
+    from askexpert.inference.collaborative import CollaborativeClassifier
+    from askexpert.models import create_model
+    from askexpert.partition import Partition
+    from askexpert.routing import Router
+
+    torch.manual_seed(0)
+    gen = create_model("micro-generalist", 4)
+    part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
+    router = Router(part.membership(), "max_prob", 1.01, 1)  # τ > 1: everything offloaded
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    say_other = np.array([[0.05, 0.05, 0.9]])
+    replace = CollaborativeClassifier(gen, router, part, _FixedBackend(say_other, np.array([OTHER])))
+    out = replace(images)
+    assert (out.source == "fallback").all() and (out.reason == "abstain").all()
+    assert (out.labels == out.generalist_labels).all()
+    mix = CollaborativeClassifier(gen, router, part, _FixedBackend(say_other, np.array([OTHER])), combine="mix")
+    out = mix(images)
+    assert (out.source == "expert").all()
+    probs = mix.edge_probs(images).numpy()
+    for i in range(len(images)):
+        e = part.expert_ids.index(str(out.expert[i]))
+        classes = np.array([*part.subsets[e], OTHER])
+        want = expert_answer(np.log(say_other), classes, probs[i : i + 1], "mix", 0.5)
+        assert out.labels[i] == want[0]
+    blind = CollaborativeClassifier(gen, router, part, _FixedBackend(None, np.array([0])), combine="mix")
+    out = blind(images)
+    assert (out.source == "fallback").all() and all("sent no probabilities" in r for r in out.reason)
