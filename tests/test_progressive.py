@@ -124,7 +124,7 @@ def test_pretrained_file_reports_what_it_loaded(tmp_path: Path) -> None:
     assert report is not None
     total = len(model.backbone.state_dict())
     assert (report.loaded, report.total, report.head_left_out) == (total - 2, total, ("head.weight", "head.bias"))
-    assert "loaded %d of %d tensors" % (total - 2, total) in report.describe()
+    assert f"loaded {total - 2} of {total} tensors" in report.describe()
     same = tmp_path / "same.safetensors"
     safetensors.torch.save_file(donor.backbone.state_dict(), str(same))
     assert create_model("micro-generalist", 7, pretrained_file=same).init_report.loaded == total  # type: ignore[union-attr]
