@@ -21,11 +21,11 @@ import time
 import aiohttp
 import numpy as np
 
+from askexpert.data import input_size
 from askexpert.inference.backend import LocalExpertBackend
 from askexpert.partition import Partition
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
-from askexpert.serving.server import input_size
-from askexpert.serving.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     system = SystemDir.open(args.system)
     cfg = system.config()
-    size = input_size(cfg)
+    size = input_size(cfg.data)
     part = Partition.from_json(system.partition_path)
     backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
     bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,19 @@ def test_checkpoint_version_warning_is_one_line(
     err = capsys.readouterr().err
     assert "warning: " in err and "generalist.json: written under timm 0.9.2" in err
     assert "CheckpointVersionWarning" not in err  # no Python warning format, no source line
+
+
+def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from askexpert.cli import main
+    from askexpert.config import SystemConfig
+
+    copy = tmp_path / "sys"
+    shutil.copytree(trained_system, copy)
+    main(["evaluate", "--system", str(copy), "--apply"])
+    summary = json.loads((copy / "report" / "summary.json").read_text())
+    cfg = SystemConfig.from_yaml(copy / "config.yaml")
+    chosen = summary["chosen_on_validation"][cfg.serving.schedule]
+    assert (cfg.routing.gate, cfg.routing.tau, cfg.routing.top_k) == (chosen["gate"], chosen["tau"], chosen["k"])
+    assert (cfg.routing.combine, cfg.routing.mix_weight) == (chosen["combine"], chosen["mix_weight"])

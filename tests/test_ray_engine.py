@@ -9,7 +9,7 @@ import pytest
 
 from askexpert.inference.edge import edge_classifier
 from askexpert.inference.http_backend import HttpExpertBackend
-from askexpert.serving.wire import MEDIA_TYPE, encode_images
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 from conftest import ServerProcess
 

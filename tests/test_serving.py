@@ -15,7 +15,7 @@ from askexpert.inference.backend import LocalExpertBackend
 from askexpert.inference.edge import edge_classifier, run_edge
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.partition import Partition
-from askexpert.serving.wire import MEDIA_TYPE, encode_images
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 from conftest import ServerProcess
 

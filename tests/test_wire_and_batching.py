@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from askexpert.protocol.wire import HEADER_SIZE, MAGIC, WireError, decode_images, encode_images
 from askexpert.serving.batching import dynamic_batch
-from askexpert.serving.wire import HEADER_SIZE, MAGIC, WireError, decode_images, encode_images
 
 
 def test_round_trip_and_size() -> None:

@@ -226,11 +226,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @app.command()
-def evaluate(system: SystemOpt) -> None:
-    """Cache every model's test outputs once, sweep τ × k × gate, write the report."""
-    from askexpert.evaluate.run import evaluate_system
+def evaluate(
+    system: SystemOpt,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply", help="Write the point chosen on validation for serving.schedule into config.yaml (routing.*)."
+        ),
+    ] = False,
+) -> None:
+    """Cache every model's outputs once, choose gate/τ/k/rule on validation, report the test split."""
+    from askexpert.evaluate.run import apply_choice, evaluate_system
 
-    _print_summary(evaluate_system(_system(system)))
+    sysdir = _system(system)
+    summary = evaluate_system(sysdir)
+    _print_summary(summary)
+    if apply:
+        console.print(f"config.yaml routing: {apply_choice(sysdir, summary)}")
 
 
 @app.command()
@@ -447,17 +459,16 @@ def export_onnx_cmd(
     """Export the generalist to ONNX (and INT8); compare accuracy and latency with PyTorch on the test split."""
     import json
 
-    from askexpert.data import load_splits
+    from askexpert.data import input_size, load_splits
     from askexpert.evaluate.report import write_csv
     from askexpert.inference.edge import onnx_path
     from askexpert.models import load_checkpoint, predict_logits
     from askexpert.models.onnx_export import OnnxGeneralist, compare_runtimes, export_onnx, quantize_int8
-    from askexpert.serving.server import input_size
 
     sysdir = _system(system)
     cfg = sysdir.config()
     model, _ = load_checkpoint(sysdir.generalist_path)
-    fp32 = export_onnx(model, onnx_path(sysdir, "onnx"), input_size(cfg))
+    fp32 = export_onnx(model, onnx_path(sysdir, "onnx"), input_size(cfg.data))
     runtimes: dict[str, Any] = {"torch": lambda x: predict_logits(model, x), "onnx": OnnxGeneralist(fp32)}
     if int8:
         runtimes["onnx-int8"] = OnnxGeneralist(quantize_int8(fp32, onnx_path(sysdir, "onnx-int8")))

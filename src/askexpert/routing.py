@@ -9,7 +9,7 @@ Gate (offload when the generalist is unsure), against threshold τ:
   * ``margin``:   p_(1) − p_(2) < τ
   * ``entropy``:  H(p) / log C > τ
 
-Expert choice from the Top-k classes (DESIGN.md):
+Expert choice from the Top-k classes:
   * ``weighted``: score_e = Σ_{c ∈ Top-k} p_c · [c ∈ S_e]
   * ``count``:    score_e = |Top-k ∩ S_e|
 argmax over experts; ties go to the expert holding the best-ranked Top-k class
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -58,10 +58,24 @@ def uncertainty(probs: torch.Tensor, gate: str) -> torch.Tensor:
     raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
 
 
+T = TypeVar("T", torch.Tensor, np.ndarray)
+
+
+def gate_offloads(stat: T, gate: str, tau: T | float) -> T:
+    """The gate's one comparison: entropy offloads above τ, max_prob and margin below it.
+
+    Works on tensors and numpy arrays alike and broadcasts, so the live router and
+    the cached sweeps (many τ at once) share it.
+    """
+    if gate not in GATES:
+        raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+    out: T = stat > tau if gate == "entropy" else stat < tau
+    return out
+
+
 def offload_mask(probs: torch.Tensor, gate: str, tau: float) -> torch.Tensor:
     """True where the sample should go to an expert."""
-    stat = uncertainty(probs, gate)
-    return stat > tau if gate == "entropy" else stat < tau
+    return gate_offloads(uncertainty(probs, gate), gate, tau)
 
 
 def _check_k(k: int, num_classes: int) -> None:

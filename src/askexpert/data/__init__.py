@@ -16,7 +16,7 @@ from askexpert.data import cifar100, folder, synth
 from askexpert.data.base import LabeledImages, stratified_split
 from askexpert.errors import DataError
 
-__all__ = ["LabeledImages", "Splits", "data_root", "load_splits", "stratified_split"]
+__all__ = ["LabeledImages", "Splits", "data_root", "input_size", "load_splits", "stratified_split"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class Splits:
     train: LabeledImages
     val: LabeledImages
     test: LabeledImages
+
+
+def input_size(cfg: DataConfig) -> int:
+    """Side of the images a source yields, which the edge sends (the models resize themselves)."""
+    return 32 if cfg.source == "cifar100" else cfg.synth.image_size
 
 
 def data_root(cfg: DataConfig, system_dir: str | Path) -> Path:

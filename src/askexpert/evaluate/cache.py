@@ -21,6 +21,7 @@ from askexpert.fingerprint import fingerprint
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.partition import Partition
+from askexpert.protocol import OTHER
 from askexpert.system import SystemDir
 
 
@@ -29,7 +30,7 @@ class ScheduleOutputs:
     """Every expert's answer on every test image, for one schedule."""
 
     logits: dict[str, np.ndarray]  # expert id -> (N, |S_e| + 1)
-    labels: np.ndarray  # (E, N) global label or -1 ("other")
+    labels: np.ndarray  # (E, N) global label or OTHER ("other")
     confidence: np.ndarray  # (E, N)
 
 
@@ -49,7 +50,7 @@ class LogitCache:
 def _schedule_outputs(logits: dict[str, np.ndarray], partition: Partition) -> ScheduleOutputs:
     labels, conf = [], []
     for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
-        reply = reply_from_logits(logits[eid], np.asarray([*subset, -1], dtype=np.int64))
+        reply = reply_from_logits(logits[eid], np.asarray([*subset, OTHER], dtype=np.int64))
         labels.append(reply.labels)
         conf.append(reply.confidence)
     return ScheduleOutputs(logits, np.stack(labels), np.stack(conf))

@@ -16,7 +16,7 @@ import torch
 
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.protocol import OTHER, expert_answer, final_labels
-from askexpert.routing import GATES, choose_expert, uncertainty
+from askexpert.routing import GATES, choose_expert, gate_offloads, uncertainty
 
 
 def subset_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
@@ -111,7 +111,7 @@ def gate_statistic(cache: LogitCache, gate: str) -> np.ndarray:
 
 
 def offload_masks(stat: np.ndarray, gate: str, taus: np.ndarray) -> np.ndarray:
-    return stat[None, :] > taus[:, None] if gate == "entropy" else stat[None, :] < taus[:, None]
+    return gate_offloads(stat[None, :], gate, taus[:, None])
 
 
 def _rows(

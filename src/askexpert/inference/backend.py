@@ -1,8 +1,9 @@
 """ExpertBackend: how the edge asks an expert, wherever the expert runs.
 
 The classifier only needs `predict(expert_id, images) -> ExpertReply`; the
-in-process backend below runs the experts' checkpoints directly. Remote
-backends (HTTP, Ray Serve) implement the same protocol.
+in-process backend below runs the experts' checkpoints directly, and
+`HttpExpertBackend` asks a server over HTTP (whichever engine, plain or Ray
+Serve, answers behind it).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 
 from askexpert.config import ServingConfig
 from askexpert.inference.backend import BackendError, ExpertReply, check_images
-from askexpert.serving.wire import MEDIA_TYPE, encode_images
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 
 
 @dataclass

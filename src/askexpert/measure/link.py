@@ -1,7 +1,8 @@
 """The analytic link model: transfer time = RTT + bytes / rate, for offline estimates.
 
-Used by `calibrate`, by the testbed when no emulated link can be set up (not
-root, or no iproute2), and to cross-check what the emulated link measured.
+Used by the testbed when no emulated link can be set up (not root, or no
+iproute2): the modelled transfer time is added to the loopback round trip;
+and by the energy model, for the radio's active time.
 """
 
 from __future__ import annotations

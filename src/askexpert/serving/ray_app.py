@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from askexpert.data import input_size
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.partition import Partition
 from askexpert.serving.batching import BatchResult
-from askexpert.serving.server import ServiceBase, create_app, input_size
+from askexpert.serving.server import ServiceBase, create_app
 from askexpert.system import SystemDir
 
 APP_NAME = "askexpert"
@@ -69,7 +70,7 @@ class RayExpertService(ServiceBase):
         system = SystemDir.open(root)
         cfg = system.config()
         metas = {e: read_meta(system.expert_path(schedule, e)) for e in handles}
-        super().__init__(metas, input_size(cfg), cfg.serving)
+        super().__init__(metas, input_size(cfg.data), cfg.serving)
         self.handles = handles
 
     async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:

@@ -5,7 +5,7 @@ GET  /healthz                       alive
 GET  /readyz                        experts loaded (503 until then)
 GET  /metrics                       Prometheus text
 GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s
-POST /v1/experts/{id}/predict       body: wire format (askexpert.serving.wire)
+POST /v1/experts/{id}/predict       body: wire format (askexpert.protocol.wire)
 ```
 `ExpertService` is the unit of serving (a small class with an async
 `__call__`); batching is the `dynamic_batch` decorator on its `run` method.
@@ -27,22 +27,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from askexpert.config import ServingConfig, SystemConfig
+from askexpert.config import ServingConfig
+from askexpert.data import input_size
 from askexpert.errors import AskExpertError
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
+from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.serving.batching import BatchResult, dynamic_batch
-from askexpert.serving.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.system import SystemDir
 
 API_VERSION = "v1"
-
-
-def input_size(cfg: SystemConfig) -> int:
-    """Side of the images the edge sends: the data set's native size (models resize themselves)."""
-    return 32 if cfg.data.source == "cifar100" else cfg.data.synth.image_size
 
 
 class ServiceMetrics:
@@ -140,7 +136,7 @@ class ExpertService(ServiceBase):
         backend = LocalExpertBackend.from_dir(
             system.root / "experts" / (schedule or cfg.serving.schedule), part, device
         )
-        return cls(backend, part, input_size(cfg), cfg.serving)
+        return cls(backend, part, input_size(cfg.data), cfg.serving)
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:

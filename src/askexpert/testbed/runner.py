@@ -41,7 +41,7 @@ from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, Namesp
 from askexpert.measure.profiles import DeviceProfile, LinkPreset, RadioModel, load_device, load_link
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER
+from askexpert.protocol import OTHER, final_labels
 from askexpert.routing import Router, uncertainty
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -252,8 +252,9 @@ def strategies(
 
     nothing = np.zeros(n, dtype=bool)
     everything = ok.copy()
-    remote_or_gen = np.where(remote_label == OTHER, gen_label, remote_label)
-    local_or_gen = np.where(local_label == OTHER, gen_label, local_label)
+    asked = np.ones(n, dtype=bool)
+    remote_or_gen = final_labels(gen_label, remote_label, asked)[0]  # abstain → fallback, the shared rule
+    local_or_gen = final_labels(gen_label, local_label, asked)[0]
     table = [
         summarise("edge-only", None, nothing, gen_label, gen_s, gen_s),
         summarise(
