@@ -2,15 +2,15 @@
 
     .venv/bin/python benchmarks/schedule_sweep.py --system askexpert-demo --experts e0,e4 [--schedules FILE]
 
-Why: the paper's progressive training beat static experts at its scale; at CPU scale
-the demo's default progressive mix loses. This asks which stage mix works at *your*
-budget, without touching the test split: every schedule of an expert starts from the
-same initial weights and seed, gets the same optimizer steps × batch, and is scored by
-its closed-set accuracy on the expert's classes in the **validation** split.
+Why: which schedule works at *your* budget, asked without touching the test split:
+every schedule of an expert gets the same optimizer steps × batch and seed (schedules
+with the same `init` start from the same weights; `init: shared` ones from the shared
+stage 1, trained once), and is scored by its closed-set accuracy on the expert's
+classes in the **validation** split.
 
 Schedules: those of the system's config, plus a few built-in variants, plus any in
-`--schedules FILE` (YAML: name → list of {fraction, subset_share} stages, as in the
-config). Writes `report/schedule_sweep.{md,csv,json,png}` in the system directory.
+`--schedules FILE` (YAML: name → schedule, as in the config's
+`expert_training.schedules`). Writes `report/schedule_sweep.{md,csv,json,png}`.
 """
 
 from __future__ import annotations
@@ -27,36 +27,35 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from askexpert.config import ExpertTrainConfig
+from askexpert.config import LEGACY_PROGRESSIVE, ExpertTrainConfig
 from askexpert.data import load_splits
-from askexpert.models import resolve_device
+from askexpert.models import load_checkpoint, resolve_device
 from askexpert.partition import Partition
 from askexpert.system import SystemDir
-from askexpert.training.experts import train_expert
+from askexpert.training.experts import routing_pools, train_expert
+from askexpert.training.shared import pretrained_for, train_shared_stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VARIANTS: dict[str, list[dict[str, Any]]] = {
-    # a short look at the whole data, then mostly the subset
-    "progressive-short": [
-        {"fraction": 0.1, "subset_share": None},
-        {"fraction": 0.1, "subset_share": 0.5},
-        {"fraction": 0.8, "subset_share": 1.0},
-    ],
-    # no narrowing: a constant 20 % of "other" samples throughout (a regulariser, not a schedule)
-    "mixed-0.8": [{"fraction": 1.0, "subset_share": 0.8}],
+VARIANTS: dict[str, dict[str, Any]] = {
+    # askexpert 0.1's progressive schedule: no shared stage, "other" dropped at the end
+    "progressive-legacy": LEGACY_PROGRESSIVE.model_dump(),
+    # stage 1, then the subset alone (no "other" kept): what the head swap alone buys
+    "shared-then-subset": {"init": "shared", "stages": [{"fraction": 1.0, "subset_share": 1.0}]},
+    # stage 1, then a constant "other" share from every out-of-subset sample, uncorrected
+    "shared-mixed-0.8": {"init": "shared", "stages": [{"fraction": 1.0, "subset_share": 0.8}]},
 }
 
 
 def sweep_training(tc: ExpertTrainConfig, extra_file: Path | None, epochs: float | None) -> ExpertTrainConfig:
     """The config's expert training with the sweep's schedules (and budget, if overridden)."""
-    raw: dict[str, Any] = {name: [s.model_dump() for s in stages] for name, stages in tc.schedules.items()}
+    raw: dict[str, Any] = {name: sched.model_dump() for name, sched in tc.schedules.items()}
     raw.update(VARIANTS)
     if extra_file is not None:
         loaded = yaml.safe_load(extra_file.read_text())
         if not isinstance(loaded, dict):
-            raise SystemExit(f"{extra_file}: expected a mapping of schedule name → stages")
+            raise SystemExit(f"{extra_file}: expected a mapping of schedule name → schedule")
         raw.update(loaded)
     # Validated exactly as the config validates schedules (fractions sum to 1, shares in (0, 1]).
     update: dict[str, Any] = {"schedules": raw} if epochs is None else {"schedules": raw, "epochs": epochs}
@@ -84,21 +83,40 @@ def main() -> None:
     train, val = splits.train, splits.val
     device = resolve_device(cfg.device)
     schedules = tc.schedules
+    stage1 = None
+    if any(s.init == "shared" for s in schedules.values()):
+        train_shared_stage(system)
+        stage1, _ = load_checkpoint(system.stage1_path)
+    needs_routing = any(s.correct_other or any(st.others == "routed" for st in s.stages) for s in schedules.values())
+    pools = routing_pools(sweep_cfg, system, part, train, val, device) if needs_routing else None
+    pretrained = pretrained_for(system, "expert")
     rows: list[dict[str, Any]] = []
     for eid in [e.strip() for e in args.experts.split(",") if e.strip()]:
         if eid not in part.expert_ids:
             raise SystemExit(f"unknown expert {eid!r}; partition has {', '.join(part.expert_ids)}")
         e = part.expert_ids.index(eid)
         subset = part.subsets[e]
-        for name, stages in schedules.items():
+        for name, sched in schedules.items():
             start = time.perf_counter()
             # the same function, seed and plan builder as `askexpert train experts`
-            trained = train_expert(sweep_cfg, train, val, subset, e, name, device, desc=f"{eid} {name}")
+            trained = train_expert(
+                sweep_cfg,
+                train,
+                val,
+                subset,
+                e,
+                name,
+                device,
+                desc=f"{eid} {name}",
+                stage1=stage1,
+                pools=pools,
+                pretrained_file=pretrained,
+            )
             rows.append(
                 {
                     "expert": eid,
                     "schedule": name,
-                    "stages": json.dumps([s.model_dump() for s in stages]),
+                    "schedule_spec": json.dumps(sched.model_dump()),
                     "steps": len(trained.plan),
                     "batch_size": int(trained.plan.shape[1]),
                     "subset_samples_seen": int(np.isin(train.labels[trained.plan], subset).sum()),

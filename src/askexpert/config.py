@@ -231,7 +231,7 @@ class SystemConfig(_Strict):
     expert: ModelConfig = ModelConfig(preset="cpu-expert")
     partition: PartitionConfig = PartitionConfig()
     generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
-    expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=40, batch_size=64, lr=2e-3)
+    expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=12, shared_epochs=10, batch_size=64, lr=2e-3)
     backbone: BackboneConfig = BackboneConfig()
     routing: RoutingConfig = RoutingConfig()
     serving: ServingConfig = ServingConfig()
