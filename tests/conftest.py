@@ -59,8 +59,8 @@ def trained_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ServerProcess(_Server):
     """`askexpert serve` on a free loopback port, ready when constructed."""
 
-    def __init__(self, system: Path, *extra: str, ready_s: float = 60) -> None:
-        super().__init__(system, *extra)
+    def __init__(self, system: Path, *extra: str, ready_s: float = 60, **kwargs: object) -> None:
+        super().__init__(system, *extra, **kwargs)  # type: ignore[arg-type]
         self.wait_ready(seconds=ready_s)
 
 

@@ -72,9 +72,13 @@ def test_weighted_score_is_the_formula_and_ties_go_to_top1() -> None:
     assert choose_expert(probs, membership, k=3).tolist()[0] == 1  # p3+p4 beat the top-1 class
     counts, _ = expert_scores(probs, membership, k=3, scoring="count")
     assert counts[0].tolist() == [1.0, 2.0]
-    tie = torch.tensor([[0.3, 0.2, 0.3, 0.2]])  # expert 1 holds the (argmax) top-1? topk order decides
-    top1 = int(tie.topk(1).indices[0, 0])
-    assert bool(membership[choose_expert(tie, membership, k=4)[0], top1])
+    # Scores 0.5 / 0.5 (exact tie), 0.5 / 0.5000005 (inside the 1e-6 tolerance) and 0.5 / 0.5001
+    # (outside it); the top-1 class 0 belongs to expert 0, so it wins the ties only.
+    tie = torch.tensor(
+        [[0.4, 0.1, 0.3, 0.2], [0.4, 0.1, 0.3 + 5e-7, 0.2], [0.4, 0.1, 0.3 + 1e-4, 0.2]],
+        dtype=torch.float64,
+    )
+    assert choose_expert(tie, membership, k=4).tolist() == [0, 0, 1]
 
 
 def test_overlapping_subsets_are_supported() -> None:

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from askexpert.config import SystemConfig
 from askexpert.data import load_splits
 from askexpert.inference.backend import LocalExpertBackend
 from askexpert.inference.edge import edge_classifier, run_edge
@@ -143,7 +142,10 @@ def test_metrics_after_traffic(server: ServerProcess) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'askexpert_requests_total{expert="e0",status="200"}' in text
     assert "askexpert_batch_size_bucket" in text and "askexpert_compute_seconds_count" in text
-    assert 'askexpert_errors_total{expert="unknown",kind="unknown_expert"}' in text or "askexpert_errors" in text
+    unknown = httpx.post(f"{server.url}/v1/experts/nope/predict", headers={"content-type": MEDIA_TYPE}, content=body)
+    assert unknown.status_code == 404
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'askexpert_errors_total{expert="unknown",kind="unknown_expert"}' in text
 
 
 def test_bearer_token(trained_system: Path, tmp_path: Path) -> None:
@@ -161,14 +163,27 @@ def test_bearer_token(trained_system: Path, tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_server_binds_loopback_by_default() -> None:
-    from typer.testing import CliRunner
+def test_server_binds_loopback_by_default(trained_system: Path) -> None:
+    import subprocess
 
-    from askexpert.cli import app
+    proc = ServerProcess(trained_system, host=None)  # no --host: the default bind
+    try:
+        port = proc.port
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if listening.strip():  # iproute2 present: the socket is bound to loopback only
+            local = [line.split()[3] for line in listening.splitlines()]  # State Recv-Q Send-Q Local Peer
+            assert local == [f"127.0.0.1:{port}"]
+        else:  # no ss: connecting through the machine's own outward address must fail
+            import socket
 
-    result = CliRunner().invoke(app, ["serve", "--help"])
-    assert "127.0.0.1" in result.output
-    assert SystemConfig().serving.timeout_s > 0
+            outward = [a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+            for address in [a for a in outward if not a.startswith("127.")][:1]:
+                with socket.socket() as s, pytest.raises(OSError):
+                    s.settimeout(2)
+                    s.connect((address, port))
+    finally:
+        proc.stop()
 
 
 def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProcess, trained_system: Path) -> None:

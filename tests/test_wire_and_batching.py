@@ -90,3 +90,76 @@ def test_dynamic_batching_merges_callers_and_returns_each_its_rows() -> None:
     assert len(service.calls) <= 3  # merged, not 12 separate model calls
     assert max(r.batch_size for r in results) > 2
     assert sum(r.first_in_batch for r in results) == len(service.calls)  # one per model call
+
+
+def test_reserved_header_bytes_must_be_zero() -> None:
+    body = bytearray(encode_images(np.zeros((1, 32, 32, 3), np.uint8)))
+    body[6] = 7
+    with pytest.raises(WireError, match="reserved header bytes 5-7 are 000700, must be zero"):
+        decode_images(bytes(body), 32)
+
+
+class _Failing:
+    max_batch_size = 16
+    max_wait_ms = 20.0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @dynamic_batch()
+    def run(self, key: str, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        raise RuntimeError("model exploded")
+
+
+def test_one_failing_model_call_answers_every_caller_of_its_batch() -> None:
+    service = _Failing()
+
+    async def go() -> list:
+        calls = [service.run("e0", np.zeros((2, 1, 1, 3), np.uint8)) for _ in range(6)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(go())
+    assert service.calls == 1  # six callers, one merged batch, one failing call
+    assert all(isinstance(r, RuntimeError) and "model exploded" in str(r) for r in results)
+
+
+class _Slow:
+    max_batch_size = 4
+    max_wait_ms = 0.0
+    max_queue_images = 8
+
+    @dynamic_batch()
+    def run(self, key: str, images: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(0.05)
+        return images
+
+
+def test_a_full_queue_refuses_at_once_and_expired_work_is_dropped() -> None:
+    import time
+
+    from askexpert.serving.batching import DeadlineExpired, QueueFull
+
+    service = _Slow()
+
+    async def flood() -> list:
+        calls = [service.run("e0", np.zeros((2, 1, 1, 3), np.uint8)) for _ in range(12)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(flood())
+    refused = [r for r in results if isinstance(r, QueueFull)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert refused and served and len(refused) + len(served) == 12
+    assert all(r.retry_after_s >= 1 and "overloaded" in str(r) for r in refused)
+    assert sum(len(r.rows) for r in served) <= 8 + 4  # the bound plus the batch already running
+
+    async def late() -> list:
+        past = time.perf_counter() - 1.0
+        calls = [service.run("e1", np.zeros((4, 1, 1, 3), np.uint8))]  # occupies the model
+        calls += [service.run("e1", np.zeros((1, 1, 1, 3), np.uint8), deadline=past)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    first, expired = asyncio.run(late())
+    assert not isinstance(first, Exception) and isinstance(expired, DeadlineExpired)

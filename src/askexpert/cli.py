@@ -29,6 +29,12 @@ err_console = Console(stderr=True, soft_wrap=True)  # one unbroken line per erro
 
 SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System directory (holds config.yaml).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+MismatchOpt = Annotated[
+    str,
+    typer.Option(
+        help="When the server's experts differ from partition.json: fail, or edge-only (every record: mismatch)."
+    ),
+]
 
 
 def _system(path: Path) -> Any:
@@ -332,11 +338,11 @@ def edge(
         typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
     ] = None,
     token_file: TokenOpt = None,
+    on_mismatch: MismatchOpt = "fail",
 ) -> None:
-    """Run the edge: generalist here, unsure samples to the server; records every sample."""
+    """Run the edge on the test split: generalist here, unsure samples to the server; records every sample."""
     from askexpert.data import load_splits
-    from askexpert.inference.edge import edge_classifier, run_edge, summarise_records
-    from askexpert.inference.http_backend import HttpExpertBackend
+    from askexpert.inference.edge import connect, edge_classifier, run_edge, summarise_records
 
     sysdir = _system(system)
     cfg = sysdir.config()
@@ -350,7 +356,7 @@ def edge(
             f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
             f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
         )
-    backend = HttpExpertBackend(server, cfg.serving, _read_token(token_file))
+    backend, http = connect(sysdir, server, _read_token(token_file), on_mismatch)
     data = load_splits(cfg.data, sysdir.root).test
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
@@ -358,12 +364,63 @@ def edge(
         classifier = edge_classifier(sysdir, backend, runtime=runtime, threads=threads)
         records = run_edge(classifier, data, out, cfg.serving.client_batch_size, edge_slowdown=slowdown)
     finally:
-        backend.close()
+        http.close()
     print_table(
         "edge run",
         summarise_records(records),
         ["source", "samples", "accuracy", "mean_ms", "p50_ms", "p99_ms", "bytes_sent"],
     )
+    console.print(f"records: {out}")
+
+
+@app.command()
+def classify(
+    system: SystemOpt,
+    paths: Annotated[
+        list[str] | None, typer.Argument(help="Image files, folders (recursive) or glob patterns.")
+    ] = None,
+    server: Annotated[str | None, typer.Option(help="Expert server URL; none: the edge answers alone.")] = None,
+    local_experts: Annotated[
+        bool, typer.Option("--local-experts", help="Ask the system's own expert checkpoints in this process.")
+    ] = False,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Also read paths from standard input, one per line.")] = False,
+    watch: Annotated[
+        Path | None, typer.Option(help="Watch this folder: classify files as they appear (Ctrl-C stops).")
+    ] = None,
+    poll_s: Annotated[float, typer.Option(help="Watch: seconds between looks at the folder.")] = 0.5,
+    idle_exit_s: Annotated[
+        float | None, typer.Option(help="Watch: stop after this many seconds without a new file.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Records: .jsonl or .csv (by suffix).")] = Path("classified.jsonl"),
+    token_file: TokenOpt = None,
+    on_mismatch: MismatchOpt = "fail",
+) -> None:
+    """Classify real images (any size and format Pillow reads); one record per file, bad files included."""
+    from askexpert.inference.client import EdgeClient
+    from askexpert.inference.records import RecordWriter, watch_folder
+
+    items = list(paths or [])
+    if stdin:
+        items += [line.strip() for line in sys.stdin if line.strip()]
+    if not items and watch is None:
+        from askexpert.errors import ConfigError
+
+        raise ConfigError("nothing to classify: give paths, --stdin or --watch")
+    counts: dict[str, int] = {}
+    with (
+        EdgeClient.from_system(system, server, _read_token(token_file), on_mismatch, local_experts) as client,
+        RecordWriter(out) as writer,
+    ):
+        sources: list[Any] = [client.iter_classify(items)] if items else []
+        if watch is not None:
+            console.print(f"watching {watch} (every {poll_s:g} s) ...")
+            sources.append(r for batch in watch_folder(watch, poll_s, idle_exit_s) for r in client.iter_classify(batch))
+        for source in sources:
+            for record in source:
+                writer.write(record)
+                key = "bad file" if record["error"] else record["source"]
+                counts[key] = counts.get(key, 0) + 1
+    print_table("classified", [{"outcome": k, "files": v} for k, v in counts.items()], ["outcome", "files"])
     console.print(f"records: {out}")
 
 

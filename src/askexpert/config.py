@@ -200,6 +200,7 @@ class ServingConfig(_Strict):
     schedule: str = "static"  # the better set at CPU scale (measured); the paper config serves progressive
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(5.0, ge=0.0)
+    max_queue_images: int = Field(1024, ge=1)  # per expert; beyond it requests get 429 at once
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
     client_batch_size: int = Field(64, ge=1)

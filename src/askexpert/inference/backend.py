@@ -22,7 +22,19 @@ from askexpert.protocol import OTHER, softmax
 
 
 class BackendError(AskExpertError):
-    """The expert could not answer (server down, timeout, error reply)."""
+    """The expert could not answer (server down, timeout, error reply); `reason` heads the record's reason."""
+
+    reason = "error"
+
+
+class RefusingBackend:
+    """Answers every call with one BackendError: an edge that must run alone (e.g. after a failed handshake)."""
+
+    def __init__(self, error: BackendError) -> None:
+        self.error = error
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        raise self.error
 
 
 @dataclass(frozen=True)

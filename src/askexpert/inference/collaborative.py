@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.inference.backend import BackendError, ExpertBackend, check_images
+from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, check_images
 from askexpert.models import ImageClassifier, predict_logits
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
@@ -55,6 +55,18 @@ class Predictions:
             "expert_confidence": None if np.isnan(conf) else conf,
             **(self.call_info[i] if self.call_info else {}),
         }
+
+
+def _check_reply(reply: ExpertReply, classes: np.ndarray, n: int) -> str:
+    """What is wrong with an expert's reply ("" if nothing): a wrong answer must become a fallback."""
+    if np.shape(reply.labels) != (n,):
+        return f"answered {np.shape(reply.labels)} labels for {n} images"
+    outside = ~np.isin(reply.labels, classes)
+    if outside.any():
+        return f"answered labels outside its classes: {sorted(set(reply.labels[outside].tolist()))[:5]}"
+    if reply.probs is not None and np.shape(reply.probs) != (n, len(classes)):
+        return f"sent probabilities of shape {np.shape(reply.probs)}, expected {(n, len(classes))}"
+    return ""
 
 
 class CollaborativeClassifier:
@@ -115,7 +127,11 @@ class CollaborativeClassifier:
             try:
                 reply = self.backend.predict(eid, images[idx])
             except BackendError as exc:
-                source[idx], reason[idx] = FALLBACK, f"error: {exc}"
+                source[idx], reason[idx] = FALLBACK, f"{exc.reason}: {exc}"
+                continue
+            bad = _check_reply(reply, self._classes[int(e)], len(idx))
+            if bad:
+                source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {bad}"
                 continue
             confidence[idx] = reply.confidence
             if reply.info:

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from askexpert.data import LabeledImages
+from askexpert.data import LabeledImages, input_size
 from askexpert.errors import ConfigError
-from askexpert.inference.backend import ExpertBackend
+from askexpert.inference.backend import ExpertBackend, RefusingBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
-from askexpert.models import ImageClassifier, load_checkpoint
+from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend
+from askexpert.models import ImageClassifier, load_checkpoint, read_meta
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
 from askexpert.routing import Router
@@ -33,6 +34,34 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 def onnx_path(system: SystemDir, runtime: str) -> Path:
     return system.root / ("generalist.int8.onnx" if runtime == "onnx-int8" else "generalist.onnx")
+
+
+def connect(
+    system: SystemDir, server: str, token: str | None = None, on_mismatch: str = "fail"
+) -> tuple[ExpertBackend, HttpExpertBackend]:
+    """An HTTP backend that passed the handshake, or (`on_mismatch="edge-only"`) one that refuses every call.
+
+    Returns (backend to use, HTTP client to close). On a mismatch with `fail`, the
+    `HandshakeError` propagates: the edge never answers for classes the server does not hold.
+    """
+    if on_mismatch not in ("fail", "edge-only"):
+        raise ConfigError(f"on_mismatch must be 'fail' or 'edge-only', got {on_mismatch!r}")
+    cfg = system.config()
+    http = HttpExpertBackend(server, cfg.serving, token)
+    part = Partition.from_json(system.partition_path)
+    shas = {}
+    for eid in part.expert_ids:  # pin the weights too when this edge has the experts' metadata
+        side = system.expert_path(cfg.serving.schedule, eid).with_suffix(".json")
+        if side.is_file():
+            shas[eid] = read_meta(side.with_suffix(".safetensors")).sha256
+    try:
+        http.handshake(part, input_size(cfg.data), shas or None)
+    except HandshakeError as exc:
+        if on_mismatch == "fail":
+            http.close()
+            raise
+        return RefusingBackend(exc), http
+    return http, http
 
 
 def edge_classifier(

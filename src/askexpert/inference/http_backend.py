@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
 
 from askexpert.config import ServingConfig
 from askexpert.inference.backend import BackendError, ExpertReply, check_images
+from askexpert.partition import Partition
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
+
+BUDGET_HEADER = "x-askexpert-budget-ms"  # the same name the server reads (kept here: the edge never imports it)
 
 
 @dataclass
@@ -42,6 +46,12 @@ class CircuitBreaker:
             self.opened_at = time.monotonic()
 
 
+class HandshakeError(BackendError):
+    """The server's experts are not the ones this edge was built with."""
+
+    reason = "mismatch"
+
+
 class HttpExpertBackend:
     def __init__(self, url: str, cfg: ServingConfig, token: str | None = None) -> None:
         self.url = url.rstrip("/")
@@ -54,6 +64,49 @@ class HttpExpertBackend:
 
     def close(self) -> None:
         self.client.close()
+
+    def handshake(self, partition: Partition, image_size: int, sha256: dict[str, str] | None = None) -> dict[str, Any]:
+        """Check that the server holds this edge's experts: ids, class subsets, image size, and weights.
+
+        Raises `HandshakeError` listing every difference, so a server with retrained or
+        repartitioned experts can never answer silently for the wrong classes.
+        `sha256` (expert id → checkpoint hash, when the edge has the experts' metadata)
+        also pins the exact weights.
+        """
+        try:
+            response = self.client.get(f"{self.url}/v1/experts")
+        except httpx.HTTPError as exc:
+            raise BackendError(f"handshake: {self.url} unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise BackendError(
+                f"handshake: {self.url}/v1/experts answered {response.status_code}: {_message(response)}"
+            )
+        try:
+            doc = response.json()
+            served = {str(e["id"]): e for e in doc["experts"]}
+            size = int(doc["image_size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HandshakeError(f"handshake: malformed /v1/experts reply: {exc}") from None
+        problems = []
+        if size != image_size:
+            problems.append(f"server expects {size}×{size} images, this edge sends {image_size}×{image_size}")
+        missing = [e for e in partition.expert_ids if e not in served]
+        extra = [e for e in served if e not in partition.expert_ids]
+        if missing or extra:
+            problems.append(f"experts differ: the server lacks {missing}, has extra {extra}")
+        for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
+            if eid in served and [int(c) for c in served[eid].get("classes", [])] != list(subset):
+                problems.append(
+                    f"expert {eid} serves classes {served[eid].get('classes')}, partition.json says {list(subset)}"
+                )
+            if sha256 and eid in served and eid in sha256 and served[eid].get("sha256") != sha256[eid]:
+                problems.append(
+                    f"expert {eid} weights differ "
+                    f"(server {str(served[eid].get('sha256'))[:12]}, edge {sha256[eid][:12]})"
+                )
+        if problems:
+            raise HandshakeError(f"handshake with {self.url} failed: " + "; ".join(problems))
+        return dict(doc)
 
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
         """Ask `expert_id`, in requests of at most `serving.max_batch_size` images (the server's limit)."""
@@ -79,8 +132,9 @@ class HttpExpertBackend:
             if attempt:
                 time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
             start = time.perf_counter()
+            budget = {BUDGET_HEADER: f"{self.cfg.timeout_s * 1e3:.0f}"}  # past it, the server drops the work
             try:
-                response = self.client.post(f"{self.url}/v1/experts/{expert_id}/predict", content=body)
+                response = self.client.post(f"{self.url}/v1/experts/{expert_id}/predict", content=body, headers=budget)
             except httpx.TimeoutException:
                 last = f"timeout after {self.cfg.timeout_s:g} s"
                 continue
@@ -88,6 +142,13 @@ class HttpExpertBackend:
                 last = f"unreachable: {type(exc).__name__}"
                 continue
             rtt_ms = (time.perf_counter() - start) * 1e3
+            if response.status_code == 429:  # shed: falling back now is what relieves the server
+                self.breaker.record(True)
+                retry = response.headers.get("retry-after", "?")
+                raise BackendError(f"server overloaded (429, retry after {retry} s): {_message(response)}")
+            if response.status_code == 504:  # our own budget ran out in its queue: a retry would too
+                self.breaker.record(True)
+                raise BackendError(f"server dropped the request at its deadline (504): {_message(response)}")
             if response.status_code >= 500:
                 last = f"server error {response.status_code}"
                 continue

@@ -65,13 +65,13 @@ def _cifar_vit(name: str, role: str, dim: int, depth: int, heads: int, note: str
     )
 
 
-# The CPU pair keeps the paper's proportions: DeiT-S costs ~3.6x DeiT-T's FLOPs (4.6 vs 1.3 GFLOPs),
-# and doubling the width at equal depth and tokens gives ~3.6x here too (`askexpert presets` prints both).
+# The CPU pair keeps the paper's proportions: DeiT-S costs 3.95x DeiT-T's FLOPs (torch's counter),
+# and doubling the width at equal depth and tokens gives 3.95x here too (`askexpert presets` prints both).
 register(
     _cifar_vit("cpu-generalist", "generalist", 64, 4, 2, "ViT 32px/p4, dim 64, 4 blocks: the CPU-scale edge model")
 )
 register(
-    _cifar_vit("cpu-expert", "expert", 128, 4, 4, "ViT 32px/p4, dim 128, 4 blocks: the CPU-scale expert (~3.6x FLOPs)")
+    _cifar_vit("cpu-expert", "expert", 128, 4, 4, "ViT 32px/p4, dim 128, 4 blocks: the CPU-scale expert (3.95x FLOPs)")
 )
 register(_cifar_vit("micro-generalist", "generalist", 16, 1, 2, "for tests only"))
 register(_cifar_vit("micro-expert", "expert", 24, 1, 2, "for tests only"))

@@ -23,7 +23,7 @@ from askexpert.errors import AskExpertError
 
 MAGIC = b"AXI1"
 MEDIA_TYPE = "application/x-askexpert-images"
-_HEADER = struct.Struct("<4sB3xIIII")
+_HEADER = struct.Struct("<4sB3sIIII")
 HEADER_SIZE = _HEADER.size  # 24
 _DTYPES = {1: np.uint8}
 
@@ -36,7 +36,7 @@ def encode_images(images: np.ndarray) -> bytes:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
         raise WireError(f"can only encode uint8 (N, H, W, C) arrays; got {getattr(images, 'dtype', type(images))}")
     n, h, w, c = images.shape
-    return _HEADER.pack(MAGIC, 1, n, h, w, c) + np.ascontiguousarray(images).tobytes()
+    return _HEADER.pack(MAGIC, 1, b"\0\0\0", n, h, w, c) + np.ascontiguousarray(images).tobytes()
 
 
 def decode_images(
@@ -45,9 +45,11 @@ def decode_images(
     """Parse and validate a body; returns a read-only (N, H, W, C) uint8 array."""
     if len(body) < HEADER_SIZE:
         raise WireError(f"body is {len(body)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    magic, dtype, n, h, w, c = _HEADER.unpack_from(body)
+    magic, dtype, reserved, n, h, w, c = _HEADER.unpack_from(body)
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}: expected {MAGIC!r} (wire format version 1)")
+    if reserved != b"\0\0\0":
+        raise WireError(f"reserved header bytes 5-7 are {reserved.hex()}, must be zero (wire format version 1)")
     if dtype not in _DTYPES:
         raise WireError(f"unsupported dtype code {dtype}: only 1 (uint8) is defined")
     if n == 0:

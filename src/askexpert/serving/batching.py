@@ -12,7 +12,13 @@ Requests queue per key (per expert). A batch closes when it holds
 `max_batch_size` images or `max_wait_ms` after its first request arrived. The
 wrapped function runs in a one-thread executor, off the event loop, one batch at
 a time (so CPU threads are not oversubscribed). An instance attribute
-`max_batch_size` / `max_wait_ms` overrides the decorator's default.
+`max_batch_size` / `max_wait_ms` / `max_queue_images` overrides the decorator's default.
+
+Load shedding: a key's queue holds at most `max_queue_images` waiting images; a
+call beyond that fails at once with `QueueFull` (the server answers 429), so an
+arrival rate above capacity cannot grow latency without limit. A call may carry
+a deadline; work whose deadline passed before its batch starts is dropped with
+`DeadlineExpired` instead of being computed for a caller who has given up.
 """
 
 from __future__ import annotations
@@ -37,31 +43,62 @@ class BatchResult:
     first_in_batch: bool  # exactly one caller per model call, so per-batch figures are counted once
 
 
+class QueueFull(Exception):
+    """The key's queue is at its bound: refuse now rather than queue without limit."""
+
+    def __init__(self, key: str, queued: int, retry_after_s: float) -> None:
+        super().__init__(f"expert {key} is overloaded: {queued} images already queued")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpired(Exception):
+    """The caller's time budget ran out while its work waited in the queue."""
+
+
 @dataclass
 class _Pending:
     images: np.ndarray
     future: asyncio.Future[BatchResult]
     enqueued: float
+    deadline: float | None = None  # perf_counter time after which the caller no longer waits
 
 
 class DynamicBatcher:
-    def __init__(self, fn: Callable[[str, np.ndarray], np.ndarray], max_batch_size: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        fn: Callable[[str, np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_images: int | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_wait_ms ≥ 0")
+        if max_queue_images is not None and max_queue_images < max_batch_size:
+            raise ValueError("max_queue_images must hold at least one full batch")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue_images = max_queue_images
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="askexpert-batch")
         self.queues: dict[str, asyncio.Queue[_Pending]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
+        self.queued: dict[str, int] = {}  # images waiting per key (not yet in a running batch)
+        self.images_per_s: dict[str, float] = {}  # recent model throughput per key, for Retry-After
+        self.expired: dict[str, int] = {}  # calls dropped at their deadline, per key
 
-    async def __call__(self, key: str, images: np.ndarray) -> BatchResult:
+    async def __call__(self, key: str, images: np.ndarray, deadline: float | None = None) -> BatchResult:
         loop = asyncio.get_running_loop()
         queue = self.queues.get(key)
         if queue is None:
             queue = self.queues[key] = asyncio.Queue()
+            self.queued[key] = 0
             self.workers[key] = loop.create_task(self._worker(key, queue))
-        pending = _Pending(images, loop.create_future(), time.perf_counter())
+        waiting = self.queued[key]
+        if self.max_queue_images is not None and waiting + len(images) > self.max_queue_images:
+            rate = self.images_per_s.get(key, 0.0)
+            raise QueueFull(key, waiting, max(1.0, waiting / rate) if rate > 0 else 1.0)
+        pending = _Pending(images, loop.create_future(), time.perf_counter(), deadline)
+        self.queued[key] = waiting + len(images)
         await queue.put(pending)
         return await pending.future
 
@@ -88,7 +125,15 @@ class DynamicBatcher:
         carry: _Pending | None = None
         while True:
             items, carry = await self._collect(queue, carry)
-            items = [p for p in items if not p.future.cancelled()]
+            self.queued[key] -= sum(len(p.images) for p in items)
+            now = time.perf_counter()
+            for p in items:
+                if p.deadline is not None and now > p.deadline and not p.future.done():
+                    self.expired[key] = self.expired.get(key, 0) + 1
+                    p.future.set_exception(
+                        DeadlineExpired(f"the caller's budget ran out after {now - p.enqueued:.3f} s")
+                    )
+            items = [p for p in items if not p.future.done()]
             if not items:
                 continue
             batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
@@ -101,6 +146,8 @@ class DynamicBatcher:
                         p.future.set_exception(exc)
                 continue
             compute = time.perf_counter() - start
+            if compute > 0:
+                self.images_per_s[key] = len(batch) / compute
             offset = 0
             for p in items:
                 n = len(p.images)
@@ -117,24 +164,23 @@ class DynamicBatcher:
 
 
 def dynamic_batch(
-    max_batch_size: int = 64, max_wait_ms: float = 5.0
-) -> Callable[[Callable[[Any, str, np.ndarray], np.ndarray]], Callable[[Any, str, np.ndarray], Awaitable[BatchResult]]]:
-    def decorate(
-        fn: Callable[[Any, str, np.ndarray], np.ndarray],
-    ) -> Callable[[Any, str, np.ndarray], Awaitable[BatchResult]]:
+    max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queue_images: int | None = None
+) -> Callable[[Callable[[Any, str, np.ndarray], np.ndarray]], Callable[..., Awaitable[BatchResult]]]:
+    def decorate(fn: Callable[[Any, str, np.ndarray], np.ndarray]) -> Callable[..., Awaitable[BatchResult]]:
         attr = f"_dynamic_batcher_{fn.__name__}"
 
         @functools.wraps(fn)
-        async def wrapper(self: Any, key: str, images: np.ndarray) -> BatchResult:
+        async def wrapper(self: Any, key: str, images: np.ndarray, deadline: float | None = None) -> BatchResult:
             batcher = getattr(self, attr, None)
             if batcher is None:
                 batcher = DynamicBatcher(
                     functools.partial(fn, self),
                     int(getattr(self, "max_batch_size", max_batch_size)),
                     float(getattr(self, "max_wait_ms", max_wait_ms)) / 1000.0,
+                    getattr(self, "max_queue_images", max_queue_images),
                 )
                 setattr(self, attr, batcher)
-            return await batcher(key, images)
+            return await batcher(key, images, deadline)
 
         return wrapper
 

@@ -30,13 +30,14 @@ class ServerProcess:
         self,
         system: str | Path,
         *extra: str,
-        host: str = "127.0.0.1",
+        host: str | None = "127.0.0.1",
         port: int | None = None,
         prefix: Sequence[str] = (),
         env: dict[str, str] | None = None,
     ) -> None:
+        """`host=None` leaves `--host` out, so the server binds where `serve` binds by default."""
         self.port = port or free_port()
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://{host or '127.0.0.1'}:{self.port}"
         cmd = [
             *prefix,
             sys.executable,
@@ -45,8 +46,7 @@ class ServerProcess:
             "serve",
             "--system",
             str(Path(system).resolve()),
-            "--host",
-            host,
+            *(["--host", host] if host else []),
             "--port",
             str(self.port),
             *extra,

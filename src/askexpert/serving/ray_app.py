@@ -73,7 +73,7 @@ class RayExpertService(ServiceBase):
         super().__init__(metas, input_size(cfg.data), cfg.serving)
         self.handles = handles
 
-    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
         return self.reply(expert_id, await self.handles[expert_id].remote((images, time.time())))
 
 

@@ -17,6 +17,7 @@ into a 4xx JSON error that names the problem.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
 from askexpert.config import ServingConfig
 from askexpert.data import input_size
@@ -35,10 +37,11 @@ from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
 from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
-from askexpert.serving.batching import BatchResult, dynamic_batch
+from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
 from askexpert.system import SystemDir
 
 API_VERSION = "v1"
+BUDGET_HEADER = "x-askexpert-budget-ms"  # the caller's remaining time: queued work past it is dropped
 
 
 class ServiceMetrics:
@@ -60,6 +63,15 @@ class ServiceMetrics:
         )
         self.compute = Histogram(
             "askexpert_compute_seconds", "Model time per batch", ["expert"], registry=self.registry
+        )
+        self.shed = Counter(
+            "askexpert_shed",
+            "Requests shed: queue_full (429) or deadline",
+            ["expert", "reason"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "askexpert_client_disconnects", "Clients gone before their request was read", registry=self.registry
         )
 
 
@@ -112,7 +124,7 @@ class ServiceBase:
             },
         }
 
-    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -125,6 +137,7 @@ class ExpertService(ServiceBase):
         self.partition = partition
         self.max_batch_size = cfg.max_batch_size
         self.max_wait_ms = cfg.max_wait_ms
+        self.max_queue_images = max(cfg.max_queue_images, cfg.max_batch_size)
 
     @classmethod
     def from_system(cls, root: str | Path, schedule: str | None = None, device: str = "cpu") -> ExpertService:
@@ -142,8 +155,8 @@ class ExpertService(ServiceBase):
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
         return self.backend.logits(expert_id, images)
 
-    async def __call__(self, expert_id: str, images: np.ndarray) -> dict[str, Any]:
-        return self.reply(expert_id, await self.run(expert_id, images))
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
+        return self.reply(expert_id, await self.run(expert_id, images, deadline))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -202,17 +215,36 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
             return reject(413, "too_large", f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}")
+        budget = request.headers.get(BUDGET_HEADER)
+        deadline = None
+        if budget is not None:
+            try:
+                deadline = start + max(0.0, float(budget)) / 1e3
+            except ValueError:
+                return reject(400, "bad_header", f"{BUDGET_HEADER} must be milliseconds, got {budget[:40]!r}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                return reject(413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    return reject(413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
+        except ClientDisconnect:
+            m.disconnects.inc()  # a counted event, not a traceback in the log
+            return Response(status_code=499)
         try:
             images = decode_images(bytes(body), service.image_size, limits.max_batch_size)
         except WireError as exc:
             return reject(400, "bad_body", str(exc))
         try:
-            reply = await service(expert_id, images)
+            reply = await service(expert_id, images, deadline)
+        except QueueFull as exc:
+            m.shed.labels(expert_id, "queue_full").inc()
+            response = reject(429, "overloaded", str(exc))
+            response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+            return response
+        except DeadlineExpired as exc:
+            m.shed.labels(expert_id, "deadline").inc()
+            return reject(504, "deadline", str(exc))
         except AskExpertError as exc:
             return reject(400, "bad_request", str(exc))
         except Exception as exc:  # noqa: BLE001 - report, count, keep serving

@@ -1,0 +1,194 @@
+"""EdgeClient: classify real images (files, folders, arrays) with a system, from Python or `askexpert classify`.
+
+```python
+from askexpert.inference.client import EdgeClient
+
+with EdgeClient.from_system("askexpert-demo", server="http://127.0.0.1:8000") as client:
+    for record in client.classify(["photos/cat.jpg", "photos/"]):
+        print(record["path"], record["class_name"], record["source"], record["confidence"])
+```
+Any size and format Pillow reads is converted to RGB and resized to the size the
+system's data source yields. A file that cannot be read gets a record with
+`error` naming it; the others go on. Without a server the edge runs alone
+(samples it would have offloaded keep the generalist's label, `source: fallback`,
+`reason: edge-only: ...`), or with `local_experts=True` asks the system's own
+expert checkpoints in this process.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from askexpert.data import input_size
+from askexpert.errors import ConfigError
+from askexpert.inference.backend import BackendError, ExpertBackend, LocalExpertBackend, RefusingBackend
+from askexpert.inference.collaborative import CollaborativeClassifier
+from askexpert.inference.edge import connect, edge_classifier
+from askexpert.inference.http_backend import HttpExpertBackend
+from askexpert.models import read_meta
+from askexpert.partition import Partition
+from askexpert.system import SystemDir
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+RECORD_FIELDS = ("path", "label", "class_name", "confidence", "source", "expert", "reason", "latency_ms", "error")
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """One image as uint8 (size, size, 3); raises OSError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise OSError(f"{path}: not a readable image: {exc}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def expand_paths(items: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given, folders recursively (image suffixes, sorted), glob patterns expanded.
+
+    A path that names nothing is passed on as is, so it gets an error record instead of vanishing.
+    """
+    for item in items:
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists() or not glob.has_magic(text):
+            yield path
+        else:
+            for match in sorted(glob.glob(str(path), recursive=True)):
+                m = Path(match)
+                yield from expand_paths([m]) if m.is_dir() else [m]
+
+
+class EdgeClient:
+    """A system's edge (generalist + router + expert backend) behind `classify(paths or images)`."""
+
+    def __init__(
+        self,
+        classifier: CollaborativeClassifier,
+        class_names: Sequence[str],
+        image_size: int,
+        closer: HttpExpertBackend | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.classifier = classifier
+        self.class_names = list(class_names)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self._closer = closer
+
+    @classmethod
+    def from_system(
+        cls,
+        system_dir: str | Path,
+        server: str | None = None,
+        token: str | None = None,
+        on_mismatch: str = "fail",
+        local_experts: bool = False,
+        runtime: str = "torch",
+        threads: int = 0,
+    ) -> EdgeClient:
+        """Open a trained system; `server` checks the handshake first (see `edge.connect`)."""
+        system = SystemDir.open(system_dir)
+        cfg = system.config()
+        if server and local_experts:
+            raise ConfigError("give either a server or local_experts, not both")
+        closer: HttpExpertBackend | None = None
+        backend: ExpertBackend
+        if server:
+            backend, closer = connect(system, server, token, on_mismatch)
+        elif local_experts:
+            part = Partition.from_json(system.partition_path)
+            backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+        else:
+            backend = RefusingBackend(_NoServer("no expert server given: the edge answers alone"))
+        classifier = edge_classifier(system, backend, runtime=runtime, threads=threads)
+        names = read_meta(system.generalist_path).extra.get("class_names") or [
+            str(c) for c in range(classifier.partition.num_classes)
+        ]
+        return cls(classifier, names, input_size(cfg.data), closer, cfg.serving.client_batch_size)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def classify(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> list[dict[str, Any]]:
+        """Records for image files, folders, globs, or uint8 arrays (H×W×3 or N×H×W×3), in input order."""
+        return list(self.iter_classify(items))
+
+    def iter_classify(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> Iterator[dict[str, Any]]:
+        """Like `classify`, yielding each batch's records as soon as they are ready."""
+        batch: list[tuple[str, np.ndarray | None, str]] = []
+        for name, image, error in self._decoded(items):
+            batch.append((name, image, error))
+            if len(batch) >= self.batch_size:
+                yield from self._run(batch)
+                batch = []
+        if batch:
+            yield from self._run(batch)
+
+    def _decoded(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> Iterator[tuple[str, Any, str]]:
+        if isinstance(items, np.ndarray):
+            items = [items] if items.ndim == 3 else list(items)
+        arrays: list[np.ndarray] = []
+        paths: list[str | Path] = []
+        for item in items:
+            (arrays if isinstance(item, np.ndarray) else paths).append(item)  # type: ignore[arg-type]
+        for i, array in enumerate(arrays):
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                yield f"array[{i}]", None, f"array[{i}]: expected uint8 (H, W, 3), got {array.dtype} {array.shape}"
+                continue
+            image = Image.fromarray(array).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            yield f"array[{i}]", np.asarray(image, dtype=np.uint8), ""
+        for path in expand_paths(paths):
+            try:
+                yield str(path), load_image(path, self.image_size), ""
+            except OSError as exc:
+                yield str(path), None, str(exc)
+
+    def _run(self, batch: list[tuple[str, np.ndarray | None, str]]) -> Iterator[dict[str, Any]]:
+        good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
+        records: dict[int, dict[str, Any]] = {}
+        if good:
+            images = np.stack([batch[i][1] for i in good])  # type: ignore[misc]
+            start = time.perf_counter()
+            pred = self.classifier(images)
+            per_image_ms = (time.perf_counter() - start) * 1e3 / len(good)
+            for j, i in enumerate(good):
+                label = int(pred.labels[j])
+                expert_conf = float(pred.expert_confidence[j])
+                confidence = expert_conf if pred.source[j] == "expert" else float(pred.topk_probs[j, 0])
+                records[i] = {
+                    "path": batch[i][0],
+                    "label": label,
+                    "class_name": self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
+                    "confidence": confidence,
+                    "source": str(pred.source[j]),
+                    "expert": str(pred.expert[j]) or None,
+                    "reason": str(pred.reason[j]) or None,
+                    "latency_ms": per_image_ms,
+                    "error": None,
+                }
+        for i, (name, _image, error) in enumerate(batch):
+            yield records.get(i) or {field: None for field in RECORD_FIELDS} | {"path": name, "error": error}
+
+
+class _NoServer(BackendError):
+    reason = "edge-only"

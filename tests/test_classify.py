@@ -1,0 +1,124 @@
+"""`askexpert classify` and EdgeClient on image files: every file gets a record, bad ones named."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from askexpert.data import load_splits
+from askexpert.inference.client import EdgeClient, expand_paths
+from askexpert.system import SystemDir
+from conftest import ServerProcess
+
+
+def _photos(trained_system: Path, folder: Path, n: int = 12) -> tuple[list[Path], np.ndarray]:
+    """Test images written as JPEG and PNG files of other sizes, in nested folders."""
+    test = load_splits(SystemDir.open(trained_system).config().data, trained_system).test
+    paths = []
+    for i in range(n):
+        sub = folder / ("a" if i % 2 else "b") / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / (f"img{i:02d}.jpg" if i % 2 else f"img{i:02d}.png")
+        Image.fromarray(test.images[i]).resize((48 + i, 40)).save(path)
+        paths.append(path)
+    return paths, test.labels[:n]
+
+
+def test_cli_classifies_a_folder_with_corrupt_files(trained_system: Path, tmp_path: Path, capsys) -> None:
+    from askexpert.cli import main
+
+    photos, _ = _photos(trained_system, tmp_path / "photos")
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "photos" / "empty.png").write_bytes(b"")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image, not picked up from a folder")
+    out = tmp_path / "records.jsonl"
+    main(["classify", "--system", str(trained_system), str(tmp_path / "photos"), str(tmp_path / "missing.jpg"),
+          "--out", str(out)])  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_path = {Path(r["path"]).name: r for r in records}
+    assert len(records) == len(photos) + 3  # 12 images, 2 corrupt, 1 missing; the .txt is not an image
+    for name in ("broken.jpg", "empty.png", "missing.jpg"):
+        assert by_path[name]["error"] and name in by_path[name]["error"] and by_path[name]["label"] is None
+    good = [r for r in records if not r["error"]]
+    assert len(good) == len(photos)
+    names = json.loads((trained_system / "generalist.json").read_text())["extra"]["class_names"]
+    for r in good:
+        assert r["class_name"] == names[r["label"]] and 0 <= r["confidence"] <= 1
+        assert r["source"] in ("edge", "fallback") and r["latency_ms"] > 0
+        assert r["source"] == "edge" or r["reason"].startswith("edge-only")
+    text = capsys.readouterr().out
+    assert "bad file" in text
+
+
+def test_client_with_a_server_and_csv_stdin_and_glob(
+    server: ServerProcess, trained_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from askexpert.cli import main
+
+    photos, labels = _photos(trained_system, tmp_path / "p")
+    with EdgeClient.from_system(trained_system, server=server.url) as client:
+        client.classifier.router.tau = 1.01  # everything to the experts
+        records = client.classify([str(p) for p in photos])
+        assert [r["path"] for r in records] == [str(p) for p in photos]
+        assert {r["source"] for r in records} <= {"expert", "fallback"} and "expert" in {r["source"] for r in records}
+        arrays = client.classify(np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in photos]))
+        assert len(arrays) == len(photos) and arrays[0]["path"] == "array[0]"
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(str(p) for p in photos[:3]) + "\n"))
+    out = tmp_path / "r.csv"
+    main(["classify", "--system", str(trained_system), "--server", server.url, "--stdin",
+          str(tmp_path / "p" / "a" / "*.jpg"), "--out", str(out)])  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    jpgs = sorted((tmp_path / "p" / "a").glob("*.jpg"))
+    assert len(rows) == len(jpgs) + 3
+    assert set(rows[0]) == {"path", "label", "class_name", "confidence", "source", "expert", "reason", "latency_ms",
+                            "error"}  # fmt: skip
+
+
+def test_watched_folder_classifies_files_as_they_appear(trained_system: Path, tmp_path: Path) -> None:
+    from askexpert.cli import main
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    staged, _ = _photos(trained_system, tmp_path / "staged", n=4)
+
+    def camera() -> None:
+        for i, p in enumerate(staged):
+            time.sleep(0.3)
+            (inbox / f"frame{i}{p.suffix}").write_bytes(p.read_bytes())
+        (inbox / "frame9.jpg").write_bytes(b"half a jpeg")
+
+    thread = threading.Thread(target=camera)
+    thread.start()
+    out = tmp_path / "watch.jsonl"
+    main(["classify", "--system", str(trained_system), "--watch", str(inbox), "--poll-s", "0.1",
+          "--idle-exit-s", "1.5", "--out", str(out)])  # fmt: skip
+    thread.join()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["path"]).name for r in records) == [f"frame{i}{p.suffix}" for i, p in enumerate(staged)] + [
+        "frame9.jpg"
+    ]
+    assert sum(bool(r["error"]) for r in records) == 1
+
+
+def test_expand_paths_keeps_order_and_names_missing(tmp_path: Path) -> None:
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    for name in ("d/b.png", "d/a.jpg", "d/e/c.JPG", "d/skip.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    got = [p.relative_to(tmp_path).as_posix() for p in expand_paths([tmp_path / "d", tmp_path / "nope.png"])]
+    assert got == ["d/a.jpg", "d/b.png", "d/e/c.JPG", "nope.png"]
+
+
+def test_nothing_to_classify_is_a_clear_error(trained_system: Path, capsys) -> None:
+    from askexpert.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["classify", "--system", str(trained_system)])
+    assert info.value.code == 2 and "nothing to classify" in capsys.readouterr().err

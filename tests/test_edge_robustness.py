@@ -1,0 +1,189 @@
+"""The edge under bad answers, a dead or overloaded server, and a server with other experts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from askexpert.config import ServingConfig
+from askexpert.inference.backend import BackendError, ExpertReply
+from askexpert.inference.http_backend import CircuitBreaker, HandshakeError, HttpExpertBackend, _reply
+from askexpert.partition import Partition
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
+from askexpert.system import SystemDir
+from conftest import ServerProcess
+
+
+def test_circuit_breaker_opens_half_opens_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("askexpert.inference.http_backend.time.monotonic", lambda: now[0])
+    breaker = CircuitBreaker(failures_to_open=2, cooldown_s=5.0)
+    breaker.record(False)
+    assert breaker.allow()  # one failure: still closed
+    breaker.record(False)
+    assert not breaker.allow()  # open: calls are refused at once
+    now[0] += 4.9
+    assert not breaker.allow()
+    now[0] += 0.2
+    assert breaker.allow()  # half-open: one probe may go
+    breaker.record(False)
+    assert not breaker.allow()  # the probe failed: open again for a full cooldown
+    now[0] += 5.1
+    assert breaker.allow()
+    breaker.record(True)  # the probe succeeded: closed
+    assert breaker.allow() and breaker.failures == 0 and breaker.opened_at is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ({"labels": 5, "confidence": [0.5]}, "malformed server reply"),
+        ({"labels": [1, 2], "confidence": [0.5]}, "malformed server reply"),
+        ({"confidence": [0.5]}, "malformed server reply"),
+        ({"labels": [1], "confidence": [0.5], "timing": "soon"}, "malformed server reply"),
+        ({"labels": [1], "confidence": [0.5], "probs": [1, 2]}, "probs of shape"),
+        ("not json", "malformed server reply"),
+    ],
+)
+def test_malformed_replies_are_backend_errors(doc: object, fragment: str) -> None:
+    content = doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()
+    response = httpx.Response(200, content=content)
+    with pytest.raises(BackendError, match=fragment):
+        _reply(response, 1, 100, 0.0, 1.0, 0)
+
+
+class _Liar:
+    """A server that answers with labels outside the expert's classes."""
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        return ExpertReply(np.full(len(images), 3), np.full(len(images), 0.9, np.float32))
+
+
+def test_out_of_range_answers_fall_back(trained_system: Path) -> None:
+    from askexpert.data import load_splits
+    from askexpert.inference.edge import edge_classifier
+
+    system = SystemDir.open(trained_system)
+    part = Partition.from_json(system.partition_path)
+    clf = edge_classifier(system, _Liar())
+    clf.router.tau = 1.01  # everything offloaded
+    test = load_splits(system.config().data, trained_system).test
+    pred = clf(test.images[:20])
+    outside = [i for i in range(20) if 3 not in part.subsets[part.index(str(pred.expert[i]))]]
+    assert outside  # some samples went to an expert that does not hold class 3
+    for i in outside:
+        assert pred.source[i] == "fallback" and "outside its classes" in pred.reason[i]
+        assert pred.labels[i] == pred.generalist_labels[i]
+
+
+def test_oversize_body_without_content_length_is_refused(server: ServerProcess) -> None:
+    def chunks():  # a generator body: httpx sends it chunked, with no Content-Length
+        block = b"\0" * (1 << 20)
+        for _ in range(17):
+            yield block
+
+    response = httpx.post(
+        f"{server.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=chunks(), timeout=30
+    )
+    assert response.status_code == 413 and "exceeds the limit" in response.json()["error"]
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_handshake_checks_experts_classes_and_weights(server: ServerProcess, trained_system: Path) -> None:
+    from askexpert.inference.edge import connect
+
+    system = SystemDir.open(trained_system)
+    cfg = system.config()
+    part = Partition.from_json(system.partition_path)
+    backend = HttpExpertBackend(server.url, cfg.serving)
+    try:
+        backend.handshake(part, 32)  # the same system: passes
+        swapped = Partition("manual", part.num_classes, part.expert_ids, tuple(reversed(part.subsets)))
+        with pytest.raises(HandshakeError, match="expert e0 serves classes"):
+            backend.handshake(swapped, 32)
+        with pytest.raises(HandshakeError, match="expects 32×32 images, this edge sends 64×64"):
+            backend.handshake(part, 64)
+        with pytest.raises(HandshakeError, match="weights differ"):
+            backend.handshake(part, 32, {"e0": "0" * 64})
+    finally:
+        backend.close()
+    # A retrained partition on the edge side: `connect` refuses, or runs edge-only with reason "mismatch".
+    other = trained_system.parent / "edge-copy"
+    import shutil
+
+    shutil.copytree(trained_system, other, dirs_exist_ok=True)
+    Partition("manual", part.num_classes, part.expert_ids, tuple(reversed(part.subsets))).to_json(
+        other / "partition.json"
+    )
+    edge_system = SystemDir.open(other)
+    with pytest.raises(HandshakeError, match="handshake with"):
+        connect(edge_system, server.url)
+    refusing, http = connect(edge_system, server.url, on_mismatch="edge-only")
+    try:
+        from askexpert.inference.edge import edge_classifier
+
+        clf = edge_classifier(edge_system, refusing)
+        clf.router.tau = 1.01
+        images = np.zeros((4, 32, 32, 3), np.uint8)
+        pred = clf(images)
+        assert (pred.source == "fallback").all() and all(r.startswith("mismatch: ") for r in pred.reason)
+    finally:
+        http.close()
+
+
+def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(trained_system: Path) -> None:
+    import threading
+    import time
+
+    # A queue bound of one batch: concurrent clients overflow it.
+    proc_cfg = SystemDir.open(trained_system).config()
+    raw = proc_cfg.model_dump(mode="json")
+    raw["serving"].update(max_queue_images=8, max_batch_size=8, max_wait_ms=50)
+    copy = trained_system.parent / "overload-copy"
+    import shutil
+
+    shutil.copytree(trained_system, copy, dirs_exist_ok=True)
+    (copy / "config.yaml").write_text(json.dumps(raw))
+    proc = ServerProcess(copy)
+    try:
+        body = encode_images(np.zeros((8, 32, 32, 3), np.uint8))
+        statuses: list[int] = []
+        headers: list[str | None] = []
+
+        def post() -> None:
+            r = httpx.post(f"{proc.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body)
+            statuses.append(r.status_code)
+            headers.append(r.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=post) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 429 in statuses and 200 in statuses and all(s in (200, 429) for s in statuses)
+        assert all(h is not None and int(h) >= 1 for s, h in zip(statuses, headers, strict=True) if s == 429)
+        text = httpx.get(f"{proc.url}/metrics").text
+        assert 'askexpert_shed_total{expert="e0",reason="queue_full"}' in text
+        # The edge client: a 429 is one attempt, no retries, a BackendError naming the overload.
+        cfg = ServingConfig(retries=3, backoff_s=1.0, max_batch_size=8)
+        backend = HttpExpertBackend(proc.url, cfg)
+        calls = {"n": 0}
+        original = backend.client.post
+
+        def counting(*args: object, **kwargs: object) -> httpx.Response:
+            calls["n"] += 1
+            return httpx.Response(429, headers={"retry-after": "2"}, json={"error": "expert e0 is overloaded"})
+
+        backend.client.post = counting  # type: ignore[method-assign]
+        start = time.perf_counter()
+        with pytest.raises(BackendError, match=r"overloaded \(429, retry after 2 s\)"):
+            backend.predict("e0", np.zeros((2, 32, 32, 3), np.uint8))
+        assert calls["n"] == 1 and time.perf_counter() - start < 0.5
+        backend.client.post = original  # type: ignore[method-assign]
+        backend.close()
+    finally:
+        proc.stop()
