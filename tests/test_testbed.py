@@ -80,3 +80,29 @@ def test_calibrate_errors(bed: tuple[SystemDir, dict], tmp_path: Path) -> None:
         calibrate(system, latency_budget_ms=0.0001, write=False)
     with pytest.raises(ConfigError, match="no testbed results"):
         calibrate(system, testbed_json=tmp_path / "none.json", latency_budget_ms=1)
+
+
+def test_a_failed_offload_costs_its_real_time_and_waiting_energy() -> None:
+    import numpy as np
+
+    from askexpert.testbed.runner import strategies
+
+    spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
+    answered = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 1}
+    answered |= {"remote_label": 1, "offload_s": 0.02, "rtt_ms": 15.0, "compute_ms": 1.0, "batch_size": 1.0}
+    answered |= {"bytes_sent": 3096.0, "bytes_received": 300.0, "encode_ms": 0.1, "queue_ms": 0.5}
+    failed = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 1}
+    failed |= {"remote_label": -1, "offload_s": 5.0, "error": "timeout after 5 s"}  # a full timeout
+    run = {"rows": [answered, failed], "labels": [1, 1], "emulated": True, "gate": "max_prob"}
+    table, _ = strategies(run, spec, [0.5])
+    rows = {(r["strategy"], r["tau"]): r for r in table}
+    collab, near = rows[("collaborative", 0.5)], rows[("near-edge-only", None)]
+    edge_ms = 1.0 * spec.edge.slowdown
+    assert collab["offload_rate"] == 1.0 and collab["failed_offloads"] == 1
+    # mean of the answered sample's latency and the failed one's (edge + the whole 5 s timeout)
+    assert collab["latency_mean_ms"] > (edge_ms + 5000.0) / 2
+    assert collab["accuracy"] == 0.5  # the failed sample keeps the generalist's (wrong) label
+    assert near["failed_offloads"] == 1 and near["latency_mean_ms"] == pytest.approx(collab["latency_mean_ms"])
+    idle_w = spec.edge.idle_w
+    assert collab["energy_edge_mj"] >= idle_w * 5.0 * 1e3 / 2 * 0.99  # waiting through the timeout costs idle power
+    assert np.isfinite(collab["energy_total_mj"])

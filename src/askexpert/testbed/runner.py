@@ -215,7 +215,9 @@ def strategies(
     gen_label = np.array([r["gen_label"] for r in rows])
     local_label = np.array([r["local_label"] for r in rows])
     remote_label = np.array([r["remote_label"] for r in rows])
-    offload_extra = encode_s + net_s + queue_s + near_s_scaled
+    offload_s = np.array([r.get("offload_s", 0.0) for r in rows])
+    # A failed offload costs the time it really took (a timeout in full), spent waiting on the edge.
+    offload_extra = np.where(ok, encode_s + net_s + queue_s + near_s_scaled, offload_s)
 
     def summarise(
         name: str, tau: float | None, offload: np.ndarray, label: np.ndarray, latency: np.ndarray, compute: np.ndarray
@@ -248,10 +250,11 @@ def strategies(
             "energy_near_edge_mj": float(e["near_edge_j"].mean() * 1e3),
             "energy_total_mj": float(e["total_j"].mean() * 1e3),
             "bytes_sent_per_sample": float((up * offload).mean()),
+            "failed_offloads": int((offload & ~ok).sum()),
         }
 
     nothing = np.zeros(n, dtype=bool)
-    everything = ok.copy()
+    everything = np.ones(n, dtype=bool)
     asked = np.ones(n, dtype=bool)
     remote_or_gen = final_labels(gen_label, remote_label, asked)[0]  # abstain → fallback, the shared rule
     local_or_gen = final_labels(gen_label, local_label, asked)[0]
@@ -269,18 +272,15 @@ def strategies(
             "near-edge-only",
             None,
             everything,
-            np.where(everything, remote_or_gen, gen_label),
+            np.where(everything & ok, remote_or_gen, gen_label),
             gen_s + offload_extra * everything,
             gen_s,
         ),
     ]
     for tau in taus:
-        off = offload_masks(stat, run["gate"], np.asarray([tau]))[0] & ok
-        table.append(
-            summarise(
-                "collaborative", tau, off, np.where(off, remote_or_gen, gen_label), gen_s + offload_extra * off, gen_s
-            )
-        )
+        off = offload_masks(stat, run["gate"], np.asarray([tau]))[0]  # attempted, answered or not
+        label = np.where(off & ok, remote_or_gen, gen_label)
+        table.append(summarise("collaborative", tau, off, label, gen_s + offload_extra * off, gen_s))
     records = [
         {
             **rows[i],
