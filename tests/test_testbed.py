@@ -106,3 +106,34 @@ def test_a_failed_offload_costs_its_real_time_and_waiting_energy() -> None:
     idle_w = spec.edge.idle_w
     assert collab["energy_edge_mj"] >= idle_w * 5.0 * 1e3 / 2 * 0.99  # waiting through the timeout costs idle power
     assert np.isfinite(collab["energy_total_mj"])
+
+
+def test_profile_measure_writes_times_the_testbed_prefers(bed: tuple[SystemDir, dict], tmp_path: Path) -> None:
+    from askexpert.cli import main
+    from askexpert.measure.profiles import load_device
+    from askexpert.testbed.runner import TestbedSpec, compute_sources, strategies
+
+    system, _ = bed
+    out = tmp_path / "board.yaml"
+    main(["profile", "measure", "--system", str(system.root), "--out", str(out), "--name", "board",
+          "--idle-w", "2", "--active-w", "5", "--batches", "1,4"])  # fmt: skip
+    board = load_device(str(out))
+    assert board.measured is not None and set(board.measured.ms) == {"generalist", "expert"}
+    assert set(board.measured.ms["expert"]) == {1, 4} and all(v > 0 for v in board.measured.ms["expert"].values())
+    cfg = system.config()
+    presets = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
+    spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
+    measured = TestbedSpec(board, spec.near_edge, spec.link_name, spec.link, spec.radio)
+    sources = compute_sources(measured, presets)
+    assert sources["edge_generalist_ms"] == pytest.approx(board.measured.ms["generalist"][1])
+    assert compute_sources(measured, {"generalist": "deit-tiny", "expert": "deit-small"})["edge_generalist_ms"] is None
+    rows = json.loads((system.root / "testbed" / "testbed.json").read_text())
+    assert rows["provenance"]["edge_compute"].startswith("measured on this machine")
+    run = {
+        "rows": [{"gen_s": 9.0, "local_expert_s": 9.0, "stat": 0.9, "gen_label": 0, "local_label": 0, "remote_label": 0,
+                  "offload_s": 0.0}],
+        "labels": [0], "emulated": True, "gate": "max_prob", "presets": presets,
+    }  # fmt: skip
+    table, _ = strategies(run, measured, [0.0])
+    edge_only = next(r for r in table if r["strategy"] == "edge-only")
+    assert edge_only["latency_mean_ms"] == pytest.approx(board.measured.ms["generalist"][1])  # not 9 s × slowdown

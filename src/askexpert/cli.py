@@ -24,6 +24,8 @@ data_app = typer.Typer(help="Data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+profile_app = typer.Typer(help="Device profiles for the testbed.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI get whole tables
 err_console = Console(stderr=True, soft_wrap=True)  # one unbroken line per error
 
@@ -422,6 +424,38 @@ def classify(
                 counts[key] = counts.get(key, 0) + 1
     print_table("classified", [{"outcome": k, "files": v} for k, v in counts.items()], ["outcome", "files"])
     console.print(f"records: {out}")
+
+
+@profile_app.command("measure")
+def profile_measure(
+    system: SystemOpt,
+    out: Annotated[Path, typer.Option(help="Profile YAML to write (copy it back from the device).")],
+    name: Annotated[str, typer.Option(help="Profile name, e.g. my-raspberry-pi.")],
+    idle_w: Annotated[float, typer.Option(help="Idle power of the device in watts (from a meter or its datasheet).")],
+    active_w: Annotated[float, typer.Option(help="Power while computing, in watts.")],
+    tier: Annotated[str, typer.Option(help="edge or near-edge.")] = "edge",
+    threads: Annotated[int, typer.Option(help="Torch threads (0: torch's default).")] = 0,
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8,16,32,64",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Time the system's generalist and an expert on THIS machine; write a profile the testbed uses as measured."""
+    from askexpert.errors import ConfigError
+    from askexpert.measure.device_timing import measure_profile, write_profile
+
+    if tier not in ("edge", "near-edge"):
+        raise ConfigError(f"--tier must be edge or near-edge, got {tier!r}")
+    try:
+        sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--batches must be integers separated by commas, got {batches!r}") from None
+    profile = measure_profile(_system(system), name, tier, idle_w, active_w, threads, sizes, device=device)  # type: ignore[arg-type]
+    write_profile(profile, out)
+    assert profile.measured is not None
+    rows = [
+        {"batch": b, **{f"{role}_ms": profile.measured.ms[role][b] for role in ("generalist", "expert")}} for b in sizes
+    ]
+    print_table(f"measured on {profile.measured.device}", rows, ["batch", "generalist_ms", "expert_ms"])
+    console.print(f"wrote {out}; use it with `askexpert testbed --edge {out}` (or --near-edge)")
 
 
 def _taus(text: str | None) -> list[float] | None:

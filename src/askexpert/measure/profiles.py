@@ -16,8 +16,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from askexpert.errors import ConfigError
 
 
+class MeasuredTimes(BaseModel):
+    """Forward-pass times measured on the device itself (`askexpert profile measure`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    presets: dict[str, str]  # role ("generalist", "expert") → preset the times belong to
+    image_size: int = Field(ge=1)
+    device: str
+    date: str
+    ms: dict[str, dict[int, float]]  # role → batch size → median milliseconds per batch
+
+    def per_image_ms(self, role: str, preset: str, batch: int) -> float | None:
+        """Milliseconds per image for `role` at the largest measured batch ≤ `batch` (None: not measured)."""
+        if self.presets.get(role) != preset or role not in self.ms:
+            return None
+        sizes = [b for b in self.ms[role] if b <= max(1, batch)]
+        if not sizes:
+            return None
+        b = max(sizes)
+        return self.ms[role][b] / b
+
+
 class DeviceProfile(BaseModel):
-    """A device's power draw and its speed relative to the machine askexpert runs on."""
+    """A device's power draw and its speed: measured times where it has them, else a slowdown guess."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -25,8 +46,9 @@ class DeviceProfile(BaseModel):
     idle_w: float = Field(ge=0.0)
     active_w: float = Field(gt=0.0)
     threads: int = Field(ge=1)
-    slowdown: float = Field(gt=0.0)  # compute time there = measured here × slowdown
+    slowdown: float = Field(gt=0.0)  # compute time there = measured here × slowdown (where not measured)
     sources: list[str] = Field(min_length=1)
+    measured: MeasuredTimes | None = None
 
     def threads_here(self) -> int:
         """The profile's thread count, capped at the threads torch may use on this machine."""

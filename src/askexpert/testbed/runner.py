@@ -193,6 +193,22 @@ def _network_s(row: dict[str, Any], spec: TestbedSpec, emulated: bool) -> float:
     return measured + model.round_trip_s(row.get("bytes_sent", 0.0), row.get("bytes_received", 0.0))
 
 
+def compute_sources(spec: TestbedSpec, presets: dict[str, str]) -> dict[str, Any]:
+    """Which compute times come from a profile's measurements (for these presets) rather than × slowdown."""
+    edge = spec.edge.measured
+    near = spec.near_edge.measured
+    return {
+        "edge_generalist_ms": edge.per_image_ms("generalist", presets.get("generalist", ""), 1) if edge else None,
+        "edge_expert_ms": edge.per_image_ms("expert", presets.get("expert", ""), 1) if edge else None,
+        "near_expert_measured": bool(near and near.per_image_ms("expert", presets.get("expert", ""), 1) is not None),
+    }
+
+
+def _measured_on(profile: DeviceProfile) -> str:
+    m = profile.measured
+    return f"{m.device}, {m.date}" if m else "not measured"
+
+
 def strategies(
     run: dict[str, Any], spec: TestbedSpec, taus: list[float]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -201,13 +217,24 @@ def strategies(
     edge, near = PowerModel(spec.edge), PowerModel(spec.near_edge)
     model = LinkModel(spec.link)
     n = len(rows)
+    presets = run.get("presets", {})
     gen_s = np.array([r["gen_s"] for r in rows]) * spec.edge.slowdown
     local_s = np.array([r["local_expert_s"] for r in rows]) * spec.edge.slowdown
+    timed = compute_sources(spec, presets)
+    if timed["edge_generalist_ms"] is not None:  # measured on the device: replaces this machine × slowdown
+        gen_s = np.full(n, timed["edge_generalist_ms"] / 1e3)
+    if timed["edge_expert_ms"] is not None:
+        local_s = np.full(n, timed["edge_expert_ms"] / 1e3)
     ok = np.array(["error" not in r for r in rows])  # the server answered (an abstention counts as an answer)
     net_s = np.array([_network_s(r, spec, emulated) for r in rows])
     encode_s = np.array([r.get("encode_ms", 0.0) / 1e3 for r in rows])
     near_s = np.array([r.get("compute_ms", 0.0) / 1e3 / max(1.0, r.get("batch_size", 1.0)) for r in rows])
     near_s_scaled = near_s * spec.near_edge.slowdown
+    if spec.near_edge.measured is not None and presets.get("expert"):
+        for i, r in enumerate(rows):
+            per_image = spec.near_edge.measured.per_image_ms("expert", presets["expert"], int(r.get("batch_size", 1)))
+            if per_image is not None and "error" not in r:
+                near_s_scaled[i] = per_image / 1e3
     queue_s = np.array([r.get("queue_ms", 0.0) / 1e3 for r in rows])
     up = np.array([r.get("bytes_sent", 0.0) for r in rows])
     down = np.array([r.get("bytes_received", 0.0) for r in rows])
@@ -360,16 +387,27 @@ def run_testbed(
     taus = taus if taus is not None else [0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     run = measure(system, spec, samples, emulate)
     run["gate"] = cfg.routing.gate
+    run["presets"] = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
+    timed = compute_sources(spec, run["presets"])
     table, records = strategies(run, spec, taus)
     ratios = headline_ratios(table)
     meters = sorted(available_meters())
     provenance = {
         "link": run["link_mode"],
-        "edge_compute": f"measured on this machine (best of {EDGE_REPEATS} runs per sample) with "
-        f"{run['edge_threads']} thread(s) × slowdown "
-        f"{spec.edge.slowdown:g} of profile {spec.edge.name} (modelled scaling)",
-        "near_edge_compute": f"measured by the server × slowdown {spec.near_edge.slowdown:g} of profile "
-        f"{spec.near_edge.name} (modelled scaling)",
+        "edge_compute": (
+            f"measured on the device ({spec.edge.name} profile, {_measured_on(spec.edge)}), "
+            f"generalist {timed['edge_generalist_ms']:.3g} ms, expert {timed['edge_expert_ms']} ms per image"
+            if timed["edge_generalist_ms"] is not None
+            else f"measured on this machine (best of {EDGE_REPEATS} runs per sample) with "
+            f"{run['edge_threads']} thread(s) × slowdown "
+            f"{spec.edge.slowdown:g} of profile {spec.edge.name} (modelled scaling)"
+        ),
+        "near_edge_compute": (
+            f"measured on the device ({spec.near_edge.name} profile, {_measured_on(spec.near_edge)}), per batch size"
+            if timed["near_expert_measured"]
+            else f"measured by the server × slowdown {spec.near_edge.slowdown:g} of profile "
+            f"{spec.near_edge.name} (modelled scaling)"
+        ),
         "energy": "power model from the profiles' watts × those times, radio model "
         f"{spec.link.radio} (Huang et al. 2012); hardware meters readable here: {meters or 'none'}",
     }
