@@ -137,3 +137,40 @@ def test_profile_measure_writes_times_the_testbed_prefers(bed: tuple[SystemDir, 
     table, _ = strategies(run, measured, [0.0])
     edge_only = next(r for r in table if r["strategy"] == "edge-only")
     assert edge_only["latency_mean_ms"] == pytest.approx(board.measured.ms["generalist"][1])  # not 9 s × slowdown
+
+
+def test_metered_near_edge_energy_replaces_the_power_model() -> None:
+    from askexpert.measure.device_timing import time_model
+    from askexpert.measure.profiles import MeasuredTimes
+    from askexpert.models import create_model
+    from askexpert.testbed.runner import TestbedSpec, strategies
+
+    class Counter:
+        source = "fake"
+
+        def __init__(self) -> None:
+            self.j = 0.0
+
+        def read_j(self) -> float:
+            self.j += 0.5  # 0.5 J between reads
+            return self.j
+
+    import torch
+
+    ms, joules = time_model(create_model("micro-expert", 3), 32, 2, 4, torch.device("cpu"), Counter())
+    assert ms > 0 and joules == pytest.approx(0.5 / 4)
+    spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
+    near = spec.near_edge.model_copy(
+        update={
+            "measured": MeasuredTimes(
+                presets={"expert": "cpu-expert"}, image_size=32, device="fake-gpu", date="2026-11-28",
+                ms={"expert": {1: 2.0, 4: 4.0}}, j={"expert": {1: 0.3, 4: 0.8}}, meter="nvml",
+            )
+        }
+    )  # fmt: skip
+    row = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 0, "remote_label": 0}
+    row |= {"offload_s": 0.02, "rtt_ms": 10.0, "compute_ms": 1.0, "batch_size": 4.0, "bytes_sent": 3096.0}
+    run = {"rows": [row], "labels": [0], "emulated": True, "gate": "max_prob", "presets": {"expert": "cpu-expert"}}
+    table, _ = strategies(run, TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio), [1.0])
+    collab = next(r for r in table if r["strategy"] == "collaborative")
+    assert collab["energy_near_edge_mj"] == pytest.approx(0.8 / 4 * 1e3)  # metered J per image at batch 4

@@ -21,29 +21,39 @@ import yaml
 
 from askexpert.data import input_size
 from askexpert.errors import ConfigError
+from askexpert.measure.energy import EnergyMeter, available_meters
 from askexpert.measure.profiles import DeviceProfile, MeasuredTimes
-from askexpert.models import load_checkpoint, predict_logits
+from askexpert.models import ImageClassifier, load_checkpoint, predict_logits
 from askexpert.partition import Partition
 from askexpert.system import SystemDir
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def time_model(model: torch.nn.Module, size: int, batch: int, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of one forward pass on a batch (after a warm-up)."""
+def time_model(
+    model: ImageClassifier, size: int, batch: int, repeats: int, device: torch.device, meter: EnergyMeter | None = None
+) -> tuple[float, float | None]:
+    """Median milliseconds of one forward pass on a batch (after a warm-up), and joules per batch from `meter`.
+
+    Energy is read around all `repeats` passes together (meters tick coarsely) and divided.
+    """
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(2):
-        predict_logits(model, images, device, batch_size=batch)  # type: ignore[arg-type]
-    times = []
-    for _ in range(repeats):
+        predict_logits(model, images, device, batch_size=batch)
+
+    def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        predict_logits(model, images, device, batch_size=batch)  # type: ignore[arg-type]
+        predict_logits(model, images, device, batch_size=batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+        return (time.perf_counter() - start) * 1e3
+
+    start_j = meter.read_j() if meter is not None else 0.0
+    times = [once() for _ in range(repeats)]
+    joules = (meter.read_j() - start_j) / repeats if meter is not None else None
+    return float(statistics.median(times)), joules
 
 
 def measure_profile(
@@ -68,15 +78,23 @@ def measure_profile(
     part = Partition.from_json(system.partition_path)
     generalist, gmeta = load_checkpoint(system.generalist_path, dev)
     expert, emeta = load_checkpoint(system.expert_path(cfg.serving.schedule, part.expert_ids[0]), dev)
+    meters = available_meters()
+    meter_name = "nvml" if dev.type == "cuda" and "nvml" in meters else "rapl" if "rapl" in meters else None
+    meter = meters[meter_name] if meter_name else None
+    results = {
+        role: {b: time_model(model, size, b, repeats, dev, meter) for b in batches}
+        for role, model in (("generalist", generalist), ("expert", expert))
+    }
     measured = MeasuredTimes(
         presets={"generalist": gmeta.preset, "expert": emeta.preset},
         image_size=size,
         device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         date=dt.date.today().isoformat(),
-        ms={
-            role: {b: time_model(model, size, b, repeats, dev) for b in batches}
-            for role, model in (("generalist", generalist), ("expert", expert))
-        },
+        ms={role: {b: r[0] for b, r in per.items()} for role, per in results.items()},
+        j={role: {b: float(r[1]) for b, r in per.items() if r[1] is not None} for role, per in results.items()}
+        if meter
+        else None,
+        meter=meter_name,
     )
     return DeviceProfile(
         name=name,
@@ -88,7 +106,8 @@ def measure_profile(
         sources=[
             f"Times measured by `askexpert profile measure` on {platform.node()} ({platform.machine()}, "
             f"{torch.get_num_threads()} torch threads, {measured.device}) on {measured.date}.",
-            f"Power: idle {idle_w:g} W, active {active_w:g} W, as given on the command line.",
+            f"Power: idle {idle_w:g} W, active {active_w:g} W, as given on the command line; "
+            + (f"energy per batch read from {meter_name}." if meter_name else "no energy meter readable here."),
         ],
         measured=measured,
     )

@@ -138,12 +138,15 @@ def account(
     up_bytes: float,
     down_bytes: float,
     near_edge_compute_s: float,
+    near_edge_measured_j: float | None = None,
 ) -> SampleEnergy:
     """One sample's energy: edge active while computing and idle while waiting, radio while
-    transferring, near-edge active for this sample's share of its batch."""
+    transferring, near-edge active for this sample's share of its batch (or, where a meter
+    measured the near-edge device, `near_edge_measured_j`)."""
     return SampleEnergy(
         edge.compute_j(edge_compute_s),
         edge.idle_j(wait_s),
         radio_j(radio, link, up_bytes, down_bytes) if up_bytes or down_bytes else 0.0,
-        near_edge.compute_j(near_edge_compute_s),
+        near_edge.compute_j(near_edge_compute_s) if near_edge_measured_j is None else near_edge_measured_j,
+        ("near_edge",) if near_edge_measured_j is not None else (),
     )

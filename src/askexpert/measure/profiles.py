@@ -25,6 +25,15 @@ class MeasuredTimes(BaseModel):
     device: str
     date: str
     ms: dict[str, dict[int, float]]  # role → batch size → median milliseconds per batch
+    j: dict[str, dict[int, float]] | None = None  # role → batch size → joules per batch, where a meter read them
+    meter: str | None = None  # which meter: nvml (GPU), rapl (CPU package)
+
+    def per_image_j(self, role: str, preset: str, batch: int) -> float | None:
+        """Metered joules per image at the largest measured batch ≤ `batch` (None: not metered)."""
+        if self.j is None or self.presets.get(role) != preset or role not in self.j:
+            return None
+        sizes = [b for b in self.j[role] if b <= max(1, batch)]
+        return self.j[role][max(sizes)] / max(sizes) if sizes else None
 
     def per_image_ms(self, role: str, preset: str, batch: int) -> float | None:
         """Milliseconds per image for `role` at the largest measured batch ≤ `batch` (None: not measured)."""

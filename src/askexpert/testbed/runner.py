@@ -246,6 +246,14 @@ def strategies(
     # A failed offload costs the time it really took (a timeout in full), spent waiting on the edge.
     offload_extra = np.where(ok, encode_s + net_s + queue_s + near_s_scaled, offload_s)
 
+    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
+    if spec.near_edge.measured is not None and presets.get("expert"):
+        for i, r in enumerate(rows):
+            if "error" not in r:
+                near_j[i] = spec.near_edge.measured.per_image_j(
+                    "expert", presets["expert"], int(r.get("batch_size", 1))
+                )
+
     def summarise(
         name: str, tau: float | None, offload: np.ndarray, label: np.ndarray, latency: np.ndarray, compute: np.ndarray
     ) -> dict[str, Any]:
@@ -260,6 +268,7 @@ def strategies(
                 float(up[i]) if offload[i] else 0.0,
                 float(down[i]) if offload[i] else 0.0,
                 float(near_s_scaled[i]) if offload[i] else 0.0,
+                near_j[i] if offload[i] else None,
             )
             for i in range(n)
         ]
@@ -409,7 +418,12 @@ def run_testbed(
             f"{spec.near_edge.name} (modelled scaling)"
         ),
         "energy": "power model from the profiles' watts × those times, radio model "
-        f"{spec.link.radio} (Huang et al. 2012); hardware meters readable here: {meters or 'none'}",
+        f"{spec.link.radio} (Huang et al. 2012); hardware meters readable here: {meters or 'none'}"
+        + (
+            f"; near-edge compute energy metered ({spec.near_edge.measured.meter}) on the device"
+            if spec.near_edge.measured is not None and spec.near_edge.measured.j
+            else ""
+        ),
     }
     summary = {
         "system": cfg.name,
