@@ -29,7 +29,7 @@ import matplotlib
 import numpy as np
 
 from askexpert.data import input_size
-from askexpert.evaluate.report import markdown_table, write_csv
+from askexpert.evaluate.report import finish_plot, markdown_table, write_csv
 from askexpert.inference.edge import connect, edge_classifier
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
@@ -170,13 +170,14 @@ def main() -> None:
     ax.plot(offered, [r["goodput_rps"] for r in rows], marker="o", label="goodput (answered requests/s)")
     ax.plot(offered, [r["shed_rate"] * r["offered_rps"] for r in rows], marker="x", label="shed (429/s)")
     ax.plot(offered, offered, linestyle=":", color="grey", label="offered")
-    ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel("requests/s")
-    ax.set_title("Expert server under open-loop load")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "serve_overload.png", dpi=120)
+    finish_plot(
+        fig,
+        ax,
+        out / "serve_overload.png",
+        "offered load (requests/s)",
+        "requests/s",
+        "Expert server under open-loop load",
+    )
     print(table)
     print(f"written to {out}/serve_overload.*")
 

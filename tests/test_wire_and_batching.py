@@ -112,14 +112,19 @@ class _Failing:
         raise RuntimeError("model exploded")
 
 
-def test_one_failing_model_call_answers_every_caller_of_its_batch() -> None:
-    service = _Failing()
+def _concurrent(service: object, callers: int, images: int = 2) -> list:
+    """`callers` simultaneous calls of `service.run` on expert e0; results or exceptions, in order."""
 
     async def go() -> list:
-        calls = [service.run("e0", np.zeros((2, 1, 1, 3), np.uint8)) for _ in range(6)]
+        calls = [service.run("e0", np.zeros((images, 1, 1, 3), np.uint8)) for _ in range(callers)]  # type: ignore[attr-defined]
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    results = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_one_failing_model_call_answers_every_caller_of_its_batch() -> None:
+    service = _Failing()
+    results = _concurrent(service, 6)
     assert service.calls == 1  # six callers, one merged batch, one failing call
     assert all(isinstance(r, RuntimeError) and "model exploded" in str(r) for r in results)
 
@@ -143,12 +148,7 @@ def test_a_full_queue_refuses_at_once_and_expired_work_is_dropped() -> None:
     from askexpert.serving.batching import DeadlineExpired, QueueFull
 
     service = _Slow()
-
-    async def flood() -> list:
-        calls = [service.run("e0", np.zeros((2, 1, 1, 3), np.uint8)) for _ in range(12)]
-        return await asyncio.gather(*calls, return_exceptions=True)
-
-    results = asyncio.run(flood())
+    results = _concurrent(service, 12)
     refused = [r for r in results if isinstance(r, QueueFull)]
     served = [r for r in results if not isinstance(r, Exception)]
     assert refused and served and len(refused) + len(served) == 12

@@ -43,6 +43,18 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def finish_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid, legend, and the PNG: the same finish for every plot askexpert writes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _select(rows: Sequence[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
@@ -75,14 +87,14 @@ def plot_pareto(
                 zorder=5,
                 label=f"{schedule}: operating point τ={point['tau']:g}",
             )
-    ax.set_xlabel("offload rate (% of samples sent to an expert)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"Accuracy vs offload ({point['gate']} gate, k={point['k']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(
+        fig,
+        ax,
+        path,
+        "offload rate (% of samples sent to an expert)",
+        "top-1 accuracy (%)",
+        f"Accuracy vs offload ({point['gate']} gate, k={point['k']})",
+    )
 
 
 def plot_accuracy_vs_k(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -97,14 +109,14 @@ def plot_accuracy_vs_k(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             linestyle="--",
             label=f"{schedule}: routing hit rate",
         )
-    ax.set_xlabel("k (generalist Top-k classes used for routing)")
-    ax.set_ylabel("percent (%)")
-    ax.set_title("Collaborative accuracy and routing hit rate vs k (at the operating τ)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(
+        fig,
+        ax,
+        path,
+        "k (generalist Top-k classes used for routing)",
+        "percent (%)",
+        "Collaborative accuracy and routing hit rate vs k (at the operating τ)",
+    )
 
 
 def plot_expert_load(path: Path, row: dict[str, Any], expert_ids: Sequence[str]) -> None:

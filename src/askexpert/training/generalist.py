@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from askexpert.data import load_splits
 from askexpert.fingerprint import fingerprint
-from askexpert.models import CheckpointMeta, read_meta, resolve_device, save_checkpoint
+from askexpert.models import CheckpointMeta, resolve_device
 from askexpert.system import SystemDir
-from askexpert.training.shared import fit_all_classes, init_fingerprint, pretrained_for
+from askexpert.training.shared import fit_and_save, init_fingerprint, pretrained_for, stored_if_current
 
 
 def generalist_fingerprint(system: SystemDir) -> str:
@@ -25,37 +25,19 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     """Train (or reuse, when the stored one was made from the same settings) the generalist."""
     cfg = system.config()
     key = generalist_fingerprint(system)
-    path = system.generalist_path
-    if not force and path.is_file() and path.with_suffix(".json").is_file():
-        meta = read_meta(path)
-        if meta.extra.get("fingerprint") == key:
-            return meta
+    meta = stored_if_current(system.generalist_path, key, force)
+    if meta is not None:
+        return meta
     splits = load_splits(cfg.data, system.root)
-    init = pretrained_for(system, "generalist")
-    tc = cfg.generalist_training
-    model, metrics, steps = fit_all_classes(
+    extra = {"fingerprint": key, "class_names": list(splits.train.class_names)}
+    return fit_and_save(
+        "generalist",
         cfg.generalist.preset,
-        splits.train,
-        splits.val,
-        tc,
+        splits,
+        cfg.generalist_training,
         cfg.seed,
         resolve_device(cfg.device),
-        init,
-        path.with_suffix(".resume.pt"),
-        "generalist",
+        pretrained_for(system, "generalist"),
+        system.generalist_path,
+        extra,
     )
-    meta = CheckpointMeta(
-        role="generalist",
-        preset=cfg.generalist.preset,
-        classes=list(range(splits.train.num_classes)),
-        seed=cfg.seed,
-        metrics=metrics,
-        extra={
-            "fingerprint": key,
-            "steps": steps,
-            "batch_size": tc.batch_size,
-            "class_names": list(splits.train.class_names),
-            "init": str(init) if init else None,
-        },
-    )
-    return save_checkpoint(model.cpu(), path, meta)

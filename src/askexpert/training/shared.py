@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from askexpert.config import Stage, SystemConfig, TrainConfig
-from askexpert.data import LabeledImages, load_splits
+from askexpert.data import LabeledImages, Splits, load_splits
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import (
@@ -84,6 +85,42 @@ def fit_all_classes(
     return model, {"val_accuracy": float((val_pred == val.labels).mean()), **stats}, steps
 
 
+def stored_if_current(path: Path, key: str, force: bool = False) -> CheckpointMeta | None:
+    """The checkpoint's metadata when it was made from the same settings (fingerprint), else None."""
+    if force or not path.is_file() or not path.with_suffix(".json").is_file():
+        return None
+    meta = read_meta(path)
+    return meta if meta.extra.get("fingerprint") == key else None
+
+
+def fit_and_save(
+    role: str,
+    preset: str,
+    splits: Splits,
+    tc: TrainConfig,
+    seed: int,
+    device: torch.device,
+    init: Path | None,
+    path: Path,
+    extra: dict[str, Any],
+    desc: str | None = None,
+) -> CheckpointMeta:
+    """`fit_all_classes` on the train split (scored on validation), saved with its metadata and `extra`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model, metrics, steps = fit_all_classes(
+        preset, splits.train, splits.val, tc, seed, device, init, path.with_suffix(".resume.pt"), desc or role
+    )
+    meta = CheckpointMeta(
+        role=role,
+        preset=preset,
+        classes=list(range(splits.train.num_classes)),
+        seed=seed,
+        metrics=metrics,
+        extra={"steps": steps, "batch_size": tc.batch_size, "init": str(init) if init else None, **extra},
+    )
+    return save_checkpoint(model.cpu(), path, meta)
+
+
 def train_backbones(system: SystemDir, presets: list[str] | None = None, force: bool = False) -> list[CheckpointMeta]:
     """Pretrain each preset (default: the generalist's and the expert's) on `backbone.data`."""
     cfg = system.config()
@@ -100,40 +137,15 @@ def train_backbones(system: SystemDir, presets: list[str] | None = None, force: 
     for preset in presets:
         path = system.backbone_path(preset)
         key = fingerprint("backbone/1", bc.model_dump(), preset, cfg.seed)
-        if not force and path.is_file() and path.with_suffix(".json").is_file():
-            meta = read_meta(path)
-            if meta.extra.get("fingerprint") == key:
-                metas.append(meta)
-                continue
-        if splits is None:
-            splits = load_splits(bc.data, system.root)
-        device = resolve_device(cfg.device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model, metrics, steps = fit_all_classes(
-            preset,
-            splits.train,
-            splits.val,
-            bc.training,
-            cfg.seed,
-            device,
-            None,
-            path.with_suffix(".resume.pt"),
-            f"backbone {preset}",
-        )
-        meta = CheckpointMeta(
-            role="backbone",
-            preset=preset,
-            classes=list(range(splits.train.num_classes)),
-            seed=cfg.seed,
-            metrics=metrics,
-            extra={
-                "fingerprint": key,
-                "steps": steps,
-                "data": bc.data.model_dump(),
-                "class_names": list(splits.train.class_names),
-            },
-        )
-        metas.append(save_checkpoint(model.cpu(), path, meta))
+        meta = stored_if_current(path, key, force)
+        if meta is None:
+            splits = splits or load_splits(bc.data, system.root)
+            extra = {"fingerprint": key, "data": bc.data.model_dump(), "class_names": list(splits.train.class_names)}
+            device = resolve_device(cfg.device)
+            meta = fit_and_save(
+                "backbone", preset, splits, bc.training, cfg.seed, device, None, path, extra, f"backbone {preset}"
+            )
+        metas.append(meta)
     return metas
 
 
@@ -153,31 +165,13 @@ def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta
     cfg = system.config()
     tc = cfg.expert_training
     key = shared_stage_fingerprint(system, cfg)
-    path = system.stage1_path
-    if not force and path.is_file() and path.with_suffix(".json").is_file():
-        meta = read_meta(path)
-        if meta.extra.get("fingerprint") == key:
-            return meta
-    splits = load_splits(cfg.data, system.root)
-    device = resolve_device(cfg.device)
+    meta = stored_if_current(system.stage1_path, key, force)
+    if meta is not None:
+        return meta
     stage_tc = TrainConfig(**{**tc.model_dump(include=set(TrainConfig.model_fields)), "epochs": tc.shared_epochs})
-    model, metrics, steps = fit_all_classes(
-        cfg.expert.preset,
-        splits.train,
-        splits.val,
-        stage_tc,
-        tc.seed,
-        device,
-        pretrained_for(system, "expert"),
-        path.with_suffix(".resume.pt"),
-        "stage 1 (all classes)",
-    )
-    meta = CheckpointMeta(
-        role="stage1",
-        preset=cfg.expert.preset,
-        classes=list(range(splits.train.num_classes)),
-        seed=tc.seed,
-        metrics=metrics,
-        extra={"fingerprint": key, "steps": steps, "batch_size": stage_tc.batch_size},
-    )
-    return save_checkpoint(model.cpu(), path, meta)
+    splits = load_splits(cfg.data, system.root)
+    init = pretrained_for(system, "expert")
+    device = resolve_device(cfg.device)
+    extra = {"fingerprint": key}
+    path = system.stage1_path
+    return fit_and_save("stage1", cfg.expert.preset, splits, stage_tc, tc.seed, device, init, path, extra, "stage 1")
