@@ -85,7 +85,7 @@ def test_calibrate_errors(bed: tuple[SystemDir, dict], tmp_path: Path) -> None:
 def test_a_failed_offload_costs_its_real_time_and_waiting_energy() -> None:
     import numpy as np
 
-    from askexpert.testbed.runner import strategies
+    from askexpert.testbed.runner import Measurement, SampleMeasurement, strategies
 
     spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
     answered = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 1}
@@ -93,8 +93,8 @@ def test_a_failed_offload_costs_its_real_time_and_waiting_energy() -> None:
     answered |= {"bytes_sent": 3096.0, "bytes_received": 300.0, "encode_ms": 0.1, "queue_ms": 0.5}
     failed = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 1}
     failed |= {"remote_label": -1, "offload_s": 5.0, "error": "timeout after 5 s"}  # a full timeout
-    run = {"rows": [answered, failed], "labels": [1, 1], "emulated": True, "gate": "max_prob"}
-    table, _ = strategies(run, spec, [0.5])
+    rows = [SampleMeasurement.from_dict({"id": i, "expert": "e0", **r}) for i, r in enumerate((answered, failed))]
+    table, _ = strategies(Measurement(rows, [1, 1], "test", True, 1, "max_prob"), spec, [0.5])
     rows = {(r["strategy"], r["tau"]): r for r in table}
     collab, near = rows[("collaborative", 0.5)], rows[("near-edge-only", None)]
     edge_ms = 1.0 * spec.edge.slowdown
@@ -111,7 +111,7 @@ def test_a_failed_offload_costs_its_real_time_and_waiting_energy() -> None:
 def test_profile_measure_writes_times_the_testbed_prefers(bed: tuple[SystemDir, dict], tmp_path: Path) -> None:
     from askexpert.cli import main
     from askexpert.measure.profiles import load_device
-    from askexpert.testbed.runner import TestbedSpec, compute_sources, strategies
+    from askexpert.testbed.runner import Measurement, SampleMeasurement, TestbedSpec, compute_sources, strategies
 
     system, _ = bed
     out = tmp_path / "board.yaml"
@@ -129,12 +129,8 @@ def test_profile_measure_writes_times_the_testbed_prefers(bed: tuple[SystemDir, 
     assert compute_sources(measured, {"generalist": "deit-tiny", "expert": "deit-small"})["edge_generalist_ms"] is None
     rows = json.loads((system.root / "testbed" / "testbed.json").read_text())
     assert rows["provenance"]["edge_compute"].startswith("measured on this machine")
-    run = {
-        "rows": [{"gen_s": 9.0, "local_expert_s": 9.0, "stat": 0.9, "gen_label": 0, "local_label": 0, "remote_label": 0,
-                  "offload_s": 0.0}],
-        "labels": [0], "emulated": True, "gate": "max_prob", "presets": presets,
-    }  # fmt: skip
-    table, _ = strategies(run, measured, [0.0])
+    row = SampleMeasurement(0, 0, 0.9, "e0", 0, 0, gen_s=9.0, local_expert_s=9.0, offload_s=0.0)
+    table, _ = strategies(Measurement([row], [0], "test", True, 1, "max_prob", presets), measured, [0.0])
     edge_only = next(r for r in table if r["strategy"] == "edge-only")
     assert edge_only["latency_mean_ms"] == pytest.approx(board.measured.ms["generalist"][1])  # not 9 s × slowdown
 
@@ -143,7 +139,7 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
     from askexpert.measure.device_timing import time_model
     from askexpert.measure.profiles import MeasuredTimes
     from askexpert.models import create_model
-    from askexpert.testbed.runner import TestbedSpec, strategies
+    from askexpert.testbed.runner import Measurement, SampleMeasurement, TestbedSpec, strategies
 
     class Counter:
         source = "fake"
@@ -170,7 +166,8 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
     )  # fmt: skip
     row = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 0, "remote_label": 0}
     row |= {"offload_s": 0.02, "rtt_ms": 10.0, "compute_ms": 1.0, "batch_size": 4.0, "bytes_sent": 3096.0}
-    run = {"rows": [row], "labels": [0], "emulated": True, "gate": "max_prob", "presets": {"expert": "cpu-expert"}}
+    run = Measurement([SampleMeasurement.from_dict({"id": 0, "expert": "e0", **row})], [0], "test", True, 1, "max_prob")
+    run.presets = {"expert": "cpu-expert"}
     table, _ = strategies(run, TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio), [1.0])
     collab = next(r for r in table if r["strategy"] == "collaborative")
     assert collab["energy_near_edge_mj"] == pytest.approx(0.8 / 4 * 1e3)  # metered J per image at batch 4

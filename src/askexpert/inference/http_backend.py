@@ -192,6 +192,7 @@ def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms
         "rtt_ms": rtt_ms,
         "queue_ms": float(timing.get("queue_ms", float("nan"))),
         "compute_ms": float(timing.get("compute_ms", float("nan"))),
+        "batch_size": float(timing.get("batch_size", n)),  # images in the server's merged batch
         "retries": float(retries),
     }
     return ExpertReply(labels, confidence, info, probs)

@@ -1,0 +1,209 @@
+"""The testbed's cost model: every strategy's latency and energy from the measured pieces.
+
+* edge compute: measured on this machine × the edge profile's `slowdown`, or the
+  profile's own measured times where it has them for these presets;
+* network: the measured round trip minus the server's own time (emulated link), or
+  plus the analytic link model's time (loopback);
+* near-edge compute: the server's measured compute × the near-edge profile's
+  slowdown, or the profile's measured times (and metered joules) per batch size;
+* a failed offload costs the time it took, spent waiting at the edge's idle power;
+* energy: the profiles' watts × those times and the radio model (Huang et al. 2012).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from askexpert.evaluate.metrics import offload_masks
+from askexpert.measure.energy import PowerModel, account
+from askexpert.measure.link import LinkModel
+from askexpert.measure.profiles import DeviceProfile
+from askexpert.protocol import final_labels
+from askexpert.testbed.measurement import Measurement
+from askexpert.testbed.spec import SampleMeasurement, TestbedSpec
+
+TABLE_COLUMNS = [
+    "strategy",
+    "tau",
+    "accuracy",
+    "offload_rate",
+    "latency_mean_ms",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "energy_edge_mj",
+    "energy_radio_mj",
+    "energy_near_edge_mj",
+    "energy_total_mj",
+    "bytes_sent_per_sample",
+]
+
+
+def _network_s(row: SampleMeasurement, spec: TestbedSpec, emulated: bool) -> float:
+    """Time on the wire and in the HTTP stacks: measured round trip minus the server's own time."""
+    server_s = (row.queue_ms + row.compute_ms) / 1e3
+    measured = max(0.0, row.rtt_ms / 1e3 - server_s)
+    if emulated:
+        return measured
+    model = LinkModel(spec.link)
+    return measured + model.round_trip_s(row.bytes_sent, row.bytes_received)
+
+
+def compute_sources(spec: TestbedSpec, presets: dict[str, str]) -> dict[str, Any]:
+    """Which compute times come from a profile's measurements (for these presets) rather than × slowdown."""
+    edge = spec.edge.measured
+    near = spec.near_edge.measured
+    return {
+        "edge_generalist_ms": edge.per_image_ms("generalist", presets.get("generalist", ""), 1) if edge else None,
+        "edge_expert_ms": edge.per_image_ms("expert", presets.get("expert", ""), 1) if edge else None,
+        "near_expert_measured": bool(near and near.per_image_ms("expert", presets.get("expert", ""), 1) is not None),
+    }
+
+
+def measured_on(profile: DeviceProfile) -> str:
+    m = profile.measured
+    return f"{m.device}, {m.date}" if m else "not measured"
+
+
+def strategies(
+    run: Measurement, spec: TestbedSpec, taus: list[float]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-strategy table and per-sample records, computed from the measured pieces."""
+    rows, labels, emulated = run.rows, np.asarray(run.labels), run.emulated
+    edge, near = PowerModel(spec.edge), PowerModel(spec.near_edge)
+    model = LinkModel(spec.link)
+    n = len(rows)
+    presets = run.presets
+    gen_s = np.array([r.gen_s for r in rows]) * spec.edge.slowdown
+    local_s = np.array([r.local_expert_s for r in rows]) * spec.edge.slowdown
+    timed = compute_sources(spec, presets)
+    if timed["edge_generalist_ms"] is not None:  # measured on the device: replaces this machine × slowdown
+        gen_s = np.full(n, timed["edge_generalist_ms"] / 1e3)
+    if timed["edge_expert_ms"] is not None:
+        local_s = np.full(n, timed["edge_expert_ms"] / 1e3)
+    ok = np.array([r.ok for r in rows])  # the server answered (an abstention counts as an answer)
+    net_s = np.array([_network_s(r, spec, emulated) for r in rows])
+    encode_s = np.array([r.encode_ms / 1e3 for r in rows])
+    near_s = np.array([r.compute_ms / 1e3 / max(1.0, r.batch_size) for r in rows])
+    near_s_scaled = near_s * spec.near_edge.slowdown
+    if spec.near_edge.measured is not None and presets.get("expert"):
+        for i, r in enumerate(rows):
+            per_image = spec.near_edge.measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
+            if per_image is not None and r.ok:
+                near_s_scaled[i] = per_image / 1e3
+    queue_s = np.array([r.queue_ms / 1e3 for r in rows])
+    up = np.array([r.bytes_sent for r in rows])
+    down = np.array([r.bytes_received for r in rows])
+    stat = np.array([r.stat for r in rows])
+    gen_label = np.array([r.gen_label for r in rows])
+    local_label = np.array([r.local_label for r in rows])
+    remote_label = np.array([r.remote_label for r in rows])
+    offload_s = np.array([r.offload_s for r in rows])
+    # A failed offload costs the time it really took (a timeout in full), spent waiting on the edge.
+    offload_extra = np.where(ok, encode_s + net_s + queue_s + near_s_scaled, offload_s)
+
+    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
+    if spec.near_edge.measured is not None and presets.get("expert"):
+        for i, r in enumerate(rows):
+            if r.ok:
+                near_j[i] = spec.near_edge.measured.per_image_j("expert", presets["expert"], int(r.batch_size))
+
+    def summarise(
+        name: str, tau: float | None, offload: np.ndarray, label: np.ndarray, latency: np.ndarray, compute: np.ndarray
+    ) -> dict[str, Any]:
+        parts = [
+            account(
+                edge,
+                near,
+                spec.radio,
+                model,
+                float(compute[i]),
+                float(latency[i] - compute[i]),
+                float(up[i]) if offload[i] else 0.0,
+                float(down[i]) if offload[i] else 0.0,
+                float(near_s_scaled[i]) if offload[i] else 0.0,
+                near_j[i] if offload[i] else None,
+            )
+            for i in range(n)
+        ]
+        e = {k: np.array([getattr(p, k) for p in parts]) for k in ("edge_j", "radio_j", "near_edge_j", "total_j")}
+        return {
+            "strategy": name,
+            "tau": tau,
+            "accuracy": float((label == labels).mean()),
+            "offload_rate": float(offload.mean()),
+            "latency_mean_ms": float(latency.mean() * 1e3),
+            "latency_p50_ms": float(np.percentile(latency, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latency, 99) * 1e3),
+            "energy_edge_mj": float(e["edge_j"].mean() * 1e3),
+            "energy_radio_mj": float(e["radio_j"].mean() * 1e3),
+            "energy_near_edge_mj": float(e["near_edge_j"].mean() * 1e3),
+            "energy_total_mj": float(e["total_j"].mean() * 1e3),
+            "bytes_sent_per_sample": float((up * offload).mean()),
+            "failed_offloads": int((offload & ~ok).sum()),
+        }
+
+    nothing = np.zeros(n, dtype=bool)
+    everything = np.ones(n, dtype=bool)
+    asked = np.ones(n, dtype=bool)
+    remote_or_gen = final_labels(gen_label, remote_label, asked)[0]  # abstain → fallback, the shared rule
+    local_or_gen = final_labels(gen_label, local_label, asked)[0]
+    table = [
+        summarise("edge-only", None, nothing, gen_label, gen_s, gen_s),
+        summarise(
+            "edge-execution",
+            None,
+            nothing,
+            local_or_gen,
+            gen_s + local_s,
+            gen_s + local_s,
+        ),
+        summarise(
+            "near-edge-only",
+            None,
+            everything,
+            np.where(everything & ok, remote_or_gen, gen_label),
+            gen_s + offload_extra * everything,
+            gen_s,
+        ),
+    ]
+    for tau in taus:
+        off = offload_masks(stat, run.gate, np.asarray([tau]))[0]  # attempted, answered or not
+        label = np.where(off & ok, remote_or_gen, gen_label)
+        table.append(summarise("collaborative", tau, off, label, gen_s + offload_extra * off, gen_s))
+    records = [
+        {
+            **rows[i].as_dict(),
+            "truth": int(labels[i]),
+            "edge_compute_ms_modelled": float(gen_s[i] * 1e3),
+            "network_ms": float(net_s[i] * 1e3),
+            "network_measured": bool(emulated),
+            "near_edge_compute_ms_modelled": float(near_s_scaled[i] * 1e3),
+        }
+        for i in range(n)
+    ]
+    return table, records
+
+
+def headline_ratios(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's two comparisons, at the fastest τ whose accuracy is no lower than edge execution."""
+    exec_row = next(r for r in table if r["strategy"] == "edge-execution")
+    near_row = next(r for r in table if r["strategy"] == "near-edge-only")
+    eligible = [r for r in table if r["strategy"] == "collaborative" and r["accuracy"] >= exec_row["accuracy"]]
+    if not eligible:
+        best_acc = max((r for r in table if r["strategy"] == "collaborative"), key=lambda r: r["accuracy"])
+        return {
+            "eligible": False,
+            "note": f"no τ reaches edge execution's accuracy ({exec_row['accuracy']:.4f}); best collaborative "
+            f"accuracy {best_acc['accuracy']:.4f} at τ={best_acc['tau']}",
+        }
+    best = min(eligible, key=lambda r: r["latency_mean_ms"])
+    return {
+        "eligible": True,
+        "tau": best["tau"],
+        "latency_ratio_vs_edge_execution": best["latency_mean_ms"] / exec_row["latency_mean_ms"],
+        "energy_ratio_vs_near_edge_only": best["energy_total_mj"] / near_row["energy_total_mj"],
+        "accuracy": best["accuracy"],
+        "edge_execution_accuracy": exec_row["accuracy"],
+    }

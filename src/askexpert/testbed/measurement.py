@@ -1,0 +1,151 @@
+"""The testbed's measurement pass: one test sample at a time, every piece timed.
+
+For each sample the edge runs the generalist and routes, runs the routed expert
+*locally* (edge execution), and asks the real server over the link (offload):
+over an emulated link (root: namespace + tbf + relay/netem) or loopback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from askexpert.data import load_splits
+from askexpert.inference.backend import BackendError, LocalExpertBackend
+from askexpert.inference.http_backend import HttpExpertBackend
+from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
+from askexpert.models import load_checkpoint, predict_logits
+from askexpert.partition import Partition
+from askexpert.protocol import OTHER
+from askexpert.routing import Router, uncertainty
+from askexpert.serving.process import ServerProcess
+from askexpert.system import SystemDir
+from askexpert.testbed.spec import EDGE_REPEATS, SampleMeasurement, TestbedSpec
+
+T = TypeVar("T")
+
+
+@dataclass
+class Measurement:
+    """A measurement pass: the samples and how the link was made."""
+
+    rows: list[SampleMeasurement]
+    labels: list[int]  # true labels, aligned with rows
+    link_mode: str
+    emulated: bool  # the network times were measured over an emulated link (else: link model added)
+    edge_threads: int
+    gate: str
+    presets: dict[str, str] = field(default_factory=dict)  # role → preset, to match measured profiles
+
+
+def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
+    """(shortest wall time of `repeats` calls of fn(*args), the last call's result)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: int) -> list[SampleMeasurement]:
+    """Per sample: generalist, routing, local expert (edge execution), remote expert (offload)."""
+    cfg = system.config()
+    part = Partition.from_json(system.partition_path)
+    rc = cfg.routing
+    router = Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring)
+    generalist, _ = load_checkpoint(system.generalist_path)
+    local = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+    remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list[SampleMeasurement] = []
+    try:
+        # Warm-up, untimed: first calls pay for lazy initialisation (kernels, allocator, connection),
+        # which would otherwise inflate the first measured samples and make reruns disagree.
+        for _ in range(3):
+            predict_logits(generalist, images[:1])
+            for eid in part.expert_ids:
+                local.predict(eid, images[:1])
+                remote.predict(eid, images[:1])
+        for i in tqdm(range(len(images)), desc="testbed", unit="sample", leave=False):
+            img = images[i : i + 1]
+            gen_s, logits = _best_of(EDGE_REPEATS, predict_logits, generalist, img)
+            probs = torch.from_numpy(logits).softmax(dim=1)
+            route_s, decision = _best_of(EDGE_REPEATS, router, probs)
+            gen_s += route_s
+            eid = part.expert_ids[int(decision.expert[0])]
+            local_s, local_reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
+            t0 = time.perf_counter()
+            error, info = None, {}
+            try:
+                reply = remote.predict(eid, img)
+                remote_label, info = int(reply.labels[0]), reply.info
+            except BackendError as exc:
+                remote_label, error = OTHER, str(exc)
+            offload_s = time.perf_counter() - t0
+            rows.append(
+                SampleMeasurement.from_dict(
+                    {
+                        "id": i,
+                        "gen_label": int(probs.argmax()),
+                        "stat": float(uncertainty(probs, rc.gate)[0]),
+                        "expert": eid,
+                        "local_label": int(local_reply.labels[0]),
+                        "remote_label": remote_label,
+                        "gen_s": gen_s,
+                        "local_expert_s": local_s,
+                        "offload_s": offload_s,
+                        "error": error,
+                        **info,
+                    }
+                )
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+        remote.close()
+    return rows
+
+
+def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto") -> Measurement:
+    """Run the measurement pass; returns per-sample rows and how the link was made."""
+    cfg = system.config()
+    test = load_splits(cfg.data, system.root).test
+    n = min(samples, len(test))
+    images, labels = test.images[:n], test.labels[:n]
+    threads = spec.edge.threads_here()
+    reason = can_emulate()
+    if emulate == "on" and reason:
+        raise LinkUnavailable(f"--emulate on, but {reason}")
+    use_ns = emulate != "off" and reason is None
+    no_wait = ("--max-wait-ms", "0")  # one sample at a time: a batching wait would only add latency
+    # The server shares this machine's cores with the edge measurement: OpenMP threads that
+    # busy-wait after each request would steal them and inflate the edge's compute times.
+    quiet = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if use_ns:
+        with NamespaceLink(spec.link) as link:
+            with ServerProcess(system.root, *no_wait, host=PEER_IP, prefix=link.exec_prefix(), env=quiet) as server:
+                relay_delay = link.methods.get("delay") == "relay"
+                p = spec.link
+                with DelayRelay(
+                    (PEER_IP, server.port),
+                    p.rtt_ms if relay_delay else 0.0,
+                    p.jitter_ms if relay_delay else 0.0,
+                    p.loss if relay_delay else 0.0,
+                ) as relay:
+                    server.wait_ready(f"http://127.0.0.1:{relay.port}")
+                    rows = _measure_samples(system, images, f"http://127.0.0.1:{relay.port}", threads)
+            methods = link.methods
+            mode = f"emulated: namespace + veth, rate by {methods['rate']}, delay/jitter/loss by {methods['delay']}"
+    else:
+        with ServerProcess(system.root, *no_wait, env=quiet) as server:
+            rows = _measure_samples(system, images, server.wait_ready().url, threads)
+        mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
+    cfg_models = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
+    return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models)

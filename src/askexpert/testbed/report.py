@@ -1,0 +1,128 @@
+"""The testbed's report: table (MD/CSV/JSON), per-sample records, plots, and what was measured or modelled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from askexpert.evaluate.report import markdown_table, write_csv
+from askexpert.measure.energy import available_meters
+from askexpert.testbed.costs import TABLE_COLUMNS, compute_sources, measured_on
+from askexpert.testbed.measurement import Measurement
+from askexpert.testbed.spec import EDGE_REPEATS, TestbedSpec
+
+
+def _plots(out: Path, table: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, name in (
+        ("latency_mean_ms", "mean latency per sample (ms)", "latency_vs_accuracy.png"),
+        ("energy_total_mj", "energy per sample (mJ)", "energy_vs_accuracy.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        collab = [r for r in table if r["strategy"] == "collaborative"]
+        ax.plot(
+            [r[key] for r in collab], [r["accuracy"] * 100 for r in collab], marker="o", label="collaborative (τ sweep)"
+        )
+        for r in collab:
+            ax.annotate(
+                f"τ={r['tau']:g}", (r[key], r["accuracy"] * 100), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        for r, marker in zip([r for r in table if r["strategy"] != "collaborative"], ("s", "^", "D"), strict=False):
+            ax.scatter([r[key]], [r["accuracy"] * 100], marker=marker, s=70, label=r["strategy"], zorder=5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"Accuracy vs {label.split(' per')[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def provenance(run: Measurement, spec: TestbedSpec) -> dict[str, str]:
+    """Column by column: what was measured (and where) and what was modelled."""
+    timed = compute_sources(spec, run.presets)
+    meters = sorted(available_meters())
+    return {
+        "link": run.link_mode,
+        "edge_compute": (
+            f"measured on the device ({spec.edge.name} profile, {measured_on(spec.edge)}), "
+            f"generalist {timed['edge_generalist_ms']:.3g} ms, expert {timed['edge_expert_ms']} ms per image"
+            if timed["edge_generalist_ms"] is not None
+            else f"measured on this machine (best of {EDGE_REPEATS} runs per sample) with "
+            f"{run.edge_threads} thread(s) × slowdown "
+            f"{spec.edge.slowdown:g} of profile {spec.edge.name} (modelled scaling)"
+        ),
+        "near_edge_compute": (
+            f"measured on the device ({spec.near_edge.name} profile, {measured_on(spec.near_edge)}), per batch size"
+            if timed["near_expert_measured"]
+            else f"measured by the server × slowdown {spec.near_edge.slowdown:g} of profile "
+            f"{spec.near_edge.name} (modelled scaling)"
+        ),
+        "energy": "power model from the profiles' watts × those times, radio model "
+        f"{spec.link.radio} (Huang et al. 2012); hardware meters readable here: {meters or 'none'}"
+        + (
+            f"; near-edge compute energy metered ({spec.near_edge.measured.meter}) on the device"
+            if spec.near_edge.measured is not None and spec.near_edge.measured.j
+            else ""
+        ),
+    }
+
+
+def write_testbed_report(
+    out: Path,
+    name: str,
+    routing: dict[str, Any],
+    spec: TestbedSpec,
+    run: Measurement,
+    table: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    ratios: dict[str, Any],
+) -> dict[str, Any]:
+    """Write testbed.{md,csv,json}, records.jsonl and the plots into `out`; returns the summary."""
+    where = provenance(run, spec)
+    summary = {
+        "system": name,
+        "samples": len(records),
+        "edge_profile": spec.edge.model_dump(),
+        "near_edge_profile": spec.near_edge.model_dump(),
+        "link": {"name": spec.link_name, **spec.link.model_dump()},
+        "routing": routing,
+        "provenance": where,
+        "table": table,
+        "headline": ratios,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "testbed.json").write_text(json.dumps(summary, indent=1))
+    write_csv(out / "testbed.csv", table)
+    with (out / "records.jsonl").open("w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    _plots(out, table)
+    cols = TABLE_COLUMNS
+    md = [
+        f"# askexpert testbed: {name}\n",
+        f"{len(records)} test samples, one at a time. Edge `{spec.edge.name}`, near-edge `{spec.near_edge.name}`, "
+        f"link `{spec.link_name}`.\n",
+        "## Results\n",
+        markdown_table(table, cols),
+        "\n## Headline\n",
+    ]
+    if ratios["eligible"]:
+        md.append(
+            f"At τ={ratios['tau']:g}: latency / edge execution = **{ratios['latency_ratio_vs_edge_execution']:.3f}**, "
+            f"energy / near-edge only = **{ratios['energy_ratio_vs_near_edge_only']:.3f}** "
+            "(paper: 0.55 and 0.54).\n"
+        )
+    else:
+        md.append(ratios["note"] + "\n")
+    md += ["\n## What was measured and what was modelled\n"] + [f"* {k}: {v}\n" for k, v in where.items()]
+    md.append("\n![latency](latency_vs_accuracy.png)\n\n![energy](energy_vs_accuracy.png)\n")
+    (out / "testbed.md").write_text("\n".join(md))
+    summary["out"] = str(out)
+    return summary
