@@ -5,7 +5,8 @@ budget is `epochs` passes over the expert's *subset* (steps × batch), the same
 for every schedule; a schedule changes where the expert starts (`init`) and
 which samples fill those batches (its stages). Schedules that start from the
 shared stage 1 (`init: shared`, see `training.shared`) add that stage's cost
-once for all experts; `budget()` reports it both amortised and charged to each.
+once for all experts; the evaluation reports it both amortised and charged to each
+(`evaluate.run.budgets`).
 """
 
 from __future__ import annotations
@@ -212,21 +213,6 @@ def train_expert(
             _classifier(model).bias[-1] += correction
     val_logits = predict_logits(model, val.images, device)
     return TrainedExpert(model, plan, stats, subset_accuracy(val_logits, val.labels, subset), seed, correction)
-
-
-def budget(cfg: SystemConfig, schedule: str, num_train: int, subset_sizes: list[int]) -> dict[str, float]:
-    """Training images per expert under `schedule`: its own steps, plus stage 1 amortised or charged whole."""
-    tc = cfg.expert_training
-    own = float(np.mean([budget_steps(tc.epochs, n, tc.batch_size) * tc.batch_size for n in subset_sizes]))
-    shared = 0.0
-    if schedule_of(cfg, schedule).init == "shared":
-        shared = float(budget_steps(tc.shared_epochs, num_train, tc.batch_size) * tc.batch_size)
-    return {
-        "own_images": own,
-        "shared_images": shared,
-        "images_amortised": own + shared / max(1, len(subset_sizes)),
-        "images_charged_to_each": own + shared,
-    }
 
 
 def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list[CheckpointMeta]:
