@@ -246,7 +246,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             "expert/2",
             cfg.data.model_dump(),
             cfg.expert.model_dump(),
-            tc.model_dump(exclude={"schedules"}),
+            tc.model_dump(exclude={"schedules"} if sched.init == "shared" else {"schedules", "shared_epochs"}),
             sched.model_dump(),
             subset,
             cfg.routing.top_k if needs_routing else None,
