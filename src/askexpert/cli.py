@@ -227,7 +227,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ["schedule", "system", "accuracy", "offload_rate", "routing_hit_rate", "abstain_rate"],
     )
     schedules = summary["schedules"]
-    columns = ["expert", "classes", "generalist"] + [f"{s}{x}" for s in schedules for x in ("", " open-set")]
+    columns = ["expert", "classes", "generalist", "generalist closed-set"]
+    columns += [f"{s}{x}" for s in schedules for x in ("", " open-set")]
     print_table("experts on their own subsets (test split; closed-set and open-set)", summary["experts"], columns)
     if summary.get("combination_rules"):
         print_table(

@@ -135,7 +135,7 @@ def plot_expert_accuracy(path: Path, rows: Sequence[dict[str, Any]], schedules: 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     width = 0.8 / (len(schedules) + 1)
     names = [r["expert"] for r in rows]
-    for i, column in enumerate(["generalist", *schedules]):
+    for i, column in enumerate(["generalist closed-set", *schedules]):
         ax.bar([j + i * width for j in range(len(rows))], [r[column] * 100 for r in rows], width, label=column)
     ax.set_xticks([j + width * len(schedules) / 2 for j in range(len(rows))], names)
     ax.set_xlabel("expert (its class subset)")
@@ -187,6 +187,8 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
         ]
     md += [
         "\n## Experts on their own subsets (test split)\n",
+        "Generalist: its plain accuracy on the subset's samples; generalist closed-set: its argmax over the "
+        "subset's classes only (the fair yardstick for an expert's closed-set accuracy). "
         'Closed-set: argmax over the subset\'s classes. Open-set: "other" competes and counts as wrong. '
         'Other-outside: share of out-of-subset samples answered "other".\n\n',
         markdown_table(summary["experts"]),
