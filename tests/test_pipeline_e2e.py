@@ -192,3 +192,16 @@ def test_backbone_pretraining_feeds_both_roles(tmp_path: Path) -> None:
     train_backbones(system)
     assert train_generalist(system).sha256 != gen.sha256
     assert read_meta(system.backbone_path("micro-expert")).extra["steps"] > metas[1].extra["steps"]
+
+
+def test_generalist_closed_set_is_its_argmax_over_the_subset(trained_system: Path) -> None:
+    from askexpert.evaluate.cache import build_cache
+    from askexpert.evaluate.metrics import expert_table
+
+    cache = build_cache(SystemDir.open(trained_system))
+    for row, subset in zip(expert_table(cache), cache.partition.subsets, strict=True):
+        mask = np.isin(cache.labels, subset)
+        sub = np.asarray(subset)
+        want = float((sub[cache.gen_probs[mask][:, sub].argmax(1)] == cache.labels[mask]).mean())
+        assert row["generalist closed-set"] == pytest.approx(want)
+        assert row["generalist closed-set"] >= row["generalist"]  # restricting the choice can only help

@@ -246,7 +246,7 @@ def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
         mask = np.isin(cache.labels, subset)
         row["generalist"] = float((cache.gen_pred[mask] == cache.labels[mask]).mean()) if mask.any() else float("nan")
         # the fair yardstick for an expert's closed-set accuracy: the generalist restricted to the same classes
-        row["generalist closed-set"] = subset_accuracy(cache.gen_probs, cache.labels, subset)
+        row["generalist closed-set"] = subset_accuracy(cache.gen_probs[:, list(subset)], cache.labels, subset)
         for schedule, outputs in cache.schedules.items():
             row[schedule] = subset_accuracy(outputs.logits[eid], cache.labels, subset)
             row[f"{schedule} open-set"] = open_set_accuracy(outputs.logits[eid], cache.labels, subset)
