@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the real-data experiment: backbones, generalist, partition,
+# stage 1, static and progressive experts, evaluation (benchmarks/cifar100_cpu.py).
+# Usage: scripts/benchmark-cifar100.sh [CIFAR100_TREE_OR_TGZ] [PRETRAIN_TREE_OR_TGZ] [more options]
+#   defaults: ../shared/data/cifar100-png.tar.gz and ../shared/data/tinyimagenet-other100-32px.tar.gz
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+DATA=${1:-../shared/data/cifar100-png.tar.gz}
+PRETRAIN=${2:-../shared/data/tinyimagenet-other100-32px.tar.gz}
+shift $(( $# < 2 ? $# : 2 ))
+./scripts/setup.sh
+.venv/bin/python benchmarks/cifar100_cpu.py --data "$DATA" --pretrain-data "$PRETRAIN" --out runs/cifar100-cpu "$@"
