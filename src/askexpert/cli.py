@@ -599,7 +599,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.showwarning = show
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="askexpert: %(message)s")
+    ours = logging.getLogger("askexpert")  # our own notices only; libraries (httpx, ...) stay at their defaults
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("askexpert: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except AskExpertError as exc:
