@@ -45,21 +45,6 @@ def _system(path: Path) -> Any:
     return SystemDir.open(path)
 
 
-def _save_to_config(sysdir: Any, origin: str, **sections: dict[str, Any]) -> None:
-    """Merge command-line settings into config.yaml (validated like the file itself), so reruns keep them."""
-
-    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    raw = sysdir.config().model_dump(mode="json")
-    merge(raw, sections)
-    SystemConfig.from_dict(raw, origin=origin).to_yaml(sysdir.config_path)
-
-
 def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """A rich table; headers wrap at their underscores instead of being cut off on narrow terminals.
 
@@ -159,11 +144,11 @@ def train_backbone_cmd(
 
     sysdir = _system(system)
     if data is not None:
-        _save_to_config(
-            sysdir, "--data", backbone={"data": {"source": "folder", "root": str(data.expanduser().resolve())}}
+        sysdir.update_config(
+            "--data", backbone={"data": {"source": "folder", "root": str(data.expanduser().resolve())}}
         )
     if epochs is not None:
-        _save_to_config(sysdir, "--epochs", backbone={"training": {"epochs": epochs}})
+        sysdir.update_config("--epochs", backbone={"training": {"epochs": epochs}})
     metas = train_backbones(sysdir, preset or None, force=force)
     rows = [{"preset": m.preset, "classes": len(m.classes), **m.metrics} for m in metas]
     print_table("pretrained backbones", rows, ["preset", "classes", "val_accuracy", "train_loss"])
@@ -207,7 +192,7 @@ def partition(
     sysdir = _system(system)
     chosen = {k: v for k, v in (("strategy", strategy), ("num_experts", num_experts)) if v is not None}
     if chosen:
-        _save_to_config(sysdir, "--strategy/--num-experts", partition=chosen)
+        sysdir.update_config("--strategy/--num-experts", partition=chosen)
     part = build_partition(sysdir, force=force)
     rows = [
         {"expert": e, "classes": len(s), "members": " ".join(map(str, s[:12])) + (" ..." if len(s) > 12 else "")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from askexpert.config import SystemConfig
 from askexpert.errors import ConfigError
@@ -48,6 +49,22 @@ class SystemDir:
 
     def config(self) -> SystemConfig:
         return SystemConfig.from_yaml(self.config_path)
+
+    def update_config(self, origin: str, **sections: dict[str, Any]) -> SystemConfig:
+        """Merge settings into config.yaml (validated like the file itself), so later stages and reruns keep them."""
+
+        def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+            for key, value in new.items():
+                if isinstance(value, dict) and isinstance(into.get(key), dict):
+                    merge(into[key], value)
+                else:
+                    into[key] = value
+
+        raw = self.config().model_dump(mode="json")
+        merge(raw, sections)
+        cfg = SystemConfig.from_dict(raw, origin=origin)
+        cfg.to_yaml(self.config_path)
+        return cfg
 
     @property
     def config_path(self) -> Path:

@@ -37,6 +37,19 @@ def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, 
 _MEMO: dict[tuple[str, int, int], LabeledImages] = {}
 
 
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """One image file as uint8 (size, size, 3), any format Pillow reads; OSError naming the file otherwise."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise OSError(f"{path}: not a readable image: {exc}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def _read(path: Path, image_size: int) -> LabeledImages:
     from torchvision.datasets import ImageFolder
 
@@ -51,13 +64,9 @@ def _read(path: Path, image_size: int) -> LabeledImages:
     labels = np.empty(len(listing.samples), dtype=np.int64)
     for i, (file, label) in enumerate(tqdm(listing.samples, desc=f"reading {path}", unit="img", leave=False)):
         try:
-            with Image.open(file) as img:
-                rgb = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"{file}: not a readable image: {exc}") from None
-        if rgb.size != (image_size, image_size):
-            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        images[i] = np.asarray(rgb)
+            images[i] = load_image(file, image_size)
+        except OSError as exc:
+            raise DataError(str(exc)) from None
         labels[i] = label
     coarse = coarse_groups(names)
     if coarse is None:

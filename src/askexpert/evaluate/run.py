@@ -171,24 +171,21 @@ def summarise(
 
 def apply_choice(system: SystemDir, summary: dict[str, Any]) -> dict[str, Any]:
     """Make the served schedule's validation-chosen point the config's routing operating point."""
-    from askexpert.config import SystemConfig
     from askexpert.errors import ConfigError
 
     cfg = system.config()
     chosen = summary.get("chosen_on_validation", {}).get(cfg.serving.schedule)
     if chosen is None:
         raise ConfigError(f"no point was chosen on validation for the served schedule {cfg.serving.schedule!r}")
-    raw = cfg.model_dump(mode="json")
-    raw["routing"].update(
-        gate=chosen["gate"],
-        tau=float(chosen["tau"]),
-        top_k=chosen["k"],
-        scoring=chosen["scoring"],
-        combine=chosen["combine"],
-        mix_weight=chosen["mix_weight"],
-    )
-    SystemConfig.from_dict(raw, origin="evaluate --apply").to_yaml(system.config_path)
-    return dict(raw["routing"])
+    routing = {
+        "gate": chosen["gate"],
+        "tau": float(chosen["tau"]),
+        "top_k": chosen["k"],
+        "scoring": chosen["scoring"],
+        "combine": chosen["combine"],
+        "mix_weight": chosen["mix_weight"],
+    }
+    return system.update_config("evaluate --apply", routing=routing).routing.model_dump()
 
 
 def evaluate_system(system: SystemDir) -> dict[str, Any]:

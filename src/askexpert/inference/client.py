@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from askexpert.data import input_size
+from askexpert.data.folder import load_image
 from askexpert.errors import ConfigError
 from askexpert.inference.backend import BackendError, ExpertBackend, LocalExpertBackend, RefusingBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
@@ -38,19 +39,6 @@ from askexpert.system import SystemDir
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 RECORD_FIELDS = ("path", "label", "class_name", "confidence", "source", "expert", "reason", "latency_ms", "error")
-
-
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """One image as uint8 (size, size, 3); raises OSError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise OSError(f"{path}: not a readable image: {exc}") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def expand_paths(items: Iterable[str | Path]) -> Iterator[Path]:

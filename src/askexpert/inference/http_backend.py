@@ -18,9 +18,7 @@ import numpy as np
 from askexpert.config import ServingConfig
 from askexpert.inference.backend import BackendError, ExpertReply, check_images
 from askexpert.partition import Partition
-from askexpert.protocol.wire import MEDIA_TYPE, encode_images
-
-BUDGET_HEADER = "x-askexpert-budget-ms"  # the same name the server reads (kept here: the edge never imports it)
+from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, encode_images
 
 
 @dataclass

@@ -28,22 +28,20 @@ class MeasuredTimes(BaseModel):
     j: dict[str, dict[int, float]] | None = None  # role → batch size → joules per batch, where a meter read them
     meter: str | None = None  # which meter: nvml (GPU), rapl (CPU package)
 
-    def per_image_j(self, role: str, preset: str, batch: int) -> float | None:
-        """Metered joules per image at the largest measured batch ≤ `batch` (None: not metered)."""
-        if self.j is None or self.presets.get(role) != preset or role not in self.j:
-            return None
-        sizes = [b for b in self.j[role] if b <= max(1, batch)]
-        return self.j[role][max(sizes)] / max(sizes) if sizes else None
-
     def per_image_ms(self, role: str, preset: str, batch: int) -> float | None:
         """Milliseconds per image for `role` at the largest measured batch ≤ `batch` (None: not measured)."""
-        if self.presets.get(role) != preset or role not in self.ms:
+        return self._per_image(self.ms, role, preset, batch)
+
+    def per_image_j(self, role: str, preset: str, batch: int) -> float | None:
+        """Metered joules per image at the largest measured batch ≤ `batch` (None: not metered)."""
+        return self._per_image(self.j or {}, role, preset, batch)
+
+    def _per_image(self, table: dict[str, dict[int, float]], role: str, preset: str, batch: int) -> float | None:
+        """A per-batch figure divided by its batch, only for the preset it was measured with."""
+        if self.presets.get(role) != preset or role not in table:
             return None
-        sizes = [b for b in self.ms[role] if b <= max(1, batch)]
-        if not sizes:
-            return None
-        b = max(sizes)
-        return self.ms[role][b] / b
+        sizes = [b for b in table[role] if b <= max(1, batch)]
+        return table[role][max(sizes)] / max(sizes) if sizes else None
 
 
 class DeviceProfile(BaseModel):

@@ -84,7 +84,6 @@ class DynamicBatcher:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.queued: dict[str, int] = {}  # images waiting per key (not yet in a running batch)
         self.images_per_s: dict[str, float] = {}  # recent model throughput per key, for Retry-After
-        self.expired: dict[str, int] = {}  # calls dropped at their deadline, per key
 
     async def __call__(self, key: str, images: np.ndarray, deadline: float | None = None) -> BatchResult:
         loop = asyncio.get_running_loop()
@@ -129,7 +128,6 @@ class DynamicBatcher:
             now = time.perf_counter()
             for p in items:
                 if p.deadline is not None and now > p.deadline and not p.future.done():
-                    self.expired[key] = self.expired.get(key, 0) + 1
                     p.future.set_exception(
                         DeadlineExpired(f"the caller's budget ran out after {now - p.enqueued:.3f} s")
                     )

@@ -36,12 +36,11 @@ from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
-from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
+from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, WireError, decode_images
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
 from askexpert.system import SystemDir
 
 API_VERSION = "v1"
-BUDGET_HEADER = "x-askexpert-budget-ms"  # the caller's remaining time: queued work past it is dropped
 
 
 class ServiceMetrics:

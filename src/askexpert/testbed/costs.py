@@ -87,11 +87,16 @@ def strategies(
     encode_s = np.array([r.encode_ms / 1e3 for r in rows])
     near_s = np.array([r.compute_ms / 1e3 / max(1.0, r.batch_size) for r in rows])
     near_s_scaled = near_s * spec.near_edge.slowdown
-    if spec.near_edge.measured is not None and presets.get("expert"):
+    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
+    measured = spec.near_edge.measured
+    if measured is not None and presets.get("expert"):  # the device's own figures replace × slowdown
         for i, r in enumerate(rows):
-            per_image = spec.near_edge.measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
-            if per_image is not None and r.ok:
+            if not r.ok:
+                continue
+            per_image = measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
+            if per_image is not None:
                 near_s_scaled[i] = per_image / 1e3
+            near_j[i] = measured.per_image_j("expert", presets["expert"], int(r.batch_size))
     queue_s = np.array([r.queue_ms / 1e3 for r in rows])
     up = np.array([r.bytes_sent for r in rows])
     down = np.array([r.bytes_received for r in rows])
@@ -102,12 +107,6 @@ def strategies(
     offload_s = np.array([r.offload_s for r in rows])
     # A failed offload costs the time it really took (a timeout in full), spent waiting on the edge.
     offload_extra = np.where(ok, encode_s + net_s + queue_s + near_s_scaled, offload_s)
-
-    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
-    if spec.near_edge.measured is not None and presets.get("expert"):
-        for i, r in enumerate(rows):
-            if r.ok:
-                near_j[i] = spec.near_edge.measured.per_image_j("expert", presets["expert"], int(r.batch_size))
 
     def summarise(
         name: str, tau: float | None, offload: np.ndarray, label: np.ndarray, latency: np.ndarray, compute: np.ndarray

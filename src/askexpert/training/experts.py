@@ -41,7 +41,7 @@ from askexpert.routing import choose_expert
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps, expert_targets, plan_schedule
-from askexpert.training.shared import pretrained_for, train_shared_stage
+from askexpert.training.shared import pretrained_for, stored_if_current, train_shared_stage
 
 
 def schedule_of(cfg: SystemConfig, schedule: str) -> Schedule:
@@ -252,11 +252,10 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             cfg.routing.top_k if needs_routing else None,
             depends,
         )
-        if not force and path.is_file() and path.with_suffix(".json").is_file():
-            meta = read_meta(path)
-            if meta.extra.get("fingerprint") == key:
-                metas.append(meta)
-                continue
+        stored = stored_if_current(path, key, force)
+        if stored is not None:
+            metas.append(stored)
+            continue
         if sched.init == "shared" and stage1 is None:
             stage1, _ = load_checkpoint(system.stage1_path)
         if needs_routing and pools is None:
