@@ -171,3 +171,65 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
     table, _ = strategies(run, TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio), [1.0])
     collab = next(r for r in table if r["strategy"] == "collaborative")
     assert collab["energy_near_edge_mj"] == pytest.approx(0.8 / 4 * 1e3)  # metered J per image at batch 4
+
+
+def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> None:
+    import numpy as np
+
+    from askexpert.testbed.choice import ValidationView
+    from askexpert.testbed.costs import PAPER_ENERGY_RATIO, PAPER_LATENCY_RATIO, offload_costs
+
+    system, summary = bed
+    h, k = summary["headline"], system.config().routing.top_k
+    view = ValidationView.of(system)
+    taus = view.spanning_taus(41)
+    res = view.outcomes(taus, k)
+    target = view.edge_execution_accuracy(k)
+    assert h["val_edge_execution_accuracy"] == pytest.approx(target)
+    assert h["val_samples"] == len(view.cache.labels)
+    i = int(np.flatnonzero(np.isclose(taus, h["tau"]))[0])
+    assert h["val_accuracy"] == pytest.approx(res["accuracy"][i])
+    if h["eligible"]:  # reaches edge execution, and no τ with a lower offload rate does
+        assert res["accuracy"][i] >= target
+        assert not ((res["accuracy"] >= target) & (res["offload_rate"] < res["offload_rate"][i])).any()
+    else:
+        assert res["accuracy"][i] == res["accuracy"].max() < target
+    row = next(r for r in summary["table"] if r["strategy"] == "collaborative" and r["tau"] == h["tau"])
+    assert h["accuracy"] == row["accuracy"] and h["offload_rate"] == row["offload_rate"]
+    # the break-even offload rates put the linear cost model exactly on the targets
+    rows = {r["strategy"]: r for r in summary["table"]}
+    cost, need = offload_costs(summary["table"]), h["max_offload_rate_for_target"]
+    latency = cost["edge_latency_ms"] + need["latency"] * cost["offload_latency_ms"]
+    energy = cost["edge_energy_mj"] + need["energy"] * cost["offload_energy_mj"]
+    assert latency / rows["edge-execution"]["latency_mean_ms"] == pytest.approx(PAPER_LATENCY_RATIO)
+    assert energy / rows["near-edge-only"]["energy_total_mj"] == pytest.approx(PAPER_ENERGY_RATIO)
+    terms = h["offload_terms"]["energy_mj"]
+    assert sum(terms.values()) == pytest.approx(cost["offload_energy_mj"])
+    assert "## Headline" in (system.root / "testbed" / "testbed.md").read_text()
+
+
+def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_path: Path) -> None:
+    from askexpert.data import load_splits
+    from askexpert.inference.backend import LocalExpertBackend
+    from askexpert.inference.edge import edge_classifier
+    from askexpert.partition import Partition
+    from askexpert.protocol import OTHER
+
+    root = tmp_path / "sys"
+    shutil.copytree(trained_system, root)
+    system = SystemDir.open(root)
+    system.update_config("test", routing={"combine": "mix", "mix_weight": 0.3})
+    summary = run_testbed(system, spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi"), samples=24, taus=[1.0])
+    records = [json.loads(line) for line in (root / "testbed" / "records.jsonl").read_text().splitlines()]
+    part = Partition.from_json(system.partition_path)
+    clf = edge_classifier(
+        system, LocalExpertBackend.from_dir(root / "experts" / system.config().serving.schedule, part)
+    )
+    clf.router.tau = 0.0 if clf.router.gate == "entropy" else 1.0  # every sample asks its expert
+    live = clf(load_splits(system.config().data, root).test.images[:24])
+    assert (live.source != "edge").all()
+    assert [r["local_label"] for r in records] == live.labels.tolist()  # edge execution = the live edge's rule
+    assert [r["remote_label"] for r in records] == live.labels.tolist()  # the server's probabilities, same rule
+    assert OTHER not in {r["local_label"] for r in records}  # mix never abstains ("other" goes to the generalist)
+    assert "mix (w=0.3)" in (root / "testbed" / "testbed.md").read_text()
+    assert summary["routing"]["combine"] == "mix"

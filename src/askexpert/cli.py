@@ -489,16 +489,10 @@ def testbed(
         raise ConfigError(f"--emulate must be auto, on or off, not {emulate!r}")
     summary = run_testbed(_system(system), spec_from_names(edge, near_edge, link), samples, _taus(taus), emulate)
     print_table(f"testbed ({summary['samples']} samples, link {link})", summary["table"], TABLE_COLUMNS)
-    h = summary["headline"]
-    if h["eligible"]:
-        console.print(
-            f"at τ={h['tau']:g}: collaborative latency / edge execution latency = "
-            f"{h['latency_ratio_vs_edge_execution']:.3f}; collaborative energy / near-edge-only energy = "
-            f"{h['energy_ratio_vs_near_edge_only']:.3f}  (paper: 0.55, 0.54)",
-            highlight=False,
-        )
-    else:
-        console.print(h["note"], highlight=False)
+    from askexpert.testbed.report import headline_lines
+
+    for line in headline_lines(summary["headline"]):
+        console.print(line.rstrip("\n"), highlight=False, markup=False)
     for key, value in summary["provenance"].items():
         console.print(f"{key}: {value}", highlight=False)
     console.print(f"written to {summary['out']}/")

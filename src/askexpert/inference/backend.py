@@ -18,7 +18,7 @@ import torch
 from askexpert.errors import AskExpertError, CheckpointError, RoutingError
 from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER, softmax
+from askexpert.protocol import OTHER, answer_from_probs, softmax
 
 
 class BackendError(AskExpertError):
@@ -63,6 +63,20 @@ def reply_from_logits(logits: np.ndarray, classes: np.ndarray) -> ExpertReply:
     return ExpertReply(
         classes[best].astype(np.int64), probs.max(axis=1).astype(np.float32), probs=probs.astype(np.float32)
     )
+
+
+def reply_answers(
+    reply: ExpertReply, classes: np.ndarray, gen_probs: np.ndarray, rule: str = "replace", mix_weight: float = 0.5
+) -> np.ndarray:
+    """The expert's global answers under the combination rule: one place for the live edge and the testbed.
+
+    Raises BackendError when a rule that pools both answers gets a reply without probabilities.
+    """
+    if rule == "replace":
+        return reply.labels
+    if reply.probs is None:
+        raise BackendError(f"sent no probabilities for '{rule}'")
+    return answer_from_probs(reply.probs, classes, gen_probs, rule, mix_weight)
 
 
 def check_images(images: np.ndarray, size: int | None = None) -> None:

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, check_images
+from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, check_images, reply_answers
 from askexpert.models import ImageClassifier, predict_logits
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER, expert_answer, final_labels
+from askexpert.protocol import OTHER, final_labels
 from askexpert.routing import Router
 
 EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
@@ -138,17 +138,11 @@ class CollaborativeClassifier:
                 share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(idx))
                 for i in idx:
                     info[i] = share
-            answers = reply.labels
-            if self.combine != "replace":
-                if reply.probs is None:
-                    source[idx], reason[idx] = (
-                        FALLBACK,
-                        f"error: expert {eid} sent no probabilities for '{self.combine}'",
-                    )
-                    continue
-                log_probs = np.log(np.clip(reply.probs, 1e-12, None))
-                gen = probs.numpy()[idx]
-                answers = expert_answer(log_probs, self._classes[int(e)], gen, self.combine, self.mix_weight)
+            try:
+                answers = reply_answers(reply, self._classes[int(e)], probs.numpy()[idx], self.combine, self.mix_weight)
+            except BackendError as exc:
+                source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {exc}"
+                continue
             final, answered = final_labels(gen_labels[idx], answers, np.ones(len(idx), dtype=bool))
             abstain = ~answered
             labels[idx] = final

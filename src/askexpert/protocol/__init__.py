@@ -9,10 +9,19 @@ Both sides (and the cached evaluation and the testbed) import these; neither
 from askexpert.protocol.answers import (
     COMBINE_RULES,
     OTHER,
+    answer_from_probs,
     expert_answer,
     expert_full_distribution,
     final_labels,
     softmax,
 )
 
-__all__ = ["COMBINE_RULES", "OTHER", "expert_answer", "expert_full_distribution", "final_labels", "softmax"]
+__all__ = [
+    "COMBINE_RULES",
+    "OTHER",
+    "answer_from_probs",
+    "expert_answer",
+    "expert_full_distribution",
+    "final_labels",
+    "softmax",
+]

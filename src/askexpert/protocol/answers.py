@@ -50,13 +50,24 @@ def expert_answer(
     mix_weight: float = 0.5,
 ) -> np.ndarray:
     """Global labels (N,) for one expert's outputs under a combination rule; OTHER where it abstains."""
-    probs = softmax(expert_logits.astype(np.float64))
+    return answer_from_probs(softmax(expert_logits.astype(np.float64)), classes, gen_probs, rule, mix_weight)
+
+
+def answer_from_probs(
+    expert_probs: np.ndarray,
+    classes: np.ndarray,
+    gen_probs: np.ndarray | None = None,
+    rule: str = "replace",
+    mix_weight: float = 0.5,
+) -> np.ndarray:
+    """`expert_answer` from the expert's softmax (what a server sends) rather than its logits."""
     if rule == "replace":
-        return classes[probs.argmax(axis=1)].astype(np.int64)
+        return classes[expert_probs.argmax(axis=1)].astype(np.int64)
     if rule == "mix":
         if gen_probs is None:
             raise ValueError("combination rule 'mix' needs the generalist's probabilities")
-        pooled = mix_weight * gen_probs + (1.0 - mix_weight) * expert_full_distribution(probs, classes, gen_probs)
+        full = expert_full_distribution(expert_probs.astype(np.float64), classes, gen_probs)
+        pooled = mix_weight * gen_probs + (1.0 - mix_weight) * full
         return pooled.argmax(axis=1).astype(np.int64)
     raise ValueError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
 

@@ -1,7 +1,8 @@
 """`askexpert calibrate`: choose τ and k for a latency, energy or accuracy target.
 
 Accuracy and offload rate for every (τ, k) come from the *validation* split's
-cached outputs (the test split is never used for a choice). Latency and energy
+cached outputs, answered with the config's combination rule (`testbed.choice`;
+the test split is never used for a choice). Latency and energy
 come from a testbed run's per-sample costs: a sample answered on the edge costs
 what `edge-only` measured, an offloaded one what `near-edge-only` measured, so
     latency(τ, k) = L_edge + offload_rate(τ, k) · (L_near − L_edge)
@@ -18,36 +19,16 @@ import numpy as np
 
 from askexpert.config import SystemConfig
 from askexpert.errors import ConfigError
-from askexpert.evaluate.cache import build_cache
-from askexpert.evaluate.metrics import gate_statistic, offload_masks, outcomes, routed_experts
 from askexpert.system import SystemDir
-
-
-def cost_model(testbed: dict[str, Any]) -> dict[str, float]:
-    rows = {r["strategy"]: r for r in testbed["table"]}
-    try:
-        edge, near = rows["edge-only"], rows["near-edge-only"]
-    except KeyError:
-        raise ConfigError(
-            "testbed summary lacks the edge-only / near-edge-only rows; rerun `askexpert testbed`"
-        ) from None
-    return {
-        "edge_latency_ms": edge["latency_mean_ms"],
-        "offload_latency_ms": near["latency_mean_ms"] - edge["latency_mean_ms"],
-        "edge_energy_mj": edge["energy_total_mj"],
-        "offload_energy_mj": near["energy_total_mj"] - edge["energy_total_mj"],
-    }
+from askexpert.testbed.choice import ValidationView
+from askexpert.testbed.costs import offload_costs
 
 
 def predict(system: SystemDir, cost: dict[str, float], taus: np.ndarray, ks: list[int]) -> list[dict[str, Any]]:
-    cfg = system.config()
-    schedule = cfg.serving.schedule
-    cache = build_cache(system, [schedule], split="val")
-    gate = cfg.routing.gate
-    masks = offload_masks(gate_statistic(cache, gate), gate, taus)
+    view = ValidationView.of(system)  # the served schedule, with the config's gate and combination rule
     rows = []
     for k in ks:
-        res = outcomes(cache, cache.schedules[schedule], masks, routed_experts(cache, k, cfg.routing.scoring))
+        res = view.outcomes(taus, k)
         for t, tau in enumerate(taus):
             rate = float(res["offload_rate"][t])
             rows.append(
@@ -109,7 +90,7 @@ def calibrate(
     if not path.is_file():
         raise ConfigError(f"{path}: no testbed results; run `askexpert testbed` first")
     testbed = json.loads(path.read_text())
-    cost = cost_model(testbed)
+    cost = offload_costs(testbed["table"])
     cfg = system.config()
     rows = predict(system, cost, np.linspace(0.0, 1.0, cfg.evaluate.taus), list(range(1, cfg.evaluate.max_k + 1)))
     best = choose(rows, latency_budget_ms, energy_budget_mj, accuracy_floor, minimise)

@@ -2,7 +2,9 @@
 
 For each sample the edge runs the generalist and routes, runs the routed expert
 *locally* (edge execution), and asks the real server over the link (offload):
-over an emulated link (root: namespace + tbf + relay/netem) or loopback.
+over an emulated link (root: namespace + tbf + relay/netem) or loopback. Both
+answers go through the config's combination rule (`reply_answers`), as on the
+live edge.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from askexpert.data import load_splits
-from askexpert.inference.backend import BackendError, LocalExpertBackend
+from askexpert.inference.backend import BackendError, LocalExpertBackend, reply_answers
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
@@ -42,6 +44,7 @@ class Measurement:
     edge_threads: int
     gate: str
     presets: dict[str, str] = field(default_factory=dict)  # role → preset, to match measured profiles
+    rule: str = "replace"  # the combination rule every expert answer went through
 
 
 def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
@@ -60,6 +63,10 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     part = Partition.from_json(system.partition_path)
     rc = cfg.routing
     router = Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring)
+    classes = {
+        eid: np.asarray([*subset, OTHER], dtype=np.int64)
+        for eid, subset in zip(part.expert_ids, part.subsets, strict=True)
+    }
     generalist, _ = load_checkpoint(system.generalist_path)
     local = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
     remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
@@ -82,11 +89,14 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
             gen_s += route_s
             eid = part.expert_ids[int(decision.expert[0])]
             local_s, local_reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
+            gen_probs = probs.numpy()
+            local_label = int(reply_answers(local_reply, classes[eid], gen_probs, rc.combine, rc.mix_weight)[0])
             t0 = time.perf_counter()
             error, info = None, {}
             try:
                 reply = remote.predict(eid, img)
-                remote_label, info = int(reply.labels[0]), reply.info
+                info = reply.info
+                remote_label = int(reply_answers(reply, classes[eid], gen_probs, rc.combine, rc.mix_weight)[0])
             except BackendError as exc:
                 remote_label, error = OTHER, str(exc)
             offload_s = time.perf_counter() - t0
@@ -97,7 +107,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                         "gen_label": int(probs.argmax()),
                         "stat": float(uncertainty(probs, rc.gate)[0]),
                         "expert": eid,
-                        "local_label": int(local_reply.labels[0]),
+                        "local_label": local_label,
                         "remote_label": remote_label,
                         "gen_s": gen_s,
                         "local_expert_s": local_s,
@@ -148,4 +158,5 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
             rows = _measure_samples(system, images, server.wait_ready().url, threads)
         mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
     cfg_models = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
-    return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models)
+    rule = cfg.routing.combine + (f" (w={cfg.routing.mix_weight:g})" if cfg.routing.combine == "mix" else "")
+    return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models, rule)

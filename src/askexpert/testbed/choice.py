@@ -1,0 +1,75 @@
+"""The served system's accuracy on the validation split, for the choices the testbed and calibrate make.
+
+Accuracy and offload rate at any τ come from the cached validation outputs of the
+served schedule, answered with the config's gate, k, scoring and combination rule
+(the rules the live edge applies): the test split is never read for a choice.
+The testbed's headline τ is chosen here (`parity_tau`): the lowest offload rate
+whose validation accuracy reaches edge execution's, as the paper's comparison asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
+from askexpert.evaluate.metrics import expert_labels, gate_statistic, offload_masks, outcomes, routed_experts
+from askexpert.system import SystemDir
+
+
+@dataclass(frozen=True)
+class ValidationView:
+    """The served schedule's validation outputs under the config's gate and combination rule."""
+
+    cache: LogitCache
+    outputs: ScheduleOutputs
+    gate: str
+    scoring: str
+    answers: np.ndarray  # (E, N) every expert's answer under the combination rule
+
+    @classmethod
+    def of(cls, system: SystemDir) -> ValidationView:
+        cfg = system.config()
+        rc, schedule = cfg.routing, cfg.serving.schedule
+        cache = build_cache(system, [schedule], split="val")
+        outputs = cache.schedules[schedule]
+        return cls(cache, outputs, rc.gate, rc.scoring, expert_labels(cache, outputs, rc.combine, rc.mix_weight))
+
+    def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""
+        masks = offload_masks(gate_statistic(self.cache, self.gate), self.gate, np.asarray(taus, dtype=np.float64))
+        return outcomes(self.cache, self.outputs, masks, routed_experts(self.cache, k, self.scoring), self.answers)
+
+    def edge_execution_accuracy(self, k: int) -> float:
+        """Every sample answered by its routed expert (edge execution, or near-edge only: the same answers)."""
+        everything = np.ones((1, len(self.cache.labels)), dtype=bool)
+        res = outcomes(self.cache, self.outputs, everything, routed_experts(self.cache, k, self.scoring), self.answers)
+        return float(res["accuracy"][0])
+
+    def spanning_taus(self, points: int) -> np.ndarray:
+        """τ values whose validation offload rates spread evenly over 0…1 (quantiles of the gate statistic)."""
+        stat = gate_statistic(self.cache, self.gate)
+        return np.unique(np.round(np.quantile(stat, np.linspace(0.0, 1.0, points)), 4))
+
+
+def parity_tau(view: ValidationView, k: int, points: int = 41) -> dict[str, Any]:
+    """The fastest τ (lowest validation offload rate) whose validation accuracy reaches edge execution's.
+
+    When no τ does, the most accurate one, with `eligible` False.
+    """
+    taus = view.spanning_taus(points)
+    res = view.outcomes(taus, k)
+    target = view.edge_execution_accuracy(k)
+    acc, rate = res["accuracy"], res["offload_rate"]
+    reach = np.flatnonzero(acc >= target)
+    best = int(reach[np.argmin(rate[reach])]) if reach.size else int(np.argmax(acc))
+    return {
+        "tau": float(taus[best]),
+        "eligible": bool(reach.size),
+        "val_accuracy": float(acc[best]),
+        "val_offload_rate": float(rate[best]),
+        "val_edge_execution_accuracy": target,
+        "val_samples": len(view.cache.labels),
+    }
