@@ -482,7 +482,9 @@ def testbed(
     """Latency and energy per sample: edge only, edge execution, near-edge only, collaborative at several τ."""
     from askexpert.errors import ConfigError
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
+    # The edge side keeps OpenMP's default wait policy: PASSIVE would make every op of a batch-1
+    # pass wake its threads (measured: a 1.3 ms generalist pass took 3.8 ms). The server gets
+    # PASSIVE (testbed.measurement), so its idle threads leave the shared cores to the edge.
     from askexpert.testbed.runner import TABLE_COLUMNS, run_testbed, spec_from_names
 
     if emulate not in ("auto", "on", "off"):

@@ -135,9 +135,11 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
         raise LinkUnavailable(f"--emulate on, but {reason}")
     use_ns = emulate != "off" and reason is None
     no_wait = ("--max-wait-ms", "0")  # one sample at a time: a batching wait would only add latency
-    # The server shares this machine's cores with the edge measurement: OpenMP threads that
-    # busy-wait after each request would steal them and inflate the edge's compute times.
-    quiet = {"OMP_WAIT_POLICY": "PASSIVE"}
+    # The server shares this machine's cores with the edge measurement. One batch-1 request at a
+    # time runs fastest on one OpenMP thread, and one thread neither busy-waits on the edge's cores
+    # nor pays a sleeping worker's wake-up on every op (measured here: a ~1.6 ms expert pass took
+    # ~5 ms with two PASSIVE threads). serving.torch_threads, when set, still wins.
+    quiet = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     if use_ns:
         with NamespaceLink(spec.link) as link:
             with ServerProcess(system.root, *no_wait, host=PEER_IP, prefix=link.exec_prefix(), env=quiet) as server:
