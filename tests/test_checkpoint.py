@@ -105,3 +105,15 @@ def test_versions_are_checked(tmp_path: Path) -> None:
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="written by askexpert 99.0.0, newer than this askexpert"):
         load_checkpoint(path)
+
+
+def test_devices_are_checked_before_use() -> None:
+    from askexpert.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -151,10 +151,22 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
             self.j += 0.5  # 0.5 J between reads
             return self.j
 
+    import time
+
     import torch
 
-    ms, joules = time_model(create_model("micro-expert", 3), 32, 2, 4, torch.device("cpu"), Counter())
+    model = create_model("micro-expert", 3)
+    ms, joules = time_model(model, 32, 2, 4, torch.device("cpu"), Counter(), meter_window_s=0.0)
     assert ms > 0 and joules == pytest.approx(0.5 / 4)
+
+    class CoarseTenWatts:  # a 10 W draw read through a counter that ticks every 50 ms, like NVML's
+        source = "fake"
+
+        def read_j(self) -> float:
+            return float(int(time.perf_counter() / 0.05)) * 0.05 * 10.0
+
+    ms, joules = time_model(model, 32, 2, 4, torch.device("cpu"), CoarseTenWatts(), meter_window_s=0.5)
+    assert joules is not None and 0.3 * 10.0 * ms / 1e3 < joules < 3.0 * 10.0 * ms / 1e3  # ≈ 10 W × one pass
     spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
     near = spec.near_edge.model_copy(
         update={

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from askexpert.errors import AskExpertError, CheckpointError, RoutingError
-from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits
+from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits, resolve_device
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER, answer_from_probs, softmax
 
@@ -94,7 +94,7 @@ class LocalExpertBackend:
 
     def __init__(self, experts: dict[str, tuple[ImageClassifier, CheckpointMeta]], device: str | torch.device = "cpu"):
         self.experts = experts
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self._classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in experts.items()}
 
     @classmethod

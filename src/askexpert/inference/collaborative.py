@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, check_images, reply_answers
-from askexpert.models import ImageClassifier, predict_logits
+from askexpert.models import ImageClassifier, predict_logits, resolve_device
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER, final_labels
@@ -91,7 +91,7 @@ class CollaborativeClassifier:
         self.router = router
         self.partition = partition
         self.backend = backend
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.combine = combine
         self.mix_weight = mix_weight

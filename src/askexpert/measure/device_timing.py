@@ -9,6 +9,7 @@ those presets and batch sizes, and the guess only where none was measured.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 import statistics
 import time
@@ -23,19 +24,29 @@ from askexpert.data import input_size
 from askexpert.errors import ConfigError
 from askexpert.measure.energy import EnergyMeter, available_meters
 from askexpert.measure.profiles import DeviceProfile, MeasuredTimes
-from askexpert.models import ImageClassifier, load_checkpoint, predict_logits
+from askexpert.models import ImageClassifier, load_checkpoint, predict_logits, resolve_device
 from askexpert.partition import Partition
 from askexpert.system import SystemDir
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+METER_WINDOW_S = 1.0  # energy counters tick coarsely (NVML every ~10-100 ms): read them around ≥ 1 s of work
+
+
 def time_model(
-    model: ImageClassifier, size: int, batch: int, repeats: int, device: torch.device, meter: EnergyMeter | None = None
+    model: ImageClassifier,
+    size: int,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    meter: EnergyMeter | None = None,
+    meter_window_s: float = METER_WINDOW_S,
 ) -> tuple[float, float | None]:
     """Median milliseconds of one forward pass on a batch (after a warm-up), and joules per batch from `meter`.
 
-    Energy is read around all `repeats` passes together (meters tick coarsely) and divided.
+    Energy is read around as many passes as fill `meter_window_s` (at least `repeats`), then divided:
+    a millisecond pass alone would fall between two ticks of the counter and read as zero.
     """
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(2):
@@ -50,10 +61,14 @@ def time_model(
             torch.cuda.synchronize()
         return (time.perf_counter() - start) * 1e3
 
-    start_j = meter.read_j() if meter is not None else 0.0
-    times = [once() for _ in range(repeats)]
-    joules = (meter.read_j() - start_j) / repeats if meter is not None else None
-    return float(statistics.median(times)), joules
+    median_ms = float(statistics.median([once() for _ in range(repeats)]))
+    if meter is None:
+        return median_ms, None
+    passes = max(repeats, math.ceil(meter_window_s * 1e3 / max(median_ms, 1e-3)))
+    start_j = meter.read_j()
+    for _ in range(passes):
+        once()
+    return median_ms, (meter.read_j() - start_j) / passes
 
 
 def measure_profile(
@@ -73,7 +88,7 @@ def measure_profile(
     cfg = system.config()
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     size = input_size(cfg.data)
     part = Partition.from_json(system.partition_path)
     generalist, gmeta = load_checkpoint(system.generalist_path, dev)

@@ -8,14 +8,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from askexpert.errors import ConfigError
 from askexpert.models.registry import ImageClassifier
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; anything else is passed to torch as given."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' picks CUDA when present; anything else is checked and passed to torch as given.
+
+    A device torch cannot name, or CUDA on a machine without it, is a ConfigError saying so
+    (torch's own error comes from deep inside the first tensor move).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU on this machine")
+    return device
 
 
 @torch.inference_mode()
