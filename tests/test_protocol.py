@@ -28,26 +28,26 @@ def test_full_distribution_spreads_other_by_the_generalist() -> None:
 
 def test_replace_takes_the_expert_argmax_and_abstains_on_other() -> None:
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
-    assert expert_answer(logits, CLASSES).tolist() == [1, OTHER]
+    assert expert_answer(softmax(logits), CLASSES).tolist() == [1, OTHER]
 
 
 def test_mix_pools_both_answers() -> None:
     gen = _gen([[0.05, 0.30, 0.05, 0.25, 0.35], [0.1, 0.1, 0.1, 0.1, 0.6]])
     expert = np.log(np.array([[0.2, 0.7, 0.1], [0.05, 0.05, 0.9]]))
     # w = 1: the generalist alone; w = 0: the expert's full distribution.
-    assert expert_answer(expert, CLASSES, gen, "mix", 1.0).tolist() == gen.argmax(1).tolist()
+    assert expert_answer(softmax(expert), CLASSES, gen, "mix", 1.0).tolist() == gen.argmax(1).tolist()
     only_expert = expert_full_distribution(softmax(expert), CLASSES, gen).argmax(1)
-    assert expert_answer(expert, CLASSES, gen, "mix", 0.0).tolist() == only_expert.tolist() == [3, 4]
+    assert expert_answer(softmax(expert), CLASSES, gen, "mix", 0.0).tolist() == only_expert.tolist() == [3, 4]
     # A confident "other" hands the answer to the generalist's best class outside the subset, never -1.
-    assert OTHER not in expert_answer(expert, CLASSES, gen, "mix", 0.3)
+    assert OTHER not in expert_answer(softmax(expert), CLASSES, gen, "mix", 0.3)
     # In between, the pooled argmax can differ from both: expert says 3, generalist says 4, 1 is a close second.
-    mixed = expert_answer(expert[:1], CLASSES, gen[:1], "mix", 0.5)
+    mixed = expert_answer(softmax(expert[:1]), CLASSES, gen[:1], "mix", 0.5)
     pooled = 0.5 * gen[:1] + 0.5 * expert_full_distribution(softmax(expert[:1]), CLASSES, gen[:1])
     assert mixed.tolist() == pooled.argmax(1).tolist()
     with pytest.raises(ValueError, match="needs the generalist"):
-        expert_answer(expert, CLASSES, None, "mix")
+        expert_answer(softmax(expert), CLASSES, None, "mix")
     with pytest.raises(ValueError, match="unknown combination rule 'vote'"):
-        expert_answer(expert, CLASSES, gen, "vote")
+        expert_answer(softmax(expert), CLASSES, gen, "vote")
 
 
 def test_abstain_falls_back_to_the_generalist() -> None:
@@ -97,7 +97,7 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
     for i in range(len(images)):
         e = part.expert_ids.index(str(out.expert[i]))
         classes = np.array([*part.subsets[e], OTHER])
-        want = expert_answer(np.log(say_other), classes, probs[i : i + 1], "mix", 0.5)
+        want = expert_answer(say_other, classes, probs[i : i + 1], "mix", 0.5)
         assert out.labels[i] == want[0]
     blind = CollaborativeClassifier(gen, router, part, _FixedBackend(None, np.array([0])), combine="mix")
     out = blind(images)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
-from askexpert.protocol import OTHER, expert_answer, final_labels
+from askexpert.protocol import OTHER, expert_answer, final_labels, softmax
 from askexpert.routing import GATES, choose_expert, gate_offloads, uncertainty
 
 
@@ -55,7 +55,7 @@ def expert_labels(
     rows = []
     for eid, subset in zip(cache.partition.expert_ids, cache.partition.subsets, strict=True):
         classes = np.asarray([*subset, OTHER], dtype=np.int64)
-        rows.append(expert_answer(outputs.logits[eid], classes, cache.gen_probs, rule, weight))
+        rows.append(expert_answer(softmax(outputs.logits[eid]), classes, cache.gen_probs, rule, weight))
     return np.stack(rows)
 
 

@@ -18,7 +18,7 @@ import torch
 from askexpert.errors import AskExpertError, CheckpointError, RoutingError
 from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits, resolve_device
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER, answer_from_probs, softmax
+from askexpert.protocol import OTHER, expert_answer, softmax
 
 
 class BackendError(AskExpertError):
@@ -59,9 +59,8 @@ class ExpertBackend(Protocol):
 def reply_from_logits(logits: np.ndarray, classes: np.ndarray) -> ExpertReply:
     """Map an expert's outputs back to global labels (`classes[i]` for output i, -1 = other)."""
     probs = softmax(logits)
-    best = probs.argmax(axis=1)
     return ExpertReply(
-        classes[best].astype(np.int64), probs.max(axis=1).astype(np.float32), probs=probs.astype(np.float32)
+        expert_answer(probs, classes), probs.max(axis=1).astype(np.float32), probs=probs.astype(np.float32)
     )
 
 
@@ -76,7 +75,7 @@ def reply_answers(
         return reply.labels
     if reply.probs is None:
         raise BackendError(f"sent no probabilities for '{rule}'")
-    return answer_from_probs(reply.probs, classes, gen_probs, rule, mix_weight)
+    return expert_answer(reply.probs, classes, gen_probs, rule, mix_weight)
 
 
 def check_images(images: np.ndarray, size: int | None = None) -> None:

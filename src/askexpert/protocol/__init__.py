@@ -9,7 +9,6 @@ Both sides (and the cached evaluation and the testbed) import these; neither
 from askexpert.protocol.answers import (
     COMBINE_RULES,
     OTHER,
-    answer_from_probs,
     expert_answer,
     expert_full_distribution,
     final_labels,
@@ -19,7 +18,6 @@ from askexpert.protocol.answers import (
 __all__ = [
     "COMBINE_RULES",
     "OTHER",
-    "answer_from_probs",
     "expert_answer",
     "expert_full_distribution",
     "final_labels",

@@ -43,24 +43,16 @@ def expert_full_distribution(expert_probs: np.ndarray, classes: np.ndarray, gen_
 
 
 def expert_answer(
-    expert_logits: np.ndarray,
-    classes: np.ndarray,
-    gen_probs: np.ndarray | None = None,
-    rule: str = "replace",
-    mix_weight: float = 0.5,
-) -> np.ndarray:
-    """Global labels (N,) for one expert's outputs under a combination rule; OTHER where it abstains."""
-    return answer_from_probs(softmax(expert_logits.astype(np.float64)), classes, gen_probs, rule, mix_weight)
-
-
-def answer_from_probs(
     expert_probs: np.ndarray,
     classes: np.ndarray,
     gen_probs: np.ndarray | None = None,
     rule: str = "replace",
     mix_weight: float = 0.5,
 ) -> np.ndarray:
-    """`expert_answer` from the expert's softmax (what a server sends) rather than its logits."""
+    """Global labels (N,) from one expert's softmax under a combination rule; OTHER where it abstains.
+
+    Probabilities, not logits: what a server sends and what the cache's logits give through `softmax`.
+    """
     if rule == "replace":
         return classes[expert_probs.argmax(axis=1)].astype(np.int64)
     if rule == "mix":
