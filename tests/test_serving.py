@@ -235,3 +235,35 @@ def test_edge_cli_names_an_unknown_profile(
               "--profile", "toaster", "--out", str(tmp_path / "r.jsonl")])  # fmt: skip
     text = capsys.readouterr()
     assert info.value.code == 2 and "unknown device profile 'toaster'" in text.out + text.err
+
+
+def test_a_metered_server_reports_joules_per_request_and_in_metrics(trained_system: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from askexpert.inference.http_backend import _reply
+    from askexpert.serving.server import ExpertService, create_app
+
+    class TenJoulesPerCall:
+        source = "fake-nvml"
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read_j(self) -> float:
+            self.reads += 1
+            return 10.0 * (self.reads // 2)
+
+    service = ExpertService.from_system(trained_system)
+    service.energy_meter = TenJoulesPerCall()
+    images = _test_split(trained_system).images[:3]
+    with TestClient(create_app(service)) as client:
+        assert client.get("/v1/experts").json()["energy_meter"] == "fake-nvml"
+        response = client.post(
+            "/v1/experts/e0/predict", content=encode_images(images), headers={"content-type": MEDIA_TYPE}
+        )
+        timing = response.json()["timing"]
+        assert timing["energy_meter"] == "fake-nvml" and timing["batch_size"] == 3
+        assert timing["energy_j"] == pytest.approx(10.0)  # the only caller of its batch: all of it
+        assert 'askexpert_energy_joules_total{expert="e0"} 10.0' in client.get("/metrics").text
+        reply = _reply(response, 3, 0, 0.0, 1.0, 0)
+        assert reply.info["server_energy_j"] == pytest.approx(10.0)

@@ -245,3 +245,27 @@ def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_p
     assert OTHER not in {r["local_label"] for r in records}  # mix never abstains ("other" goes to the generalist)
     assert "mix (w=0.3)" in (root / "testbed" / "testbed.md").read_text()
     assert summary["routing"]["combine"] == "mix"
+
+
+def test_server_metered_joules_count_only_when_the_near_edge_profile_is_this_machine() -> None:
+    from askexpert.measure.profiles import load_device
+    from askexpert.testbed.report import provenance
+    from askexpert.testbed.runner import Measurement, SampleMeasurement, TestbedSpec, strategies
+
+    spec = spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi")
+    row = {"gen_s": 0.001, "local_expert_s": 0.002, "stat": 0.1, "gen_label": 0, "local_label": 0, "remote_label": 0}
+    row |= {"offload_s": 0.02, "rtt_ms": 10.0, "compute_ms": 2.0, "batch_size": 1.0, "bytes_sent": 3096.0}
+    row |= {"server_energy_j": 0.04}  # what the server's meter read for this request
+    run = Measurement([SampleMeasurement.from_dict({"id": 0, "expert": "e0", **row})], [0], "test", True, 1, "max_prob")
+    here = load_device("this-machine")
+    assert here.host and not spec.near_edge.host
+    for near, expected_mj in (
+        (here, 40.0),
+        (spec.near_edge, spec.near_edge.active_w * 2.0e-3 * spec.near_edge.slowdown * 1e3),
+    ):
+        bed = TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio)
+        table, _ = strategies(run, bed, [1.0])
+        collab = next(r for r in table if r["strategy"] == "collaborative")
+        assert collab["energy_near_edge_mj"] == pytest.approx(expected_mj)
+        source = provenance(run, bed)["energy_near_edge_mj"]
+        assert source.startswith("metered" if near.host else "modelled") and "40 mJ per sample" in source

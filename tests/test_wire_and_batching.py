@@ -92,6 +92,34 @@ def test_dynamic_batching_merges_callers_and_returns_each_its_rows() -> None:
     assert sum(r.first_in_batch for r in results) == len(service.calls)  # one per model call
 
 
+class _TwoJoulesPerCall:
+    source = "fake"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read_j(self) -> float:
+        self.reads += 1
+        return 2.0 * (self.reads // 2)  # each read pair around one model call spans 2 J
+
+
+def test_a_metered_batch_gives_each_caller_its_share_of_the_joules() -> None:
+    service = _Doubler()
+    service.energy_meter = _TwoJoulesPerCall()  # type: ignore[attr-defined]
+
+    async def go() -> list:
+        sizes = [1, 3, 2, 2, 4, 1, 3]
+        return await asyncio.gather(*(service.run("e0", np.zeros((n, 1, 1, 3), dtype=np.uint8)) for n in sizes))
+
+    results = asyncio.run(go())
+    assert all(r.batch_energy_j == pytest.approx(2.0) for r in results)
+    for r in results:
+        assert r.energy_j == pytest.approx(2.0 * len(r.rows) / r.batch_size)
+    assert sum(r.energy_j for r in results) == pytest.approx(2.0 * len(service.calls))  # nothing lost or doubled
+    unmetered = asyncio.run(_Doubler().run("e0", np.zeros((1, 1, 1, 3), np.uint8)))
+    assert unmetered.batch_energy_j is None and unmetered.energy_j is None
+
+
 def test_reserved_header_bytes_must_be_zero() -> None:
     body = bytearray(encode_images(np.zeros((1, 32, 32, 3), np.uint8)))
     body[6] = 7

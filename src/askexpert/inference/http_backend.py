@@ -193,4 +193,9 @@ def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms
         "batch_size": float(timing.get("batch_size", n)),  # images in the server's merged batch
         "retries": float(retries),
     }
+    if "energy_j" in timing:  # the server metered its model call: this request's share of the batch's joules
+        try:
+            info["server_energy_j"] = float(timing["energy_j"])
+        except (TypeError, ValueError):
+            raise BackendError(f"malformed server reply: energy_j {timing['energy_j']!r:.40}") from None
     return ExpertReply(labels, confidence, info, probs)

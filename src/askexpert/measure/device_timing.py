@@ -22,7 +22,7 @@ import yaml
 
 from askexpert.data import input_size
 from askexpert.errors import ConfigError
-from askexpert.measure.energy import EnergyMeter, available_meters
+from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.measure.profiles import DeviceProfile, MeasuredTimes
 from askexpert.models import ImageClassifier, load_checkpoint, predict_logits, resolve_device
 from askexpert.partition import Partition
@@ -93,9 +93,8 @@ def measure_profile(
     part = Partition.from_json(system.partition_path)
     generalist, gmeta = load_checkpoint(system.generalist_path, dev)
     expert, emeta = load_checkpoint(system.expert_path(cfg.serving.schedule, part.expert_ids[0]), dev)
-    meters = available_meters()
-    meter_name = "nvml" if dev.type == "cuda" and "nvml" in meters else "rapl" if "rapl" in meters else None
-    meter = meters[meter_name] if meter_name else None
+    meter = meter_for(dev.type)
+    meter_name = meter.source if meter is not None else None
     results = {
         role: {b: time_model(model, size, b, repeats, dev, meter) for b in batches}
         for role, model in (("generalist", generalist), ("expert", expert))

@@ -12,7 +12,6 @@ and says for each part whether it was measured or modelled.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -81,11 +80,10 @@ def available_meters() -> dict[str, EnergyMeter]:
     return meters
 
 
-def measure_j(meter: EnergyMeter, fn: object) -> tuple[float, float]:
-    """Run `fn()` and return (joules, seconds) from the meter."""
-    start_j, start_t = meter.read_j(), time.perf_counter()
-    fn()  # type: ignore[operator]
-    return meter.read_j() - start_j, time.perf_counter() - start_t
+def meter_for(device: str) -> EnergyMeter | None:
+    """The meter that sees the work on `device`: NVML for a CUDA GPU, RAPL for the CPU; None where unreadable."""
+    meters = available_meters()
+    return meters.get("nvml") if device.startswith("cuda") else meters.get("rapl")
 
 
 @dataclass(frozen=True)

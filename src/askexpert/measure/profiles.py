@@ -56,6 +56,7 @@ class DeviceProfile(BaseModel):
     slowdown: float = Field(gt=0.0)  # compute time there = measured here × slowdown (where not measured)
     sources: list[str] = Field(min_length=1)
     measured: MeasuredTimes | None = None
+    host: bool = False  # describes the machine askexpert runs on: the testbed's server meters it directly
 
     def threads_here(self) -> int:
         """The profile's thread count, capped at the threads torch may use on this machine."""

@@ -12,7 +12,9 @@ Requests queue per key (per expert). A batch closes when it holds
 `max_batch_size` images or `max_wait_ms` after its first request arrived. The
 wrapped function runs in a one-thread executor, off the event loop, one batch at
 a time (so CPU threads are not oversubscribed). An instance attribute
-`max_batch_size` / `max_wait_ms` / `max_queue_images` overrides the decorator's default.
+`max_batch_size` / `max_wait_ms` / `max_queue_images` overrides the decorator's default;
+an instance attribute `energy_meter` (an `askexpert.measure.energy.EnergyMeter`) is read
+around every model call, and each caller gets its share of the batch's joules.
 
 Load shedding: a key's queue holds at most `max_queue_images` waiting images; a
 call beyond that fails at once with `QueueFull` (the server answers 429), so an
@@ -29,9 +31,12 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from askexpert.measure.energy import EnergyMeter
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,14 @@ class BatchResult:
     compute_s: float  # the model call for the whole batch
     batch_size: int  # images in the merged batch
     first_in_batch: bool  # exactly one caller per model call, so per-batch figures are counted once
+    batch_energy_j: float | None = None  # metered joules of the whole model call (None: no meter)
+
+    @property
+    def energy_j(self) -> float | None:
+        """This caller's share of the batch's metered joules (its images / the batch's)."""
+        if self.batch_energy_j is None:
+            return None
+        return self.batch_energy_j * len(self.rows) / max(1, self.batch_size)
 
 
 class QueueFull(Exception):
@@ -70,6 +83,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_images: int | None = None,
+        meter: EnergyMeter | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size must be ≥ 1 and max_wait_ms ≥ 0")
@@ -79,6 +93,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
+        self.meter = meter
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="askexpert-batch")
         self.queues: dict[str, asyncio.Queue[_Pending]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -100,6 +115,14 @@ class DynamicBatcher:
         self.queued[key] = waiting + len(images)
         await queue.put(pending)
         return await pending.future
+
+    def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """The model call, with the meter read around it (in the executor thread, next to the work)."""
+        if self.meter is None:
+            return self.fn(key, batch), None
+        start = self.meter.read_j()
+        rows = self.fn(key, batch)
+        return rows, self.meter.read_j() - start
 
     async def _collect(
         self, queue: asyncio.Queue[_Pending], carry: _Pending | None
@@ -137,7 +160,7 @@ class DynamicBatcher:
             batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
             start = time.perf_counter()
             try:
-                rows = await loop.run_in_executor(self.executor, self.fn, key, batch)
+                rows, joules = await loop.run_in_executor(self.executor, self._call, key, batch)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 for p in items:
                     if not p.future.done():
@@ -151,7 +174,9 @@ class DynamicBatcher:
                 n = len(p.images)
                 if not p.future.done():
                     p.future.set_result(
-                        BatchResult(rows[offset : offset + n], start - p.enqueued, compute, len(batch), offset == 0)
+                        BatchResult(
+                            rows[offset : offset + n], start - p.enqueued, compute, len(batch), offset == 0, joules
+                        )
                     )
                 offset += n
 
@@ -176,6 +201,7 @@ def dynamic_batch(
                     int(getattr(self, "max_batch_size", max_batch_size)),
                     float(getattr(self, "max_wait_ms", max_wait_ms)) / 1000.0,
                     getattr(self, "max_queue_images", max_queue_images),
+                    getattr(self, "energy_meter", None),
                 )
                 setattr(self, attr, batcher)
             return await batcher(key, images, deadline)

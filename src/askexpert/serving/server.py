@@ -33,6 +33,7 @@ from askexpert.config import ServingConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
+from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.models import CheckpointMeta
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
@@ -72,6 +73,9 @@ class ServiceMetrics:
         self.disconnects = Counter(
             "askexpert_client_disconnects", "Clients gone before their request was read", registry=self.registry
         )
+        self.energy = Counter(
+            "askexpert_energy_joules", "Metered energy of the model calls", ["expert"], registry=self.registry
+        )
 
 
 class ServiceBase:
@@ -83,6 +87,7 @@ class ServiceBase:
         self.cfg = cfg
         self.metrics = ServiceMetrics()
         self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, meta in metas.items()}
+        self.energy_meter: EnergyMeter | None = None  # read around every model call where set
 
     @property
     def ready(self) -> bool:
@@ -107,20 +112,25 @@ class ServiceBase:
         if result.first_in_batch:
             m.batch_size.labels(expert_id).observe(result.batch_size)
             m.compute.labels(expert_id).observe(result.compute_s)
+            if result.batch_energy_j is not None:
+                m.energy.labels(expert_id).inc(max(0.0, result.batch_energy_j))
         m.queue.labels(expert_id).observe(result.queue_s)
         m.images.labels(expert_id).inc(len(result.rows))
         answer = reply_from_logits(result.rows, self.classes[expert_id])
+        timing: dict[str, Any] = {
+            "queue_ms": result.queue_s * 1e3,
+            "compute_ms": result.compute_s * 1e3,
+            "batch_size": result.batch_size,
+        }
+        if result.energy_j is not None and self.energy_meter is not None:
+            timing |= {"energy_j": result.energy_j, "energy_meter": self.energy_meter.source}
         return {
             "expert": expert_id,
             "labels": answer.labels.tolist(),
             "other": (answer.labels == OTHER).tolist(),
             "confidence": [round(float(c), 6) for c in answer.confidence],
             "probs": np.round(answer.probs, 6).tolist() if answer.probs is not None else None,
-            "timing": {
-                "queue_ms": result.queue_s * 1e3,
-                "compute_ms": result.compute_s * 1e3,
-                "batch_size": result.batch_size,
-            },
+            "timing": timing,
         }
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
@@ -148,7 +158,9 @@ class ExpertService(ServiceBase):
         backend = LocalExpertBackend.from_dir(
             system.root / "experts" / (schedule or cfg.serving.schedule), part, device
         )
-        return cls(backend, part, input_size(cfg.data), cfg.serving)
+        service = cls(backend, part, input_size(cfg.data), cfg.serving)
+        service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
+        return service
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
@@ -190,7 +202,10 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     async def experts(request: Request) -> Response:
         if not authorised(request):
             return _error(401, "missing or wrong bearer token")
-        return JSONResponse({"api": API_VERSION, "image_size": service.image_size, "experts": service.describe()})
+        meter = service.energy_meter.source if service.energy_meter is not None else None
+        return JSONResponse(
+            {"api": API_VERSION, "image_size": service.image_size, "energy_meter": meter, "experts": service.describe()}
+        )
 
     @app.post("/v1/experts/{expert_id}/predict")
     async def predict(expert_id: str, request: Request) -> Response:

@@ -90,14 +90,16 @@ def strategies(
     near_s_scaled = near_s * spec.near_edge.slowdown
     near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
     measured = spec.near_edge.measured
-    if measured is not None and presets.get("expert"):  # the device's own figures replace × slowdown
-        for i, r in enumerate(rows):
-            if not r.ok:
-                continue
+    for i, r in enumerate(rows):
+        if not r.ok:
+            continue
+        if measured is not None and presets.get("expert"):  # the device's own figures replace × slowdown
             per_image = measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
             if per_image is not None:
                 near_s_scaled[i] = per_image / 1e3
             near_j[i] = measured.per_image_j("expert", presets["expert"], int(r.batch_size))
+        if near_j[i] is None and spec.near_edge.host:  # the server ran on the profiled machine and metered it
+            near_j[i] = r.extra.get("server_energy_j")
     queue_s = np.array([r.queue_ms / 1e3 for r in rows])
     up = np.array([r.bytes_sent for r in rows])
     down = np.array([r.bytes_received for r in rows])

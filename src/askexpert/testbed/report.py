@@ -64,14 +64,32 @@ def provenance(run: Measurement, spec: TestbedSpec) -> dict[str, str]:
             else f"measured by the server × slowdown {spec.near_edge.slowdown:g} of profile "
             f"{spec.near_edge.name} (modelled scaling)"
         ),
-        "energy": "power model from the profiles' watts × those times, radio model "
-        f"{spec.link.radio} (Huang et al. 2012); hardware meters readable here: {meters or 'none'}"
-        + (
-            f"; near-edge compute energy metered ({spec.near_edge.measured.meter}) on the device"
-            if spec.near_edge.measured is not None and spec.near_edge.measured.j
-            else ""
-        ),
+        "energy_edge_mj": f"modelled: profile {spec.edge.name}'s active {spec.edge.active_w:g} W × edge compute "
+        f"+ idle {spec.edge.idle_w:g} W × waiting (no meter on the edge device here)",
+        "energy_radio_mj": f"modelled: radio model {spec.link.radio} (Huang et al. 2012) × the transfer time "
+        "of the measured request and reply bytes",
+        "energy_near_edge_mj": _near_edge_energy_source(run, spec),
+        "meters_readable_here": ", ".join(meters) or "none",
     }
+
+
+def _near_edge_energy_source(run: Measurement, spec: TestbedSpec) -> str:
+    """Metered on the device (its profile), metered by the testbed's own server (host profile), or modelled."""
+    near = spec.near_edge
+    metered = [r.extra["server_energy_j"] for r in run.rows if r.ok and "server_energy_j" in r.extra]
+    server = (
+        f"the testbed's server metered {1e3 * sum(metered) / len(metered):.3g} mJ per sample on this machine"
+        if metered
+        else "the testbed's server had no readable meter"
+    )
+    if near.measured is not None and near.measured.j:
+        return f"metered on the device ({near.measured.meter}, profile {near.name}, {measured_on(near)})"
+    if near.host and metered:
+        return f"metered: {server} (profile {near.name} is this machine)"
+    return (
+        f"modelled: profile {near.name}'s active {near.active_w:g} W × near-edge compute time "
+        f"({server}; used only when the near-edge profile is this machine)"
+    )
 
 
 def headline_lines(h: dict[str, Any]) -> list[str]:
