@@ -4,7 +4,7 @@
 GET  /healthz                       alive
 GET  /readyz                        experts loaded (503 until then)
 GET  /metrics                       Prometheus text
-GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s
+GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s, the energy meter read
 POST /v1/experts/{id}/predict       body: wire format (askexpert.protocol.wire)
 ```
 `ExpertService` is the unit of serving (a small class with an async
