@@ -6,6 +6,7 @@
   plus the analytic link model's time (loopback);
 * near-edge compute: the server's measured compute × the near-edge profile's
   slowdown, or the profile's measured times (and metered joules) per batch size;
+  where the profile is this very machine (`host`), the server's own metered joules;
 * a failed offload costs the time it took, spent waiting at the edge's idle power;
 * energy: the profiles' watts × those times and the radio model (Huang et al. 2012).
 """
@@ -88,7 +89,7 @@ def strategies(
     encode_s = np.array([r.encode_ms / 1e3 for r in rows])
     near_s = np.array([r.compute_ms / 1e3 / max(1.0, r.batch_size) for r in rows])
     near_s_scaled = near_s * spec.near_edge.slowdown
-    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where the profile has them
+    near_j: list[float | None] = [None] * n  # metered near-edge joules per sample, where a meter saw them
     measured = spec.near_edge.measured
     for i, r in enumerate(rows):
         if not r.ok:
