@@ -69,3 +69,14 @@ def server(trained_system: Path):
     proc = ServerProcess(trained_system)
     yield proc
     proc.stop()
+
+
+class StepMeter:
+    """A fake energy counter: every pair of reads (before, after one model call) spans `joules_per_call`."""
+
+    def __init__(self, joules_per_call: float, source: str = "fake") -> None:
+        self.joules_per_call, self.source, self.reads = joules_per_call, source, 0
+
+    def read_j(self) -> float:
+        self.reads += 1
+        return self.joules_per_call * (self.reads // 2)

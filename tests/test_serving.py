@@ -16,7 +16,7 @@ from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
-from conftest import ServerProcess
+from conftest import ServerProcess, StepMeter
 
 
 def _test_split(root: Path):
@@ -243,18 +243,8 @@ def test_a_metered_server_reports_joules_per_request_and_in_metrics(trained_syst
     from askexpert.inference.http_backend import _reply
     from askexpert.serving.server import ExpertService, create_app
 
-    class TenJoulesPerCall:
-        source = "fake-nvml"
-
-        def __init__(self) -> None:
-            self.reads = 0
-
-        def read_j(self) -> float:
-            self.reads += 1
-            return 10.0 * (self.reads // 2)
-
     service = ExpertService.from_system(trained_system)
-    service.energy_meter = TenJoulesPerCall()
+    service.energy_meter = StepMeter(10.0, "fake-nvml")
     images = _test_split(trained_system).images[:3]
     with TestClient(create_app(service)) as client:
         assert client.get("/v1/experts").json()["energy_meter"] == "fake-nvml"

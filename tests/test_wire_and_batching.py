@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from askexpert.protocol.wire import HEADER_SIZE, MAGIC, WireError, decode_images, encode_images
 from askexpert.serving.batching import dynamic_batch
+from conftest import StepMeter
 
 
 def test_round_trip_and_size() -> None:
@@ -92,20 +93,9 @@ def test_dynamic_batching_merges_callers_and_returns_each_its_rows() -> None:
     assert sum(r.first_in_batch for r in results) == len(service.calls)  # one per model call
 
 
-class _TwoJoulesPerCall:
-    source = "fake"
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def read_j(self) -> float:
-        self.reads += 1
-        return 2.0 * (self.reads // 2)  # each read pair around one model call spans 2 J
-
-
 def test_a_metered_batch_gives_each_caller_its_share_of_the_joules() -> None:
     service = _Doubler()
-    service.energy_meter = _TwoJoulesPerCall()  # type: ignore[attr-defined]
+    service.energy_meter = StepMeter(2.0)  # type: ignore[attr-defined]
 
     async def go() -> list:
         sizes = [1, 3, 2, 2, 4, 1, 3]
