@@ -47,7 +47,9 @@ def predict_logits(
     if desc is not None:
         starts = tqdm(starts, desc=desc, unit="batch", leave=False)
     for start in starts:
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        chunk = images[start : start + batch_size]
+        # torch wants writable memory; a server's decoded body is a read-only view (copying it is cheap)
+        batch = torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch)
         out[start : start + len(batch)] = logits.float().cpu().numpy()
