@@ -253,7 +253,7 @@ def test_a_metered_server_reports_joules_per_request_and_in_metrics(trained_syst
         )
         timing = response.json()["timing"]
         assert timing["energy_meter"] == "fake-nvml" and timing["batch_size"] == 3
-        assert timing["energy_j"] == pytest.approx(10.0)  # the only caller of its batch: all of it
+        assert timing["energy_j"] == timing["batch_energy_j"] == pytest.approx(10.0)  # the batch's only caller
         assert 'askexpert_energy_joules_total{expert="e0"} 10.0' in client.get("/metrics").text
         reply = _reply(response, 3, 0, 0.0, 1.0, 0)
         assert reply.info["server_energy_j"] == pytest.approx(10.0)

@@ -123,7 +123,11 @@ class ServiceBase:
             "batch_size": result.batch_size,
         }
         if result.energy_j is not None and self.energy_meter is not None:
-            timing |= {"energy_j": result.energy_j, "energy_meter": self.energy_meter.source}
+            timing |= {
+                "energy_j": result.energy_j,  # this request's share: its images / the batch's
+                "batch_energy_j": result.batch_energy_j,
+                "energy_meter": self.energy_meter.source,
+            }
         return {
             "expert": expert_id,
             "labels": answer.labels.tolist(),
