@@ -23,6 +23,7 @@ from sklearn.cluster import KMeans
 from sklearn.manifold import spectral_embedding
 
 from askexpert.errors import PartitionError
+from askexpert.protocol import OTHER
 
 FORMAT = "askexpert.partition/1"
 
@@ -70,6 +71,10 @@ class Partition:
         for e, subset in enumerate(self.subsets):
             m[e, list(subset)] = True
         return m
+
+    def output_classes(self) -> list[np.ndarray]:
+        """Per expert, the global class of each output: its subset in order, then OTHER for "other"."""
+        return [np.asarray([*subset, OTHER], dtype=np.int64) for subset in self.subsets]
 
     def index(self, expert_id: str) -> int:
         try:

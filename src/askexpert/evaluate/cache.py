@@ -21,7 +21,6 @@ from askexpert.fingerprint import fingerprint
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER
 from askexpert.system import SystemDir
 
 
@@ -49,8 +48,8 @@ class LogitCache:
 
 def _schedule_outputs(logits: dict[str, np.ndarray], partition: Partition) -> ScheduleOutputs:
     labels, conf = [], []
-    for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
-        reply = reply_from_logits(logits[eid], np.asarray([*subset, OTHER], dtype=np.int64))
+    for eid, classes in zip(partition.expert_ids, partition.output_classes(), strict=True):
+        reply = reply_from_logits(logits[eid], classes)
         labels.append(reply.labels)
         conf.append(reply.confidence)
     return ScheduleOutputs(logits, np.stack(labels), np.stack(conf))

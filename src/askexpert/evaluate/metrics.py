@@ -53,8 +53,7 @@ def expert_labels(
     if rule == "replace":
         return outputs.labels
     rows = []
-    for eid, subset in zip(cache.partition.expert_ids, cache.partition.subsets, strict=True):
-        classes = np.asarray([*subset, OTHER], dtype=np.int64)
+    for eid, classes in zip(cache.partition.expert_ids, cache.partition.output_classes(), strict=True):
         rows.append(expert_answer(softmax(outputs.logits[eid]), classes, cache.gen_probs, rule, weight))
     return np.stack(rows)
 

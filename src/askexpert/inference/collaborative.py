@@ -19,7 +19,7 @@ from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply
 from askexpert.models import ImageClassifier, predict_logits, resolve_device
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER, final_labels
+from askexpert.protocol import final_labels
 from askexpert.routing import Router
 
 EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
@@ -95,7 +95,7 @@ class CollaborativeClassifier:
         self.batch_size = batch_size
         self.combine = combine
         self.mix_weight = mix_weight
-        self._classes = [np.asarray([*s, OTHER], dtype=np.int64) for s in partition.subsets]
+        self._classes = partition.output_classes()
 
     def edge_probs(self, images: np.ndarray) -> torch.Tensor:
         if isinstance(self.generalist, OnnxGeneralist):

@@ -63,10 +63,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     part = Partition.from_json(system.partition_path)
     rc = cfg.routing
     router = Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring)
-    classes = {
-        eid: np.asarray([*subset, OTHER], dtype=np.int64)
-        for eid, subset in zip(part.expert_ids, part.subsets, strict=True)
-    }
+    classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
     local = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
     remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
