@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from askexpert.data import load_splits
+from askexpert.data import Splits, load_splits
 from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
@@ -76,10 +76,13 @@ def cache_key(
     return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)
 
 
-def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:
+def build_cache(
+    system: SystemDir, schedules: list[str] | None = None, split: str = "test", splits: Splits | None = None
+) -> LogitCache:
     """Load the cache for the current checkpoints, computing (and storing) it if absent.
 
     `split="val"` caches the held-out validation split, for choices (see `calibrate`).
+    `splits`: the system's data when the caller has already read it (else read here).
     """
     cfg = system.config()
     partition = Partition.from_json(system.partition_path)
@@ -88,7 +91,7 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None, split: st
     schedules = available_schedules(system, partition) if schedules is None else schedules
     if not schedules:
         raise CheckpointError(f"{system.root / 'experts'}: no complete expert set; run `askexpert train experts`")
-    splits = load_splits(cfg.data, system.root)
+    splits = splits or load_splits(cfg.data, system.root)
     test = splits.val if split == "val" else splits.test
     key = cache_key(system, partition, schedules, test.labels, test.images)
     path = system.cache_dir / f"logits-{key}.npz"

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from askexpert.data import load_splits
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.metrics import (
     OperatingPoint,
@@ -190,10 +191,12 @@ def apply_choice(system: SystemDir, summary: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_system(system: SystemDir) -> dict[str, Any]:
     """Build/reuse the caches, choose on validation, compute every table, write `report/`."""
-    cache = build_cache(system)
+    cfg = system.config()
+    splits = load_splits(cfg.data, system.root)  # read once for both caches
+    cache = build_cache(system, splits=splits)
     val = (
-        build_cache(system, list(cache.schedules), split="val")
-        if system.config().evaluate.choose_on_validation
+        build_cache(system, list(cache.schedules), split="val", splits=splits)
+        if cfg.evaluate.choose_on_validation
         else None
     )
     summary, rows = summarise(system, cache, val)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from askexpert.data import Splits
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.metrics import expert_labels, gate_statistic, offload_masks, outcomes, routed_experts
 from askexpert.system import SystemDir
@@ -28,18 +29,20 @@ class ValidationView:
     gate: str
     scoring: str
     answers: np.ndarray  # (E, N) every expert's answer under the combination rule
+    stat: np.ndarray  # (N,) the gate's statistic
 
     @classmethod
-    def of(cls, system: SystemDir) -> ValidationView:
+    def of(cls, system: SystemDir, splits: Splits | None = None) -> ValidationView:
         cfg = system.config()
         rc, schedule = cfg.routing, cfg.serving.schedule
-        cache = build_cache(system, [schedule], split="val")
+        cache = build_cache(system, [schedule], split="val", splits=splits)
         outputs = cache.schedules[schedule]
-        return cls(cache, outputs, rc.gate, rc.scoring, expert_labels(cache, outputs, rc.combine, rc.mix_weight))
+        answers = expert_labels(cache, outputs, rc.combine, rc.mix_weight)
+        return cls(cache, outputs, rc.gate, rc.scoring, answers, gate_statistic(cache, rc.gate))
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""
-        masks = offload_masks(gate_statistic(self.cache, self.gate), self.gate, np.asarray(taus, dtype=np.float64))
+        masks = offload_masks(self.stat, self.gate, np.asarray(taus, dtype=np.float64))
         return outcomes(self.cache, self.outputs, masks, routed_experts(self.cache, k, self.scoring), self.answers)
 
     def edge_execution_accuracy(self, k: int) -> float:
@@ -50,8 +53,7 @@ class ValidationView:
 
     def spanning_taus(self, points: int) -> np.ndarray:
         """τ values whose validation offload rates spread evenly over 0…1 (quantiles of the gate statistic)."""
-        stat = gate_statistic(self.cache, self.gate)
-        return np.unique(np.round(np.quantile(stat, np.linspace(0.0, 1.0, points)), 4))
+        return np.unique(np.round(np.quantile(self.stat, np.linspace(0.0, 1.0, points)), 4))
 
 
 def parity_tau(view: ValidationView, k: int, points: int = 41) -> dict[str, Any]:

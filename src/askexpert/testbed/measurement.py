@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from askexpert.data import load_splits
+from askexpert.data import Splits, load_splits
 from askexpert.inference.backend import BackendError, LocalExpertBackend, reply_answers
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
@@ -120,10 +120,15 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     return rows
 
 
-def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto") -> Measurement:
-    """Run the measurement pass; returns per-sample rows and how the link was made."""
+def measure(
+    system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto", splits: Splits | None = None
+) -> Measurement:
+    """Run the measurement pass; returns per-sample rows and how the link was made.
+
+    `splits`: the system's data when the caller has already read it (else read here).
+    """
     cfg = system.config()
-    test = load_splits(cfg.data, system.root).test
+    test = (splits or load_splits(cfg.data, system.root)).test
     n = min(samples, len(test))
     images, labels = test.images[:n], test.labels[:n]
     threads = spec.edge.threads_here()
