@@ -37,6 +37,8 @@ from askexpert.system import SystemDir  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cifar100-cpu.yaml"
 SHARED_FILES = ("generalist.safetensors", "generalist.json", "partition.json")
+# stage 1 is shared too when its seed is pinned (`shared_seed`: it teaches the generalist)
+STAGE1_FILES = ("stage1.safetensors", "stage1.json")
 
 
 def image_tree(source: Path, out: Path, marker: str) -> Path:
@@ -68,7 +70,8 @@ def seed_system(out: Path, cfg: SystemConfig, seed: int, first: SystemDir | None
     else:
         system = SystemDir.create(root, seeded)
     if first is not None and first.root != root:
-        for name in SHARED_FILES:
+        shared = SHARED_FILES + (STAGE1_FILES if cfg.expert_training.shared_seed is not None else ())
+        for name in shared:
             shutil.copy2(first.root / name, root / name)
         if (first.root / "backbones").is_dir():
             shutil.copytree(first.root / "backbones", root / "backbones", dirs_exist_ok=True)

@@ -145,6 +145,14 @@ class ExpertTrainConfig(TrainConfig):
 
     shared_epochs: float = Field(5.0, gt=0.0)
     seed: int = 0  # the expert stage's own seed (stage 1 and experts), so it can be repeated alone
+    # stage 1's seed when it must not follow `seed`: set it when stage 1 also teaches the generalist
+    # (`distill.teacher: stage1`), so that repeating the expert stage keeps teacher, generalist and partition
+    shared_seed: int | None = None
+
+    @property
+    def stage1_seed(self) -> int:
+        return self.seed if self.shared_seed is None else self.shared_seed
+
     schedules: dict[str, Schedule] = Field(default_factory=_default_schedules)
 
     @field_validator("schedules", mode="before")
@@ -168,6 +176,22 @@ class BackboneConfig(_Strict):
 
     data: DataConfig | None = None  # None: no pretraining stage in `demo`/the benchmark
     training: TrainConfig = TrainConfig(epochs=5, lr=2e-3)
+
+
+class DistillConfig(_Strict):
+    """Train the generalist against a stronger all-class model as well as the labels (after DeiT).
+
+    `teacher: stage1` is the expert preset trained on all classes (the progressive
+    schedule's stage 1, trained first and reused). Its logits on the un-augmented
+    training images are computed once; the student sees them beside its crop/flip
+    augmented copies. Loss: (1 − alpha)·CE(labels) + alpha·distillation, where
+    `soft` is T²·KL(teacher_T ‖ student_T) and `hard` is CE against the teacher's argmax.
+    """
+
+    teacher: Literal["none", "stage1"] = "none"
+    mode: Literal["soft", "hard"] = "soft"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)
 
 
 class PartitionConfig(_Strict):
@@ -234,6 +258,7 @@ class SystemConfig(_Strict):
     generalist_training: TrainConfig = TrainConfig(epochs=15, lr=2e-3)
     expert_training: ExpertTrainConfig = ExpertTrainConfig(epochs=12, shared_epochs=10, batch_size=64, lr=2e-3)
     backbone: BackboneConfig = BackboneConfig()
+    distill: DistillConfig = DistillConfig()
     routing: RoutingConfig = RoutingConfig()
     serving: ServingConfig = ServingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

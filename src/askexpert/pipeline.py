@@ -1,8 +1,8 @@
 """The demo: every stage in order on one system directory, reusing finished stages.
 
-generate data → [pretrain backbones] → train generalist → partition →
-[shared stage 1] → one expert set per schedule → evaluate → report. Each stage checks whether its output
-already exists for the same settings and skips itself if so.
+generate data → [pretrain backbones] → [shared stage 1, when it teaches the generalist] →
+train generalist → partition → [shared stage 1] → one expert set per schedule → evaluate → report.
+Each stage checks whether its output already exists for the same settings and skips itself if so.
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
     stage("data", lambda: load_splits(cfg.data, system.root))
     if cfg.backbone.data is not None:
         stage("pretrain backbones", lambda: train_backbones(system))
+    needs_stage1 = cfg.distill.teacher == "stage1" or any(
+        s.init == "shared" for s in cfg.expert_training.schedules.values()
+    )
+    stage1 = "train stage 1 (all classes, shared by the experts)"
+    if cfg.distill.teacher == "stage1":  # it teaches the generalist: trained first
+        stage(stage1, lambda: train_shared_stage(system))
     stage("train generalist", lambda: train_generalist(system))
     stage(f"partition ({cfg.partition.strategy})", lambda: build_partition(system))
-    if any(s.init == "shared" for s in cfg.expert_training.schedules.values()):
-        stage("train stage 1 (all classes, shared by the experts)", lambda: train_shared_stage(system))
+    if needs_stage1 and cfg.distill.teacher != "stage1":
+        stage(stage1, lambda: train_shared_stage(system))
     for schedule in cfg.expert_training.schedules:
         stage(f"train experts ({schedule})", lambda s=schedule: train_experts(system, s))  # type: ignore[misc]
     summary: dict[str, Any] = {}

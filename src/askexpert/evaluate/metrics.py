@@ -226,6 +226,16 @@ def headline(
             rows.append(
                 {"schedule": schedule, "system": system, **{m: float(v[0]) for m, v in res.items() if m != "load"}}
             )
+        gate_point = own or point
+        oracle = fixes_and_breaks(cache, outputs, gate_point, "", schedule)[-1]
+        rows.append(
+            {
+                "schedule": schedule,
+                "system": f"oracle gate (offloads exactly the fixes; k={gate_point.k}, {gate_point.combine})",
+                "accuracy": oracle["oracle_gate_accuracy"],
+                "offload_rate": oracle["fixes"] / n,
+            }
+        )
         points = [("collaborative, config", point)]
         if own is not None:
             points.append(("collaborative, chosen on validation", own))
@@ -251,4 +261,46 @@ def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
             row[f"{schedule} open-set"] = open_set_accuracy(outputs.logits[eid], cache.labels, subset)
             row[f"{schedule} other-outside"] = other_rate_outside(outputs.logits[eid], cache.labels, subset)
         rows.append(row)
+    return rows
+
+
+def fixes_and_breaks(
+    cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint, split: str, schedule: str
+) -> list[dict[str, Any]]:
+    """What collaboration lives on: per routed expert and overall, if every sample were offloaded at `point`'s
+    k, scoring and combination rule, how many of the generalist's wrong answers the expert turns right
+    ("fixes") and how many right ones it turns wrong ("breaks"; an "other" answer falls back, so never breaks).
+
+    The oracle gate offloads exactly the fixes: its accuracy is the generalist's plus fixes / N, the most
+    any gate can add with these models and this router.
+    """
+    y = cache.labels
+    n = len(y)
+    chosen = routed_experts(cache, point.k, point.scoring)
+    answers = expert_labels(cache, outputs, point.combine, point.mix_weight)[chosen, np.arange(n)]
+    final, _ = final_labels(cache.gen_pred, answers, np.ones(n, dtype=bool))
+    gen_right = cache.gen_pred == y
+    fixes = ~gen_right & (final == y)
+    breaks = gen_right & (final != y)
+    hit = cache.partition.membership()[chosen, y]
+    gen_acc = float(gen_right.mean())
+    base = {"schedule": schedule, "split": split, "point": point.describe()}
+    groups = [(eid, chosen == e) for e, eid in enumerate(cache.partition.expert_ids)] + [("all", np.ones(n, bool))]
+    rows = []
+    for eid, mask in groups:
+        routed = int(mask.sum())
+        rows.append(
+            {
+                **base,
+                "expert": eid,
+                "routed": routed,
+                "generalist_wrong": int((~gen_right & mask).sum()),
+                "fixes": int((fixes & mask).sum()),
+                "breaks": int((breaks & mask).sum()),
+                "routing_hit_rate": float(hit[mask].mean()) if routed else float("nan"),
+                "oracle_gate_gain": float((fixes & mask).sum() / n),
+            }
+        )
+    rows[-1]["generalist_accuracy"] = gen_acc
+    rows[-1]["oracle_gate_accuracy"] = gen_acc + float(fixes.sum() / n)
     return rows

@@ -159,7 +159,7 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     write_csv(out / "headline.csv", summary["headline"])
     write_csv(out / "experts.csv", summary["experts"])
     write_csv(out / "accuracy_vs_k.csv", summary["accuracy_vs_k"])
-    for name in ("combination_rules", "versus_static", "budgets"):
+    for name in ("combination_rules", "versus_static", "budgets", "collaboration"):
         if summary.get(name):
             write_csv(out / f"{name}.csv", summary[name])
     plot_pareto(out / "pareto.png", sweep, point, summary["headline"])
@@ -193,6 +193,27 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
         'Other-outside: share of out-of-subset samples answered "other".\n\n',
         markdown_table(summary["experts"]),
     ]
+    if summary.get("collaboration"):
+        md += [
+            "\n## What collaboration lives on: fixes and breaks (every sample offloaded at the point's k and rule)\n",
+            "Fixes: the generalist was wrong and the routed expert's answer is right; breaks: the reverse. "
+            "The oracle gate offloads exactly the fixes. Validation and test.\n\n",
+            markdown_table(
+                summary["collaboration"],
+                [
+                    "schedule",
+                    "split",
+                    "expert",
+                    "routed",
+                    "generalist_wrong",
+                    "fixes",
+                    "breaks",
+                    "routing_hit_rate",
+                    "oracle_gate_gain",
+                    "oracle_gate_accuracy",
+                ],
+            ),
+        ]
     if summary.get("versus_static"):
         md += ["\n## Against static experts (points of accuracy × 100 = percentage points)\n"]
         md.append(markdown_table(summary["versus_static"]))

@@ -17,6 +17,7 @@ from askexpert.evaluate.metrics import (
     OperatingPoint,
     choose_point,
     expert_table,
+    fixes_and_breaks,
     gate_statistic,
     headline,
     offload_masks,
@@ -101,6 +102,14 @@ def budgets(system: SystemDir, cache: LogitCache) -> list[dict[str, Any]]:
     return rows
 
 
+def model_validation(system: SystemDir) -> dict[str, float | None]:
+    """Validation accuracy of the all-class models: is stage 1 (the expert preset) stronger than the generalist?"""
+    out: dict[str, float | None] = {}
+    for name, path in (("generalist", system.generalist_path), ("stage1", system.stage1_path)):
+        out[name] = read_meta(path).metrics.get("val_accuracy") if path.is_file() else None
+    return out
+
+
 def versus_static(
     experts: list[dict[str, Any]], head: list[dict[str, Any]], schedules: list[str]
 ) -> list[dict[str, Any]]:
@@ -147,6 +156,12 @@ def summarise(
     vs = versus_static(experts, head, schedules)
     diff = next((r["closed_set_subsets"] for r in vs if r["schedule"] == "progressive"), None)
     by_k = _operating_rows(cache, rc.gate, rc.tau, ks, rc.scoring)
+    collaboration = []
+    for schedule in schedules:
+        p = chosen.get(schedule, point)
+        for split, c in (("val", val), ("test", cache)):
+            if c is not None:
+                collaboration += fixes_and_breaks(c, c.schedules[schedule], p, split, schedule)
     summary: dict[str, Any] = {
         "system": cfg.name,
         "test_samples": int(len(cache.labels)),
@@ -163,6 +178,8 @@ def summarise(
         "experts": experts,
         "versus_static": vs,
         "budgets": budgets(system, cache),
+        "collaboration": collaboration,
+        "model_validation": model_validation(system),
         "progressive_minus_static": diff,
         "accuracy_vs_k": [{k: v for k, v in r.items() if not k.startswith("load_")} for r in by_k],
         "operating_rows": [r for r in by_k if r["k"] == rc.top_k],

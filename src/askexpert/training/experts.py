@@ -246,7 +246,10 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             "expert/2",
             cfg.data.model_dump(),
             cfg.expert.model_dump(),
-            tc.model_dump(exclude={"schedules"} if sched.init == "shared" else {"schedules", "shared_epochs"}),
+            tc.model_dump(
+                exclude={"schedules"} if sched.init == "shared" else {"schedules", "shared_epochs", "shared_seed"},
+                exclude_none=True,  # an unset shared_seed keeps earlier checkpoints current
+            ),
             sched.model_dump(),
             subset,
             cfg.routing.top_k if needs_routing else None,

@@ -1,35 +1,79 @@
-"""Train the edge generalist on all classes (`askexpert train generalist`)."""
+"""Train the edge generalist on all classes (`askexpert train generalist`).
+
+With `distill.teacher: stage1`, the expert preset's all-class stage 1 is trained
+first (it is the progressive experts' starting point anyway) and teaches the
+generalist: its logits on the training images are computed once and mixed into
+the loss (DeiT, Touvron et al. 2021). The teacher's cost is stage 1's, already
+paid by the progressive schedule, plus one forward pass over train.
+"""
 
 from __future__ import annotations
 
-from askexpert.data import load_splits
+import logging
+
+import numpy as np
+
+from askexpert.data import Splits, load_splits
 from askexpert.fingerprint import fingerprint
-from askexpert.models import CheckpointMeta, resolve_device
+from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, resolve_device
 from askexpert.system import SystemDir
-from askexpert.training.shared import fit_and_save, init_fingerprint, pretrained_for, stored_if_current
+from askexpert.training.shared import (
+    fit_and_save,
+    init_fingerprint,
+    pretrained_for,
+    stored_if_current,
+    train_shared_stage,
+)
+
+log = logging.getLogger("askexpert")
 
 
 def generalist_fingerprint(system: SystemDir) -> str:
     cfg = system.config()
-    return fingerprint(
+    parts: list[object] = [
         "generalist",
         cfg.data.model_dump(),
         cfg.generalist.model_dump(),
         cfg.generalist_training.model_dump(),
         cfg.seed,
         init_fingerprint(pretrained_for(system, "generalist")),
-    )
+    ]
+    if cfg.distill.teacher != "none":  # no teacher: the key stays what it was before distillation existed
+        teacher = system.stage1_path
+        parts += [cfg.distill.model_dump(), init_fingerprint(teacher) if teacher.is_file() else None]
+    return fingerprint(*parts)
+
+
+def teacher_logits(system: SystemDir, splits: Splits) -> np.ndarray | None:
+    """The teacher's logits on the training images (training it first when needed), or None without one."""
+    cfg = system.config()
+    if cfg.distill.teacher == "none":
+        return None
+    meta = train_shared_stage(system, splits=splits)
+    log.info("generalist: distilling from stage 1 (val accuracy %.4f)", meta.metrics.get("val_accuracy", float("nan")))
+    device = resolve_device(cfg.device)
+    teacher, _ = load_checkpoint(system.stage1_path, device)
+    return predict_logits(teacher, splits.train.images, device)
 
 
 def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     """Train (or reuse, when the stored one was made from the same settings) the generalist."""
     cfg = system.config()
+    splits: Splits | None = None
+    if cfg.distill.teacher != "none" and not system.stage1_path.is_file():
+        splits = load_splits(cfg.data, system.root)
+        train_shared_stage(system, splits=splits)  # the teacher's hash is part of the generalist's key
     key = generalist_fingerprint(system)
     meta = stored_if_current(system.generalist_path, key, force)
     if meta is not None:
         return meta
-    splits = load_splits(cfg.data, system.root)
-    extra = {"fingerprint": key, "class_names": list(splits.train.class_names)}
+    splits = splits or load_splits(cfg.data, system.root)
+    soft = teacher_logits(system, splits)
+    extra = {
+        "fingerprint": key,
+        "class_names": list(splits.train.class_names),
+        "distill": cfg.distill.model_dump() if soft is not None else None,
+    }
     return fit_and_save(
         "generalist",
         cfg.generalist.preset,
@@ -40,4 +84,6 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
         pretrained_for(system, "generalist"),
         system.generalist_path,
         extra,
+        teacher_logits=soft,
+        distill=cfg.distill,
     )

@@ -4,7 +4,7 @@ What differs between the generalist and the experts' schedules is only the
 *batch plan* (which sample indices each optimizer step sees) and the targets;
 the optimiser (AdamW), warm-up + cosine schedule, label smoothing,
 crop/flip augmentation, bf16 autocast on GPU, progress bar and resume live
-here once.
+here once. A teacher's logits (DeiT-style distillation) are one more optional target.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from askexpert.config import TrainConfig
+from askexpert.config import DistillConfig, TrainConfig
 from askexpert.models.registry import ImageClassifier
 
 
@@ -43,6 +43,35 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def training_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float,
+    teacher: torch.Tensor | None = None,
+    distill: DistillConfig | None = None,
+) -> torch.Tensor:
+    """Cross-entropy on the labels, mixed with the teacher's targets when a teacher is given.
+
+    soft: T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al. 2015; T² keeps the
+    gradient scale independent of T); hard: cross-entropy against the teacher's argmax
+    (DeiT's hard-label distillation).
+    """
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if teacher is None or distill is None or distill.teacher == "none" or distill.alpha == 0.0:
+        return ce
+    if distill.mode == "hard":
+        kd = F.cross_entropy(logits, teacher.argmax(1), label_smoothing=label_smoothing)
+    else:
+        t = distill.temperature
+        kd = F.kl_div(
+            F.log_softmax(logits.float() / t, dim=1),
+            F.log_softmax(teacher.float() / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (t * t)
+    return (1.0 - distill.alpha) * ce + distill.alpha * kd
+
+
 def train_model(
     model: ImageClassifier,
     images: np.ndarray,
@@ -53,8 +82,13 @@ def train_model(
     seed: int,
     resume_path: Path | None = None,
     desc: str = "train",
+    teacher_logits: np.ndarray | None = None,
+    distill: DistillConfig | None = None,
 ) -> dict[str, float]:
     """Run the optimizer steps in `plan` (steps × batch indices into `images`).
+
+    `teacher_logits` (one row per image, computed once on the un-augmented images)
+    and `distill` add a teacher's targets to the loss (`training_loss`).
 
     With `resume_path`, state is saved there every ~10% of the steps and a
     matching file found at start is resumed from; it is removed at the end.
@@ -81,6 +115,11 @@ def train_model(
             start = int(state["step"])
     images_t = torch.from_numpy(images)
     targets_t = torch.from_numpy(targets.astype(np.int64))
+    if teacher_logits is not None and len(teacher_logits) != len(images):
+        raise ValueError(f"{desc}: {len(teacher_logits)} teacher rows for {len(images)} images")
+    teacher_t = (
+        torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
+    )
     use_amp = device.type == "cuda"
     save_every = max(1, total // 10)
     tail: list[float] = []
@@ -92,7 +131,8 @@ def train_model(
             batch = augment(batch, generator)
         batch, y = batch.to(device, non_blocking=True), targets_t[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = F.cross_entropy(model(batch), y, label_smoothing=cfg.label_smoothing)
+            soft = teacher_t[idx].to(device, non_blocking=True) if teacher_t is not None else None
+            loss = training_loss(model(batch), y, cfg.label_smoothing, soft, distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.config import Stage, SystemConfig, TrainConfig
+from askexpert.config import DistillConfig, Stage, SystemConfig, TrainConfig
 from askexpert.data import LabeledImages, Splits, load_splits
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
@@ -74,13 +74,15 @@ def fit_all_classes(
     init: Path | None,
     resume: Path | None,
     desc: str,
+    teacher_logits: np.ndarray | None = None,
+    distill: DistillConfig | None = None,
 ) -> tuple[ImageClassifier, dict[str, float], int]:
     """Train `preset` on every class of `data` (uniform sampling); returns model, metrics, steps."""
     torch.manual_seed(seed)
     model = create_model(preset, data.num_classes, init)
     steps = budget_steps(tc.epochs, len(data), tc.batch_size)
     plan = plan_schedule(np.arange(len(data)), np.empty(0, np.int64), [Stage(fraction=1.0)], steps, tc.batch_size, seed)
-    stats = train_model(model, data.images, data.labels, plan, tc, device, seed, resume_path=resume, desc=desc)
+    stats = train_model(model, data.images, data.labels, plan, tc, device, seed, resume, desc, teacher_logits, distill)
     val_pred = predict_logits(model, val.images, device).argmax(1)
     return model, {"val_accuracy": float((val_pred == val.labels).mean()), **stats}, steps
 
@@ -104,11 +106,14 @@ def fit_and_save(
     path: Path,
     extra: dict[str, Any],
     desc: str | None = None,
+    teacher_logits: np.ndarray | None = None,
+    distill: DistillConfig | None = None,
 ) -> CheckpointMeta:
     """`fit_all_classes` on the train split (scored on validation), saved with its metadata and `extra`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    resume = path.with_suffix(".resume.pt")
     model, metrics, steps = fit_all_classes(
-        preset, splits.train, splits.val, tc, seed, device, init, path.with_suffix(".resume.pt"), desc or role
+        preset, splits.train, splits.val, tc, seed, device, init, resume, desc or role, teacher_logits, distill
     )
     meta = CheckpointMeta(
         role=role,
@@ -151,16 +156,18 @@ def train_backbones(system: SystemDir, presets: list[str] | None = None, force: 
 
 def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     tc = cfg.expert_training
+    # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out)
+    settings = tc.model_dump(exclude={"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set()))
     return fingerprint(
         "stage1/1",
         cfg.data.model_dump(),
         cfg.expert.model_dump(),
-        tc.model_dump(exclude={"schedules", "epochs"}),
+        {k: v for k, v in settings.items() if v is not None},
         init_fingerprint(pretrained_for(system, "expert")),
     )
 
 
-def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta:
+def train_shared_stage(system: SystemDir, force: bool = False, splits: Splits | None = None) -> CheckpointMeta:
     """Stage 1 (all classes, full labels, from the expert's pretrained start); trained once, reused."""
     cfg = system.config()
     tc = cfg.expert_training
@@ -169,9 +176,11 @@ def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta
     if meta is not None:
         return meta
     stage_tc = TrainConfig(**{**tc.model_dump(include=set(TrainConfig.model_fields)), "epochs": tc.shared_epochs})
-    splits = load_splits(cfg.data, system.root)
+    splits = splits or load_splits(cfg.data, system.root)
     init = pretrained_for(system, "expert")
     device = resolve_device(cfg.device)
     extra = {"fingerprint": key}
     path = system.stage1_path
-    return fit_and_save("stage1", cfg.expert.preset, splits, stage_tc, tc.seed, device, init, path, extra, "stage 1")
+    return fit_and_save(
+        "stage1", cfg.expert.preset, splits, stage_tc, tc.stage1_seed, device, init, path, extra, "stage 1"
+    )
