@@ -81,26 +81,37 @@ def init(
 
 
 @app.command("presets")
-def list_presets() -> None:
-    """List the model presets."""
+def list_presets(
+    latency: Annotated[
+        bool, typer.Option(help="Also time one image (batch 1) on this machine with torch and ONNX Runtime.")
+    ] = True,
+) -> None:
+    """List the model presets: parameters, FLOPs and batch-1 latency (torch, ONNX Runtime) on this machine."""
+    from rich.progress import track
+
     from askexpert.models import presets
     from askexpert.models.registry import model_cost
 
     rows = []
-    for p in presets().values():
+    for p in track(list(presets().values()), description="measuring presets", console=err_console, transient=True):
         cost = model_cost(p.name)
-        rows.append(
-            {
-                "name": p.name,
-                "role": p.role,
-                "timm": p.timm_name,
-                "px": p.img_size,
-                "params_M": cost["params"] / 1e6,
-                "GFLOPs_per_image": cost["flops"] / 1e9,
-                "note": p.note,
-            }
-        )
-    print_table("model presets (100 outputs; FLOPs: 2 per multiply-add)", rows, list(rows[0]))
+        row: dict[str, Any] = {
+            "name": p.name,
+            "role": p.role,
+            "timm": p.timm_name,
+            "px": p.img_size,
+            "params_M": cost["params"] / 1e6,
+            "GFLOPs_per_image": cost["flops"] / 1e9,
+        }
+        if latency:
+            from askexpert.models.latency import batch1_latency
+
+            timing = batch1_latency(p.name)
+            row.update(torch_ms=timing["torch_ms"], onnx_ms=timing["onnx_ms"])
+        rows.append({**row, "note": p.note})
+    title = "model presets (100 outputs; FLOPs: 2 per multiply-add"
+    title += "; ms: one image at batch 1, median, this machine)" if latency else ")"
+    print_table(title, rows, list(rows[0]))
 
 
 @data_app.command("synth")

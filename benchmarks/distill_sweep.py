@@ -1,0 +1,90 @@
+"""Benchmark: the generalist trained with each distillation setting, judged on validation.
+
+    .venv/bin/python benchmarks/distill_sweep.py --system runs/cifar100-cpu/seed0 [--variants none,soft,hard]
+
+Why: `distill` (teacher, soft or hard targets, alpha, temperature) is a choice, and
+choices are made on the validation split. Each variant trains the system's generalist
+preset with the system's budget, seed and starting point, in a scratch copy of the
+system directory (`OUT/<variant>/`, sharing the backbones and the stage-1 teacher),
+and is scored by its accuracy on the validation split; the system itself is not
+changed. Writes `OUT/distill_sweep.{md,csv,json}` (default OUT: SYSTEM/report/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from askexpert.config import SystemConfig
+from askexpert.evaluate.report import markdown_table, write_csv
+from askexpert.system import SystemDir
+from askexpert.training.generalist import train_generalist
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "none": {"teacher": "none"},
+    "soft": {"teacher": "stage1", "mode": "soft"},
+    "hard": {"teacher": "stage1", "mode": "hard"},
+    "soft-a0.8": {"teacher": "stage1", "mode": "soft", "alpha": 0.8},
+    "soft-t4": {"teacher": "stage1", "mode": "soft", "temperature": 4.0},
+}
+
+
+def scratch_system(source: SystemDir, root: Path, distill: dict[str, Any]) -> SystemDir:
+    """A copy of `source`'s config with another `distill`, sharing its data root, backbones and stage 1."""
+    cfg = source.config()
+    raw = cfg.model_dump(mode="json")
+    raw["distill"] = {**raw["distill"], **distill}
+    raw["data"]["root"] = str(source.resolve(cfg.data.root))
+    if raw["backbone"]["data"] is not None:
+        raw["backbone"]["data"]["root"] = str(source.resolve(cfg.backbone.data.root))  # type: ignore[union-attr]
+    SystemDir.create(root, SystemConfig.from_dict(raw, origin=str(root)), overwrite=True)
+    # the generalist too: where the variant is the system's own setting, its fingerprint matches and it is reused
+    for name in ("stage1.safetensors", "stage1.json", "generalist.safetensors", "generalist.json"):
+        if (source.root / name).is_file():
+            shutil.copy2(source.root / name, root / name)
+    if (source.root / "backbones").is_dir():
+        shutil.copytree(source.root / "backbones", root / "backbones", dirs_exist_ok=True)
+    return SystemDir.open(root)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--system", type=Path, required=True)
+    ap.add_argument("--variants", default="none,soft,hard", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    source = SystemDir.open(args.system)
+    out = (args.out or source.report_dir).resolve()
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        system = scratch_system(source, out / "distill_sweep" / name, VARIANTS[name])
+        meta = train_generalist(system)
+        rows.append(
+            {
+                "variant": name,
+                **{f"distill_{k}": v for k, v in system.config().distill.model_dump().items()},
+                "val_accuracy": meta.metrics["val_accuracy"],
+                "train_loss": meta.metrics.get("train_loss"),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "# Generalist distillation variants (validation split)\n\n" + markdown_table(rows)
+    (out / "distill_sweep.md").write_text(text)
+    write_csv(out / "distill_sweep.csv", rows)
+    (out / "distill_sweep.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
