@@ -96,7 +96,8 @@ def test_distillation_pulls_the_student_toward_its_teacher() -> None:
     plan = np.stack([rng.permutation(64)[:32] for _ in range(80)])
     tc = TrainConfig(epochs=1, batch_size=32, lr=3e-3, augment=False, label_smoothing=0.0)
     kl = {}
-    for name, distill in (("labels only", None), ("distilled", DistillConfig(teacher="stage1", alpha=0.9, temperature=1.0))):
+    distilled = DistillConfig(teacher="stage1", alpha=0.9, temperature=1.0)
+    for name, distill in (("labels only", None), ("distilled", distilled)):
         torch.manual_seed(0)
         model = create_model("micro-cct-generalist", 4)
         train_model(model, images, labels, plan, tc, torch.device("cpu"), 0, None, name, teacher, distill)
@@ -160,3 +161,21 @@ def test_fixes_and_breaks_on_a_hand_built_cache() -> None:
     assert by["all"]["generalist_accuracy"] == pytest.approx(0.5)
     assert by["all"]["oracle_gate_accuracy"] == pytest.approx(0.5 + 1 / 6)
     assert by["e1"]["routing_hit_rate"] == pytest.approx(3 / 4)  # s4 (class 0) went to e1
+
+
+def test_batch1_latency_times_both_runtimes() -> None:
+    from askexpert.models.latency import batch1_latency
+
+    timing = batch1_latency("micro-cct-generalist", repeats=3)
+    assert set(timing) == {"torch_ms", "onnx_ms"} and all(v > 0 for v in timing.values())
+    assert set(batch1_latency("micro-cct-generalist", repeats=1, onnx=False)) == {"torch_ms"}
+
+
+def test_presets_command_lists_the_new_pair(capsys: pytest.CaptureFixture[str]) -> None:
+    from askexpert.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["presets", "--no-latency"])
+    out = capsys.readouterr().out
+    assert int(info.value.code or 0) == 0
+    assert "cpu-cct-generalist" in out and "cpu-cct-expert" in out and "torch_ms" not in out
