@@ -1,4 +1,4 @@
-"""Benchmark: the generalist trained with each distillation setting, judged on validation.
+"""Benchmark: the generalist trained with each distillation (and starting-point) setting, judged on validation.
 
     .venv/bin/python benchmarks/distill_sweep.py --system runs/cifar100-cpu/seed0 [--variants none,soft,hard]
 
@@ -24,23 +24,33 @@ from askexpert.evaluate.report import markdown_table, write_csv
 from askexpert.system import SystemDir
 from askexpert.training.generalist import train_generalist
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "none": {"teacher": "none"},
-    "soft": {"teacher": "stage1", "mode": "soft"},
-    "hard": {"teacher": "stage1", "mode": "hard"},
-    "soft-a0.8": {"teacher": "stage1", "mode": "soft", "alpha": 0.8},
-    "soft-t4": {"teacher": "stage1", "mode": "soft", "temperature": 4.0},
+VARIANTS: dict[str, dict[str, Any]] = {  # name → config sections merged over the system's
+    "none": {"distill": {"teacher": "none"}},
+    "soft": {"distill": {"teacher": "stage1", "mode": "soft"}},
+    "hard": {"distill": {"teacher": "stage1", "mode": "hard"}},
+    "soft-a0.2": {"distill": {"teacher": "stage1", "mode": "soft", "alpha": 0.2}},
+    "soft-t1": {"distill": {"teacher": "stage1", "mode": "soft", "temperature": 1.0}},
+    "none-scratch": {"distill": {"teacher": "none"}, "backbone": {"data": None}},  # no pretraining either
 }
 
 
-def scratch_system(source: SystemDir, root: Path, distill: dict[str, Any]) -> SystemDir:
-    """A copy of `source`'s config with another `distill`, sharing its data root, backbones and stage 1."""
+def merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def scratch_system(source: SystemDir, root: Path, patch: dict[str, Any]) -> SystemDir:
+    """A copy of `source`'s config with `patch` merged in, sharing its data, backbones and stage 1."""
     cfg = source.config()
     raw = cfg.model_dump(mode="json")
-    raw["distill"] = {**raw["distill"], **distill}
     raw["data"]["root"] = str(source.resolve(cfg.data.root))
-    if raw["backbone"]["data"] is not None:
-        raw["backbone"]["data"]["root"] = str(source.resolve(cfg.backbone.data.root))  # type: ignore[union-attr]
+    if cfg.backbone.data is not None:
+        raw["backbone"]["data"]["root"] = str(source.resolve(cfg.backbone.data.root))
+    merge(raw, patch)
     SystemDir.create(root, SystemConfig.from_dict(raw, origin=str(root)), overwrite=True)
     # the generalist too: where the variant is the system's own setting, its fingerprint matches and it is reused
     for name in ("stage1.safetensors", "stage1.json", "generalist.safetensors", "generalist.json"):
@@ -72,6 +82,7 @@ def main() -> None:
             {
                 "variant": name,
                 **{f"distill_{k}": v for k, v in system.config().distill.model_dump().items()},
+                "pretrained": system.config().backbone.data is not None,
                 "val_accuracy": meta.metrics["val_accuracy"],
                 "train_loss": meta.metrics.get("train_loss"),
                 "seconds": round(time.perf_counter() - start, 1),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the real-data experiment: backbones, generalist, partition,
-# stage 1, static and progressive experts, evaluation (benchmarks/cifar100_cpu.py).
+# Set up (if needed) and run the real-data experiment: backbones, stage 1, generalist, partition,
+# static and progressive experts, evaluation (benchmarks/cifar100_cpu.py).
 # Usage: scripts/benchmark-cifar100.sh [CIFAR100_TREE_OR_TGZ] [PRETRAIN_TREE_OR_TGZ] [more options]
 #   defaults: ../shared/data/cifar100-png.tar.gz and ../shared/data/tinyimagenet-other100-32px.tar.gz
+#   CONFIG (default configs/cifar100-cpu.yaml) and OUT (default runs/cifar100-cpu) choose the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -10,4 +11,5 @@ DATA=${1:-../shared/data/cifar100-png.tar.gz}
 PRETRAIN=${2:-../shared/data/tinyimagenet-other100-32px.tar.gz}
 shift $(( $# < 2 ? $# : 2 ))
 ./scripts/setup.sh
-.venv/bin/python benchmarks/cifar100_cpu.py --data "$DATA" --pretrain-data "$PRETRAIN" --out runs/cifar100-cpu "$@"
+.venv/bin/python benchmarks/cifar100_cpu.py --config "${CONFIG:-configs/cifar100-cpu.yaml}" \
+  --data "$DATA" --pretrain-data "$PRETRAIN" --out "${OUT:-runs/cifar100-cpu}" "$@"
