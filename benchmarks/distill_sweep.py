@@ -34,15 +34,6 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name → config sections merged over 
 }
 
 
-def merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
-        else:
-            into[key] = value
-    return into
-
-
 def scratch_system(source: SystemDir, root: Path, patch: dict[str, Any]) -> SystemDir:
     """A copy of `source`'s config with `patch` merged in, sharing its data, backbones and stage 1."""
     cfg = source.config()
@@ -50,15 +41,15 @@ def scratch_system(source: SystemDir, root: Path, patch: dict[str, Any]) -> Syst
     raw["data"]["root"] = str(source.resolve(cfg.data.root))
     if cfg.backbone.data is not None:
         raw["backbone"]["data"]["root"] = str(source.resolve(cfg.backbone.data.root))
-    merge(raw, patch)
-    SystemDir.create(root, SystemConfig.from_dict(raw, origin=str(root)), overwrite=True)
+    system = SystemDir.create(root, SystemConfig.from_dict(raw, origin=str(root)), overwrite=True)
+    system.update_config(f"distill_sweep {root.name}", **patch)
     # the generalist too: where the variant is the system's own setting, its fingerprint matches and it is reused
     for name in ("stage1.safetensors", "stage1.json", "generalist.safetensors", "generalist.json"):
         if (source.root / name).is_file():
             shutil.copy2(source.root / name, root / name)
     if (source.root / "backbones").is_dir():
         shutil.copytree(source.root / "backbones", root / "backbones", dirs_exist_ok=True)
-    return SystemDir.open(root)
+    return system
 
 
 def main() -> None:

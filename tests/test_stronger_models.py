@@ -164,7 +164,7 @@ def test_fixes_and_breaks_on_a_hand_built_cache() -> None:
 
 
 def test_batch1_latency_times_both_runtimes() -> None:
-    from askexpert.models.latency import batch1_latency
+    from askexpert.measure.device_timing import batch1_latency
 
     timing = batch1_latency("micro-cct-generalist", repeats=3)
     assert set(timing) == {"torch_ms", "onnx_ms"} and all(v > 0 for v in timing.values())

@@ -89,6 +89,7 @@ def list_presets(
     """List the model presets: parameters, FLOPs and batch-1 latency (torch, ONNX Runtime) on this machine."""
     from rich.progress import track
 
+    from askexpert.measure.device_timing import batch1_latency
     from askexpert.models import presets
     from askexpert.models.registry import model_cost
 
@@ -104,8 +105,6 @@ def list_presets(
             "GFLOPs_per_image": cost["flops"] / 1e9,
         }
         if latency:
-            from askexpert.models.latency import batch1_latency
-
             timing = batch1_latency(p.name)
             row.update(torch_ms=timing["torch_ms"], onnx_ms=timing["onnx_ms"])
         rows.append({**row, "note": p.note})

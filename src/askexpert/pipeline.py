@@ -43,15 +43,13 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
     stage("data", lambda: load_splits(cfg.data, system.root))
     if cfg.backbone.data is not None:
         stage("pretrain backbones", lambda: train_backbones(system))
-    needs_stage1 = cfg.distill.teacher == "stage1" or any(
-        s.init == "shared" for s in cfg.expert_training.schedules.values()
-    )
     stage1 = "train stage 1 (all classes, shared by the experts)"
-    if cfg.distill.teacher == "stage1":  # it teaches the generalist: trained first
+    teaches = cfg.distill.teacher == "stage1"
+    if teaches:  # stage 1 teaches the generalist: trained first
         stage(stage1, lambda: train_shared_stage(system))
     stage("train generalist", lambda: train_generalist(system))
     stage(f"partition ({cfg.partition.strategy})", lambda: build_partition(system))
-    if needs_stage1 and cfg.distill.teacher != "stage1":
+    if not teaches and any(s.init == "shared" for s in cfg.expert_training.schedules.values()):
         stage(stage1, lambda: train_shared_stage(system))
     for schedule in cfg.expert_training.schedules:
         stage(f"train experts ({schedule})", lambda s=schedule: train_experts(system, s))  # type: ignore[misc]

@@ -12,7 +12,9 @@ import datetime as dt
 import math
 import platform
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -49,26 +51,53 @@ def time_model(
     a millisecond pass alone would fall between two ticks of the counter and read as zero.
     """
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    for _ in range(2):
-        predict_logits(model, images, device, batch_size=batch)
 
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def once() -> None:
         predict_logits(model, images, device, batch_size=batch)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
+            torch.cuda.synchronize()  # the pass is over when the GPU is, not when the launch returns
 
-    median_ms = float(statistics.median([once() for _ in range(repeats)]))
+    ms = median_ms(once, repeats)
     if meter is None:
-        return median_ms, None
-    passes = max(repeats, math.ceil(meter_window_s * 1e3 / max(median_ms, 1e-3)))
+        return ms, None
+    passes = max(repeats, math.ceil(meter_window_s * 1e3 / max(ms, 1e-3)))
     start_j = meter.read_j()
     for _ in range(passes):
         once()
-    return median_ms, (meter.read_j() - start_j) / passes
+    return ms, (meter.read_j() - start_j) / passes
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall milliseconds of `fn` over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+def batch1_latency(preset_name: str, repeats: int = 30, onnx: bool = True) -> dict[str, float]:
+    """ms for one image at batch 1 on this CPU: torch and, with `onnx`, ONNX Runtime on the exported graph.
+
+    `askexpert presets` prints these beside the FLOPs: at batch 1 small models are bound by
+    per-op overhead, not arithmetic, so a bigger edge model must not slow the edge unnoticed.
+    """
+    from askexpert.models import create_model, get_preset
+    from askexpert.models.onnx_export import OnnxGeneralist, export_onnx
+
+    preset = get_preset(preset_name)
+    model = create_model(preset_name, 100).eval()
+    cpu = torch.device("cpu")
+    out = {"torch_ms": time_model(model, preset.img_size, 1, repeats, cpu)[0]}
+    if onnx:
+        image = np.zeros((1, preset.img_size, preset.img_size, 3), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as tmp:
+            runner = OnnxGeneralist(export_onnx(model, Path(tmp) / "model.onnx", preset.img_size))
+            out["onnx_ms"] = median_ms(lambda: runner(image), repeats)
+    return out
 
 
 def measure_profile(

@@ -44,31 +44,30 @@ def generalist_fingerprint(system: SystemDir) -> str:
     return fingerprint(*parts)
 
 
-def teacher_logits(system: SystemDir, splits: Splits) -> np.ndarray | None:
-    """The teacher's logits on the training images (training it first when needed), or None without one."""
-    cfg = system.config()
-    if cfg.distill.teacher == "none":
+def teacher_logits(system: SystemDir, teacher: CheckpointMeta | None, splits: Splits) -> np.ndarray | None:
+    """The teacher's logits on the training images, or None without a teacher."""
+    if teacher is None:
         return None
-    meta = train_shared_stage(system, splits=splits)
-    log.info("generalist: distilling from stage 1 (val accuracy %.4f)", meta.metrics.get("val_accuracy", float("nan")))
-    device = resolve_device(cfg.device)
-    teacher, _ = load_checkpoint(system.stage1_path, device)
-    return predict_logits(teacher, splits.train.images, device)
+    log.info(
+        "generalist: distilling from stage 1 (val accuracy %.4f)", teacher.metrics.get("val_accuracy", float("nan"))
+    )
+    device = resolve_device(system.config().device)
+    model, _ = load_checkpoint(system.stage1_path, device)
+    return predict_logits(model, splits.train.images, device)
 
 
 def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     """Train (or reuse, when the stored one was made from the same settings) the generalist."""
     cfg = system.config()
-    splits: Splits | None = None
-    if cfg.distill.teacher != "none" and not system.stage1_path.is_file():
-        splits = load_splits(cfg.data, system.root)
-        train_shared_stage(system, splits=splits)  # the teacher's hash is part of the generalist's key
+    # a current teacher first (reused when its settings did not change): its hash is part of the generalist's key,
+    # so a stale stage 1 must be retrained before the key is computed, not after
+    teacher = train_shared_stage(system) if cfg.distill.teacher != "none" else None
     key = generalist_fingerprint(system)
     meta = stored_if_current(system.generalist_path, key, force)
     if meta is not None:
         return meta
-    splits = splits or load_splits(cfg.data, system.root)
-    soft = teacher_logits(system, splits)
+    splits = load_splits(cfg.data, system.root)
+    soft = teacher_logits(system, teacher, splits)
     extra = {
         "fingerprint": key,
         "class_names": list(splits.train.class_names),
