@@ -131,8 +131,34 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
                 ("oracle_gate_gain_points", row["oracle_gate_accuracy"] - row["generalist_accuracy"]),
             ):
                 entry.setdefault(metric, []).append(value)
+    gates: dict[tuple[str, str], dict[str, list[float]]] = {}
+    gate_metrics = (
+        "parity_test_offload",
+        "parity_test_accuracy",
+        "test_accuracy_at_10",
+        "test_accuracy_at_20",
+        "test_accuracy_at_30",
+        "test_hit_rate_at_30",
+        "oracle_share_at_30",
+    )
+    for s in summaries:
+        by_schedule: dict[str, list[dict[str, Any]]] = {}
+        for row in s.get("gates", []):
+            by_schedule.setdefault(row["schedule"], []).append(row)
+            entry = gates.setdefault((row["schedule"], row["gate"]), {})
+            for metric in gate_metrics:
+                entry.setdefault(metric, []).append(row[metric])
+        for schedule, rows_ in by_schedule.items():  # learned − the best confidence gate, at equal offload
+            learned = next((r for r in rows_ if r["gate"] == "learned"), None)
+            if learned is None:
+                continue
+            entry = gates.setdefault((schedule, "learned − best confidence gate"), {})
+            for pct in (10, 20, 30):
+                best = max(r[f"test_accuracy_at_{pct}"] for r in rows_ if r["gate"] != "learned")
+                entry.setdefault(f"test_accuracy_at_{pct}", []).append(learned[f"test_accuracy_at_{pct}"] - best)
     return {
         "table": table,
+        "gates": [{"schedule": sc, "gate": g, **{m: spread(v) for m, v in d.items()}} for (sc, g), d in gates.items()],
         "model_validation": summaries[0].get("model_validation", {}),
         "collaboration": [
             {"schedule": sched, "split": split, **{m: spread(v) for m, v in d.items()}}
@@ -170,6 +196,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         {"schedule": r["schedule"], "split": r["split"], **{m: fmt(v) for m, v in r.items() if isinstance(v, dict)}}
         for r in agg.get("collaboration", [])
     ]
+    gate_rows = [
+        {"schedule": r["schedule"], "gate": r["gate"], **{m: fmt(v) for m, v in r.items() if isinstance(v, dict)}}
+        for r in agg.get("gates", [])
+    ]
     val = agg.get("model_validation") or {}
     val_line = (
         f"Validation accuracy of the all-class models: generalist {val['generalist'] * 100:.2f} %, "
@@ -191,6 +221,12 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         "Fixes: the generalist was wrong and the routed expert's answer is right; breaks: the reverse (% of "
         "all samples). The oracle gate offloads exactly the fixes: the most any gate can add with these models.\n",
         markdown_table(collab_rows) if collab_rows else "(not reported)\n",
+        "\n## Gates compared (τ set on validation; test figures in %)\n",
+        "Parity: the validation-chosen τ that first reaches edge execution's accuracy on validation, on test. "
+        "At 10/20/30: the τ offloading that share of validation. Oracle share: the part of the oracle gate's "
+        "gain captured at 30 % (× 100). The last row per schedule: the learned gate minus the best confidence "
+        "gate at each offload (points).\n",
+        markdown_table(gate_rows) if gate_rows else "(not reported)\n",
         "\n## Models on validation\n",
         val_line,
         "\n## Against static experts (percentage points)\n",

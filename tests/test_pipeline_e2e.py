@@ -103,18 +103,32 @@ def test_bad_inputs_give_clear_errors(trained_system: Path, tmp_path: Path) -> N
 
 def test_choices_are_made_on_validation(trained_system: Path) -> None:
     from askexpert.evaluate.cache import build_cache
+    from askexpert.evaluate.gates import learned_stats
     from askexpert.evaluate.metrics import OperatingPoint, choose_point
 
     system = SystemDir.open(trained_system)
     cfg = system.config()
     summary = json.loads((trained_system / "report" / "summary.json").read_text())
     val = build_cache(system, ["progressive", "static"], split="val")
+    test = build_cache(system, ["progressive", "static"])
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = list(range(1, cfg.evaluate.max_k + 1))
+    _, val_stats, _ = learned_stats(system, test, val, ks, "weighted")
+    assert val_stats.gates == ("max_prob", "margin", "entropy", "learned")
     rules = [("replace", 0.0)] + [("mix", w) for w in cfg.evaluate.mix_weights]
     for schedule, chosen in summary["chosen_on_validation"].items():
         best = {
-            rule[0]: choose_point(val, val.schedules[schedule], taus, ks, [rule] if rule[0] == "replace" else rules[1:])
+            rule[0]: choose_point(
+                val,
+                val.schedules[schedule],
+                taus,
+                ks,
+                [rule] if rule[0] == "replace" else rules[1:],
+                val_stats.gates,
+                "weighted",
+                val_stats,
+                schedule,
+            )
             for rule in rules[:2]
         }
         winner = max(best.values(), key=lambda pv: pv[1])[0]
@@ -127,9 +141,21 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
 @pytest.mark.parametrize("schedule", ["static", "progressive"])
 def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: Path, schedule: str) -> None:
     summary = json.loads((trained_system / "report" / "summary.json").read_text())
+    from askexpert.evaluate.cache import build_cache
+    from askexpert.evaluate.gates import fit_gate
+    from askexpert.inference.edge import gate_fingerprint
+    from askexpert.routing import Router
+
     point = summary["chosen_on_validation"][schedule]
     clf, test = _classifier(trained_system, schedule)
-    clf.router.gate, clf.router.tau, clf.router.k = point["gate"], point["tau"], point["k"]
+    system = SystemDir.open(trained_system)
+    deferral = None
+    if point["gate"] == "learned":  # the gate evaluate fitted for this schedule and k, on all of validation
+        val = build_cache(system, ["progressive", "static"], split="val")
+        fitted_on = gate_fingerprint(system, schedule)
+        deferral = fit_gate(val, val.schedules[schedule], point["k"], point["scoring"], fitted_on)
+    membership = Partition.from_json(system.partition_path).membership()
+    clf.router = Router(membership, point["gate"], point["tau"], point["k"], point["scoring"], deferral)
     clf.combine, clf.mix_weight = point["combine"], point["mix_weight"]
     pred = clf(test.images)
     row = next(r for r in summary["headline"] if r["schedule"] == schedule and "chosen on validation" in r["system"])

@@ -237,6 +237,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
             summary["versus_static"],
             ["schedule", "closed_set_subsets", "open_set_subsets", "system"],
         )
+    if summary.get("gates"):
+        print_table(
+            "gates (test; τ set on validation): parity offload, accuracy at 10/20/30 % offload",
+            summary["gates"],
+            [
+                "schedule",
+                "gate",
+                "k",
+                "parity_test_offload",
+                "test_accuracy_at_10",
+                "test_accuracy_at_20",
+                "test_accuracy_at_30",
+                "oracle_share_at_30",
+            ],
+        )
+    if summary.get("deferral_gate"):
+        gate = summary["deferral_gate"]
+        console.print(f"learned gate ({gate['schedule']}, k={gate['k']}): {gate['path']}")
     console.print(f"report: {summary['report']}")
 
 

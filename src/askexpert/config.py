@@ -203,7 +203,7 @@ class PartitionConfig(_Strict):
 class RoutingConfig(_Strict):
     """The operating point of the router (see `askexpert.routing`)."""
 
-    gate: Literal["max_prob", "margin", "entropy"] = "max_prob"
+    gate: Literal["max_prob", "margin", "entropy", "learned"] = "max_prob"  # learned: deferral_gate.json
     tau: float = 0.6
     top_k: int = Field(3, ge=1)
     scoring: Literal["weighted", "count"] = "weighted"

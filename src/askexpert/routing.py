@@ -8,6 +8,8 @@ Gate (offload when the generalist is unsure), against threshold τ:
   * ``max_prob``: max_c p_c < τ
   * ``margin``:   p_(1) − p_(2) < τ
   * ``entropy``:  H(p) / log C > τ
+  * ``learned``:  the deferral gate's expected gain of asking the routed expert > τ
+    (`askexpert.deferral`; fitted on held-out outputs by `askexpert evaluate`)
 
 Expert choice from the Top-k classes:
   * ``weighted``: score_e = Σ_{c ∈ Top-k} p_c · [c ∈ S_e]
@@ -26,11 +28,14 @@ from typing import Literal, TypeVar, cast
 import numpy as np
 import torch
 
+from askexpert.deferral import DeferralGate
 from askexpert.errors import RoutingError
 
-Gate = Literal["max_prob", "margin", "entropy"]
+Gate = Literal["max_prob", "margin", "entropy", "learned"]
 Scoring = Literal["weighted", "count"]
-GATES: tuple[str, ...] = ("max_prob", "margin", "entropy")
+GATES: tuple[str, ...] = ("max_prob", "margin", "entropy")  # the confidence gates: a statistic of p alone
+LEARNED = "learned"
+ALL_GATES: tuple[str, ...] = (*GATES, LEARNED)
 SCORINGS: tuple[str, ...] = ("weighted", "count")
 _TIE_TOLERANCE = 1e-6
 
@@ -55,21 +60,23 @@ def uncertainty(probs: torch.Tensor, gate: str) -> torch.Tensor:
     if gate == "entropy":
         ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
         return ent / math.log(max(2, probs.shape[1]))
-    raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+    if gate == LEARNED:
+        raise RoutingError("the learned gate scores with its fitted model: give the Router its DeferralGate")
+    raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
 
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
 def gate_offloads(stat: T, gate: str, tau: T | float) -> T:
-    """The gate's one comparison: entropy offloads above τ, max_prob and margin below it.
+    """The gate's one comparison: entropy and learned offload above τ, max_prob and margin below it.
 
     Works on tensors and numpy arrays alike and broadcasts, so the live router and
     the cached sweeps (many τ at once) share it.
     """
-    if gate not in GATES:
-        raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
-    out: T = stat > tau if gate == "entropy" else stat < tau
+    if gate not in ALL_GATES:
+        raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
+    out: T = stat > tau if gate in ("entropy", LEARNED) else stat < tau
     return out
 
 
@@ -121,6 +128,7 @@ class RouteDecision:
     expert: torch.Tensor  # (N,) long: the chosen expert (computed for every sample)
     topk_classes: torch.Tensor  # (N, k) long
     topk_probs: torch.Tensor  # (N, k)
+    stat: torch.Tensor  # (N,) the gate's statistic, compared with τ
 
 
 class Router:
@@ -133,19 +141,29 @@ class Router:
         tau: float = 0.6,
         k: int = 3,
         scoring: str = "weighted",
+        deferral: DeferralGate | None = None,
     ) -> None:
         m = torch.as_tensor(np.asarray(membership)).bool()
         if m.ndim != 2 or m.shape[0] < 1:
             raise RoutingError(f"membership must be a non-empty (experts, classes) matrix; got {tuple(m.shape)}")
         if not bool(m.any(dim=0).all()):
             raise RoutingError("membership leaves some classes without an expert")
-        if gate not in GATES:
-            raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+        if gate not in ALL_GATES:
+            raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
         if scoring not in SCORINGS:
             raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
         if not math.isfinite(tau):
             raise RoutingError(f"tau must be a finite number; got {tau!r}")
         _check_k(k, m.shape[1])
+        if gate == LEARNED:
+            if deferral is None:
+                raise RoutingError("gate 'learned' needs its fitted deferral gate; run `askexpert evaluate` to fit it")
+            if (deferral.k, deferral.scoring) != (k, scoring):
+                raise RoutingError(
+                    f"the deferral gate was fitted for k={deferral.k}, {deferral.scoring} scoring; "
+                    f"the router asks k={k}, {scoring}"
+                )
+        self.deferral = deferral if gate == LEARNED else None
         self.membership = m
         self.gate = cast(Gate, gate)
         self.tau = float(tau)
@@ -161,7 +179,12 @@ class Router:
             raise RoutingError(
                 f"generalist gives {probs.shape[1]} classes but the partition has {self.membership.shape[1]}"
             )
-        offload = offload_mask(probs, self.gate, self.tau)
         expert = choose_expert(probs, self.membership, self.k, self.scoring)
+        if self.deferral is not None:
+            score = self.deferral.score(probs.double().numpy(), self.membership.numpy(), expert.numpy())
+            stat = torch.from_numpy(score)
+        else:
+            stat = uncertainty(probs, self.gate)
+        offload = gate_offloads(stat, self.gate, self.tau)
         top_p, top_c = probs.topk(self.k, dim=1)
-        return RouteDecision(offload, expert, top_c, top_p)
+        return RouteDecision(offload, expert, top_c, top_p, stat)

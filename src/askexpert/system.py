@@ -9,6 +9,7 @@ DIR/generalist.safetensors (+ .json)   edge model and its metadata
 DIR/stage1.safetensors (+ .json)       shared all-class stage 1 of progressive experts
 DIR/experts/<schedule>/<id>.safetensors (+ .json)
 DIR/cache/logits-<hash>.npz            cached test-split outputs
+DIR/deferral_gate.json                 the learned gate (`evaluate` fits it on validation)
 DIR/report/                            report.md, CSV, JSON, PNG
 ```
 Experts live one folder per schedule so static and progressive sets sit side
@@ -93,6 +94,11 @@ class SystemDir:
 
     def expert_path(self, schedule: str, expert_id: str) -> Path:
         return self.root / "experts" / schedule / f"{expert_id}.safetensors"
+
+    @property
+    def deferral_gate_path(self) -> Path:
+        """The learned deferral gate, with the fingerprint of the models it was fitted on."""
+        return self.root / "deferral_gate.json"
 
     @property
     def cache_dir(self) -> Path:

@@ -7,7 +7,7 @@ choice (which depends on k, not τ) is computed once per k.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,11 @@ import torch
 
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.protocol import OTHER, expert_answer, final_labels, softmax
-from askexpert.routing import GATES, choose_expert, gate_offloads, uncertainty
+from askexpert.routing import GATES, LEARNED, choose_expert, gate_offloads, uncertainty
+
+# A gate's per-sample statistic on a cache: (gate, schedule, k) -> (N,). The confidence gates ignore
+# schedule and k; the learned gate's (evaluate/gates.py) depends on both.
+StatFn = Callable[[str, str, int], np.ndarray]
 
 
 def subset_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
@@ -109,8 +113,28 @@ def gate_statistic(cache: LogitCache, gate: str) -> np.ndarray:
     return uncertainty(torch.from_numpy(cache.gen_probs), gate).numpy()
 
 
+def confidence_stats(cache: LogitCache) -> StatFn:
+    """The confidence gates' statistics, computed once; asking for the learned gate is an error here."""
+    stats = {g: gate_statistic(cache, g) for g in GATES}
+
+    def stat(gate: str, schedule: str, k: int) -> np.ndarray:
+        if gate not in stats:
+            raise KeyError(f"no statistic for gate {gate!r} here (the learned gate needs evaluate/gates.py)")
+        return stats[gate]
+
+    return stat
+
+
 def offload_masks(stat: np.ndarray, gate: str, taus: np.ndarray) -> np.ndarray:
     return gate_offloads(stat[None, :], gate, taus[:, None])
+
+
+def gate_taus(gate: str, stat: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """The thresholds a sweep tries: the given grid, or for the learned gate (whose scores crowd near 0.5)
+    the quantiles of its statistic, so that its offload rates spread over 0…1 as evenly as the grid's."""
+    if gate != LEARNED:
+        return taus
+    return np.unique(np.concatenate([[0.0], np.round(np.quantile(stat, np.linspace(0.0, 1.0, len(taus))), 6)]))
 
 
 def _rows(
@@ -134,19 +158,21 @@ def sweep(
     ks: Sequence[int],
     gates: Sequence[str] = GATES,
     scorings: Sequence[str] = ("weighted",),
+    stats: StatFn | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (schedule, scoring, k, gate, τ)."""
     rows: list[dict[str, Any]] = []
-    stats = {g: gate_statistic(cache, g) for g in gates}
-    masks = {g: offload_masks(stats[g], g, taus) for g in gates}
+    stats = stats or confidence_stats(cache)
     for scoring in scorings:
         for k in ks:
             chosen = routed_experts(cache, k, scoring)
             for schedule, outputs in cache.schedules.items():
                 for gate in gates:
-                    res = outcomes(cache, outputs, masks[gate], chosen)
+                    stat = stats(gate, schedule, k)
+                    grid = gate_taus(gate, stat, taus)
+                    res = outcomes(cache, outputs, offload_masks(stat, gate, grid), chosen)
                     base = {"schedule": schedule, "scoring": scoring, "k": k, "gate": gate}
-                    rows.extend(_rows(base, res, cache.partition.expert_ids, taus))
+                    rows.extend(_rows(base, res, cache.partition.expert_ids, grid))
     return rows
 
 
@@ -166,8 +192,12 @@ class OperatingPoint:
         return f"{self.gate} τ={self.tau:.3g}, k={self.k}, {rule}"
 
 
-def point_outcome(cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint) -> dict[str, float]:
-    mask = offload_masks(gate_statistic(cache, point.gate), point.gate, np.asarray([point.tau]))
+def point_outcome(
+    cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint, stat: np.ndarray | None = None
+) -> dict[str, float]:
+    """The metrics at one point; `stat`: the gate's statistic (the confidence gates compute their own)."""
+    stat = gate_statistic(cache, point.gate) if stat is None else stat
+    mask = offload_masks(stat, point.gate, np.asarray([point.tau]))
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
     res = outcomes(cache, outputs, mask, routed_experts(cache, point.k, point.scoring), answers)
     return {name: float(v[0]) for name, v in res.items() if name != "load"}
@@ -181,28 +211,38 @@ def choose_point(
     rules: Sequence[tuple[str, float]],
     gates: Sequence[str] = GATES,
     scoring: str = "weighted",
+    stats: StatFn | None = None,
+    schedule: str = "",
 ) -> tuple[OperatingPoint, float]:
-    """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate."""
+    """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate.
+
+    `stats` gives each gate's statistic for `schedule` (default: the confidence gates').
+    """
     best: tuple[float, float] | None = None
     choice = OperatingPoint(gates[0], float(taus[0]), ks[0], scoring)
-    stats = {g: gate_statistic(cache, g) for g in gates}
-    masks = {g: offload_masks(stats[g], g, taus) for g in gates}
+    stats = stats or confidence_stats(cache)
     answers = {rule: expert_labels(cache, outputs, *rule) for rule in rules}
     for k in ks:
         chosen = routed_experts(cache, k, scoring)
-        for rule in rules:
-            for gate in gates:
-                res = outcomes(cache, outputs, masks[gate], chosen, answers[rule])
-                for t in range(len(taus)):
+        for gate in gates:
+            stat = stats(gate, schedule, k)
+            grid = gate_taus(gate, stat, taus)
+            masks = offload_masks(stat, gate, grid)
+            for rule in rules:
+                res = outcomes(cache, outputs, masks, chosen, answers[rule])
+                for t in range(len(grid)):
                     score = (float(res["accuracy"][t]), -float(res["offload_rate"][t]))
                     if best is None or score > best:
                         best = score
-                        choice = OperatingPoint(gate, float(taus[t]), k, scoring, rule[0], rule[1])
+                        choice = OperatingPoint(gate, float(grid[t]), k, scoring, rule[0], rule[1])
     return choice, (best[0] if best else float("nan"))
 
 
 def headline(
-    cache: LogitCache, point: OperatingPoint, chosen: dict[str, OperatingPoint] | None = None
+    cache: LogitCache,
+    point: OperatingPoint,
+    chosen: dict[str, OperatingPoint] | None = None,
+    stats: StatFn | None = None,
 ) -> list[dict[str, Any]]:
     """Generalist alone, near-edge only, oracle routing and collaborative, for each schedule.
 
@@ -211,6 +251,7 @@ def headline(
     n = len(cache.labels)
     gen_acc = float((cache.gen_pred == cache.labels).mean())
     everything = np.ones((1, n), dtype=bool)
+    stats = stats or confidence_stats(cache)
     rows = []
     for schedule, outputs in cache.schedules.items():
         own = (chosen or {}).get(schedule)
@@ -240,9 +281,8 @@ def headline(
         if own is not None:
             points.append(("collaborative, chosen on validation", own))
         for name, p in points:
-            rows.append(
-                {"schedule": schedule, "system": f"{name} ({p.describe()})", **point_outcome(cache, outputs, p)}
-            )
+            outcome = point_outcome(cache, outputs, p, stats(p.gate, schedule, p.k))
+            rows.append({"schedule": schedule, "system": f"{name} ({p.describe()})", **outcome})
     return rows
 
 
@@ -304,3 +344,74 @@ def fixes_and_breaks(
     rows[-1]["generalist_accuracy"] = gen_acc
     rows[-1]["oracle_gate_accuracy"] = gen_acc + float(fixes.sum() / n)
     return rows
+
+
+def _offload_above(gate: str) -> bool:
+    return bool(gate_offloads(np.ones(1), gate, 0.5)[0])
+
+
+def tau_for_rate(gate: str, stat: np.ndarray, rate: float) -> float:
+    """The τ at which `gate` offloads a `rate` share of the samples whose statistic is `stat`."""
+    return float(np.quantile(stat, 1.0 - rate if _offload_above(gate) else rate))
+
+
+EQUAL_OFFLOAD = (0.1, 0.2, 0.3)  # offload rates (set on validation) at which the gates are compared
+
+
+def gate_comparison(
+    test: LogitCache,
+    val: LogitCache,
+    test_stat: np.ndarray,
+    val_stat: np.ndarray,
+    gate: str,
+    schedule: str,
+    k: int,
+    scoring: str = "weighted",
+) -> dict[str, Any]:
+    """What decides the costs, for one gate (τ always set on validation, `replace` rule):
+
+    * parity: the lowest validation offload rate whose validation accuracy reaches edge execution's
+      (every sample answered by its routed expert), and what that τ gives on test;
+    * accuracy, offload rate and routing hit rate on test at the τ giving 10/20/30 % offload on validation;
+    * the share of the oracle gate's gain captured at 30 %.
+    """
+    row: dict[str, Any] = {"schedule": schedule, "gate": gate, "k": k}
+    views = {"val": (val, val_stat), "test": (test, test_stat)}
+
+    def at(split: str, taus: np.ndarray) -> dict[str, np.ndarray]:
+        cache, stat = views[split]
+        outputs = cache.schedules[schedule]
+        return outcomes(cache, outputs, offload_masks(stat, gate, taus), routed_experts(cache, k, scoring))
+
+    everything = {s: at(s, np.asarray([np.inf if not _offload_above(gate) else -np.inf])) for s in views}
+    target = float(everything["val"]["accuracy"][0])
+    grid = np.unique(np.quantile(val_stat, np.linspace(0.0, 1.0, 201)))
+    grid = np.concatenate([[-np.inf], grid, [np.inf]])
+    res = at("val", grid)
+    reach = np.flatnonzero(res["accuracy"] >= target)
+    best = float(grid[reach[np.argmin(res["offload_rate"][reach])]]) if reach.size else float("nan")
+    on_test = at("test", np.asarray([best])) if reach.size else None
+    gen_acc = float((test.gen_pred == test.labels).mean())
+    oracle = fixes_and_breaks(test, test.schedules[schedule], OperatingPoint(gate, 0.0, k, scoring), "test", schedule)
+    oracle_gain = float(oracle[-1]["oracle_gate_accuracy"]) - gen_acc
+    row.update(
+        {
+            "test_generalist": gen_acc,
+            "test_edge_execution": float(everything["test"]["accuracy"][0]),
+            "parity_val_offload": float(res["offload_rate"][reach].min()) if reach.size else float("nan"),
+            "parity_test_offload": float(on_test["offload_rate"][0]) if on_test is not None else float("nan"),
+            "parity_test_accuracy": float(on_test["accuracy"][0]) if on_test is not None else float("nan"),
+            "oracle_gain": oracle_gain,
+        }
+    )
+    for rate in EQUAL_OFFLOAD:
+        tau = tau_for_rate(gate, val_stat, rate)
+        r = at("test", np.asarray([tau]))
+        pct = round(rate * 100)
+        row[f"test_accuracy_at_{pct}"] = float(r["accuracy"][0])
+        row[f"test_offload_at_{pct}"] = float(r["offload_rate"][0])
+        row[f"test_hit_rate_at_{pct}"] = float(r["routing_hit_rate"][0])
+    last = round(EQUAL_OFFLOAD[-1] * 100)
+    gained = row[f"test_accuracy_at_{last}"] - gen_acc
+    row[f"oracle_share_at_{last}"] = gained / oracle_gain if oracle_gain > 0 else float("nan")
+    return row

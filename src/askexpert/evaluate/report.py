@@ -97,6 +97,25 @@ def plot_pareto(
     )
 
 
+def plot_gates(path: Path, sweep: Sequence[dict[str, Any]], gates: Sequence[dict[str, Any]], scoring: str) -> None:
+    """Accuracy against offload rate for every gate, per schedule at its compared k (solid: learned)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for g in gates:
+        rows = sorted(
+            _select(sweep, schedule=g["schedule"], gate=g["gate"], k=g["k"], scoring=scoring),
+            key=lambda r: r["offload_rate"],
+        )
+        ax.plot(
+            [r["offload_rate"] * 100 for r in rows],
+            [r["accuracy"] * 100 for r in rows],
+            linestyle="-" if g["gate"] == "learned" else "--",
+            label=f"{g['schedule']}: {g['gate']} (k={g['k']})",
+        )
+    finish_plot(
+        fig, ax, path, "offload rate (% of samples sent to an expert)", "top-1 accuracy (%)", "Gates compared (test)"
+    )
+
+
 def plot_accuracy_vs_k(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for schedule in sorted({r["schedule"] for r in rows}):
@@ -159,7 +178,7 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     write_csv(out / "headline.csv", summary["headline"])
     write_csv(out / "experts.csv", summary["experts"])
     write_csv(out / "accuracy_vs_k.csv", summary["accuracy_vs_k"])
-    for name in ("combination_rules", "versus_static", "budgets", "collaboration"):
+    for name in ("combination_rules", "versus_static", "budgets", "collaboration", "gates"):
         if summary.get(name):
             write_csv(out / f"{name}.csv", summary[name])
     plot_pareto(out / "pareto.png", sweep, point, summary["headline"])
@@ -167,6 +186,8 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     load_row = summary["operating_rows"][-1]
     plot_expert_load(out / "expert_load.png", load_row, expert_ids)
     plot_expert_accuracy(out / "expert_accuracy.png", summary["experts"], schedules)
+    if summary.get("gates"):
+        plot_gates(out / "gates.png", sweep, summary["gates"], point["scoring"])
     diff = summary.get("progressive_minus_static")
     md = [
         f"# askexpert evaluation: {summary['system']}\n",
@@ -213,6 +234,32 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
                     "oracle_gate_accuracy",
                 ],
             ),
+        ]
+    if summary.get("gates"):
+        md += [
+            "\n## Gates compared (what decides the costs; τ set on validation, `replace` rule)\n",
+            "Parity: the lowest validation offload rate whose validation accuracy reaches edge execution's "
+            "(every sample answered by its routed expert), and what that τ gives on test. Then test accuracy and "
+            "routing hit rate at the τ that offloads 10/20/30 % of validation, and the share of the oracle "
+            "gate's gain captured at 30 %. The learned gate's validation scores are out-of-fold.\n\n",
+            markdown_table(
+                summary["gates"],
+                [
+                    "schedule",
+                    "gate",
+                    "k",
+                    "test_generalist",
+                    "test_edge_execution",
+                    "parity_test_offload",
+                    "parity_test_accuracy",
+                    "test_accuracy_at_10",
+                    "test_accuracy_at_20",
+                    "test_accuracy_at_30",
+                    "test_hit_rate_at_30",
+                    "oracle_share_at_30",
+                ],
+            ),
+            "\n![gates](gates.png)\n",
         ]
     if summary.get("versus_static"):
         md += ["\n## Against static experts (points of accuracy × 100 = percentage points)\n"]

@@ -12,13 +12,17 @@ from typing import Any
 import numpy as np
 
 from askexpert.data import load_splits
+from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, build_cache
+from askexpert.evaluate.gates import GateStats, learned_stats
 from askexpert.evaluate.metrics import (
     OperatingPoint,
+    StatFn,
     choose_point,
+    expert_labels,
     expert_table,
     fixes_and_breaks,
-    gate_statistic,
+    gate_comparison,
     headline,
     offload_masks,
     outcomes,
@@ -31,13 +35,15 @@ from askexpert.models import read_meta
 from askexpert.system import SystemDir
 
 
-def _operating_rows(cache: LogitCache, gate: str, tau: float, ks: list[int], scoring: str) -> list[dict[str, Any]]:
-    mask = offload_masks(gate_statistic(cache, gate), gate, np.asarray([tau]))
+def _operating_rows(cache: LogitCache, point: OperatingPoint, ks: list[int], stats: StatFn) -> list[dict[str, Any]]:
+    """The config's gate, τ and combination rule at every k."""
     rows = []
     for k in ks:
-        chosen = routed_experts(cache, k, scoring)
+        chosen = routed_experts(cache, k, point.scoring)
         for schedule, outputs in cache.schedules.items():
-            res = outcomes(cache, outputs, mask, chosen)
+            mask = offload_masks(stats(point.gate, schedule, k), point.gate, np.asarray([point.tau]))
+            answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
+            res = outcomes(cache, outputs, mask, chosen, answers)
             row: dict[str, Any] = {"schedule": schedule, "k": k}
             row.update({name: float(v[0]) for name, v in res.items() if name != "load"})
             row.update({f"load_{e}": float(res["load"][0, i]) for i, e in enumerate(cache.partition.expert_ids)})
@@ -46,9 +52,11 @@ def _operating_rows(cache: LogitCache, gate: str, tau: float, ks: list[int], sco
 
 
 def choose_on_validation(
-    system: SystemDir, test: LogitCache, val: LogitCache
+    system: SystemDir, test: LogitCache, val: LogitCache, test_stats: GateStats, val_stats: GateStats
 ) -> tuple[dict[str, OperatingPoint], list[dict[str, Any]]]:
-    """Per schedule: the best point under each combination rule (on validation), and the overall choice."""
+    """Per schedule: the best point under each combination rule (on validation), and the overall choice.
+
+    Every gate in `val_stats` competes (the learned one with its out-of-fold scores)."""
     cfg = system.config()
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = list(range(1, min(cfg.evaluate.max_k, test.gen_probs.shape[1]) + 1))
@@ -60,8 +68,18 @@ def choose_on_validation(
         for family, rules in families.items():
             if not rules:
                 continue
-            point, val_acc = choose_point(val, val.schedules[schedule], taus, ks, rules, scoring=cfg.routing.scoring)
-            on_test = point_outcome(test, test.schedules[schedule], point)
+            point, val_acc = choose_point(
+                val,
+                val.schedules[schedule],
+                taus,
+                ks,
+                rules,
+                val_stats.gates,
+                cfg.routing.scoring,
+                val_stats,
+                schedule,
+            )
+            on_test = point_outcome(test, test.schedules[schedule], point, test_stats(point.gate, schedule, point.k))
             rows.append(
                 {
                     "schedule": schedule,
@@ -139,23 +157,58 @@ def versus_static(
     return out
 
 
+def evaluated_ks(system: SystemDir, cache: LogitCache) -> list[int]:
+    """The k values every sweep and choice tries (the config's own k among them)."""
+    cfg = system.config()
+    top = min(max(cfg.evaluate.max_k, cfg.routing.top_k), cache.gen_probs.shape[1])
+    return list(range(1, top + 1))
+
+
 def summarise(
-    system: SystemDir, cache: LogitCache, val: LogitCache | None = None
+    system: SystemDir,
+    cache: LogitCache,
+    val: LogitCache | None = None,
+    stats: tuple[GateStats, GateStats] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every table of the report. `stats`: (test, validation) gate statistics with the learned gate, when fitted."""
     cfg = system.config()
     rc = cfg.routing
-    max_k = min(cfg.evaluate.max_k, cache.gen_probs.shape[1])
-    ks = list(range(1, max_k + 1))
+    ks = evaluated_ks(system, cache)
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
-    rows = sweep(cache, taus, ks)
+    test_stats = stats[0] if stats else GateStats.of(cache)
+    val_stats = stats[1] if stats else (GateStats.of(val) if val is not None else None)
+    rows = sweep(cache, taus, ks, test_stats.gates, stats=test_stats)
     experts = expert_table(cache)
     schedules = list(cache.schedules)
     point = OperatingPoint(rc.gate, rc.tau, rc.top_k, rc.scoring, rc.combine, rc.mix_weight)
-    chosen, rule_rows = choose_on_validation(system, cache, val) if val is not None else ({}, [])
-    head = headline(cache, point, chosen)
+    if point.gate not in test_stats.gates:
+        raise ConfigError(f"routing.gate is {point.gate!r} but no such gate was fitted; run `askexpert evaluate`")
+    chosen, rule_rows = (
+        choose_on_validation(system, cache, val, test_stats, val_stats)
+        if val is not None and val_stats is not None
+        else ({}, [])
+    )
+    head = headline(cache, point, chosen, test_stats)
     vs = versus_static(experts, head, schedules)
     diff = next((r["closed_set_subsets"] for r in vs if r["schedule"] == "progressive"), None)
-    by_k = _operating_rows(cache, rc.gate, rc.tau, ks, rc.scoring)
+    by_k = _operating_rows(cache, point, ks, test_stats)
+    gate_rows = []
+    if val is not None and val_stats is not None:
+        for schedule in schedules:
+            k = chosen[schedule].k if schedule in chosen else rc.top_k
+            for gate in test_stats.gates:
+                gate_rows.append(
+                    gate_comparison(
+                        cache,
+                        val,
+                        test_stats(gate, schedule, k),
+                        val_stats(gate, schedule, k),
+                        gate,
+                        schedule,
+                        k,
+                        rc.scoring,
+                    )
+                )
     collaboration = []
     for schedule in schedules:
         p = chosen.get(schedule, point)
@@ -179,6 +232,7 @@ def summarise(
         "versus_static": vs,
         "budgets": budgets(system, cache),
         "collaboration": collaboration,
+        "gates": gate_rows,
         "model_validation": model_validation(system),
         "progressive_minus_static": diff,
         "accuracy_vs_k": [{k: v for k, v in r.items() if not k.startswith("load_")} for r in by_k],
@@ -189,8 +243,6 @@ def summarise(
 
 def apply_choice(system: SystemDir, summary: dict[str, Any]) -> dict[str, Any]:
     """Make the served schedule's validation-chosen point the config's routing operating point."""
-    from askexpert.errors import ConfigError
-
     cfg = system.config()
     chosen = summary.get("chosen_on_validation", {}).get(cfg.serving.schedule)
     if chosen is None:
@@ -216,6 +268,17 @@ def evaluate_system(system: SystemDir) -> dict[str, Any]:
         if cfg.evaluate.choose_on_validation
         else None
     )
-    summary, rows = summarise(system, cache, val)
+    stats = None
+    if val is not None:
+        ks = evaluated_ks(system, cache)
+        test_stats, val_stats, gates = learned_stats(system, cache, val, ks, cfg.routing.scoring)
+        stats = (test_stats, val_stats)
+    summary, rows = summarise(system, cache, val, stats)
+    if val is not None:
+        served = cfg.serving.schedule if cfg.serving.schedule in cache.schedules else next(iter(cache.schedules))
+        chosen = summary["chosen_on_validation"].get(served)
+        k = int(chosen["k"]) if chosen else cfg.routing.top_k
+        gates[(served, k)].to_json(system.deferral_gate_path)  # what `gate: learned` routes with, at the chosen k
+        summary["deferral_gate"] = {"path": str(system.deferral_gate_path), "schedule": served, "k": k}
     summary["report"] = str(write_report(system.report_dir, summary, rows))
     return summary

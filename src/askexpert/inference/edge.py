@@ -19,14 +19,16 @@ import torch
 from tqdm import tqdm
 
 from askexpert.data import LabeledImages, input_size
+from askexpert.deferral import DeferralGate
 from askexpert.errors import ConfigError
+from askexpert.fingerprint import fingerprint
 from askexpert.inference.backend import ExpertBackend, RefusingBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend
 from askexpert.models import ImageClassifier, load_checkpoint, read_meta
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
-from askexpert.routing import Router
+from askexpert.routing import LEARNED, Router
 from askexpert.system import SystemDir
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -64,6 +66,27 @@ def connect(
     return http, http
 
 
+def gate_fingerprint(system: SystemDir, schedule: str) -> str:
+    """What a deferral gate depends on: the generalist, the partition and the served schedule's experts."""
+    part = Partition.from_json(system.partition_path)
+    shas = [read_meta(system.generalist_path).sha256]
+    shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
+    return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])
+
+
+def system_router(system: SystemDir, part: Partition | None = None) -> Router:
+    """The config's operating point as a Router; `gate: learned` loads the fitted gate and refuses a stale one."""
+    cfg = system.config()
+    rc = cfg.routing
+    part = part or Partition.from_json(system.partition_path)
+    deferral = None
+    if rc.gate == LEARNED:
+        path = system.deferral_gate_path
+        deferral = DeferralGate.from_json(path)
+        deferral.check(gate_fingerprint(system, cfg.serving.schedule), rc.top_k, rc.scoring, origin=str(path))
+    return Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring, deferral)
+
+
 def edge_classifier(
     system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "torch", threads: int = 0
 ) -> CollaborativeClassifier:
@@ -88,7 +111,7 @@ def edge_classifier(
     rc = cfg.routing
     return CollaborativeClassifier(
         generalist,
-        Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring),
+        system_router(system, part),
         part,
         backend,
         device,

@@ -4,10 +4,12 @@ Paper scale uses timm's DeiT-Tiny (edge generalist) and DeiT-Small (near-edge
 experts) at 224 px, as in the paper. CPU scale keeps timm's VisionTransformer
 but at 32×32 with 4×4 patches and far fewer channels/blocks, so the whole
 demo trains in minutes on 2 cores. The `cpu-cct-*` pair replaces the 4×4 patch
-embedding with a small convolutional tokenizer and the class token with attention
-pooling over the tokens (after Hassani et al. 2021, "Escaping the Big Data Paradigm
-with Compact Transformers"): both are timm `VisionTransformer` hooks (`embed_layer`,
-`global_pool='map'`, `class_token=False`), so the registry still has one verb.
+embedding with a small convolutional tokenizer and the class token with pooling over
+the tokens (after Hassani et al. 2021, "Escaping the Big Data Paradigm with Compact
+Transformers"): both are timm `VisionTransformer` hooks (`embed_layer`,
+`global_pool`, `class_token=False`), so the registry still has one verb. Mean pooling,
+not timm's attention pooling ('map'), because in our few-epoch budget it trained
+faster (README "Models": +4.8 points on validation after 3 epochs).
 `micro-*` presets exist for tests.
 
 Every model is wrapped in `ImageClassifier`, which takes **uint8 NHWC images**
@@ -77,6 +79,9 @@ class ConvTokenizer(nn.Module):
     Small images carry little per 4×4 patch; overlapping convolutions give every token a
     local, translation-equivariant summary first (CCT reports about +2 points at equal
     cost on CIFAR-100). Channels rise to `embed_dim` over the layers (half of it before).
+    The convolutions start from He (Kaiming) normal weights, as CCT's tokenizer does: timm
+    initialises only the linear layers, and PyTorch's default conv scale trained slower
+    here (+2.1 points on validation after 3 epochs with He init).
     Takes VisionTransformer's `embed_layer` arguments; `patch_size` is implied by `layers`.
     """
 
@@ -95,11 +100,9 @@ class ConvTokenizer(nn.Module):
         widths = [in_chans] + [embed_dim // 2 ** (layers - 1 - i) for i in range(layers)]
         stem: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
-            stem += [
-                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            ]
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            stem += [conv, nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
         self.stem = nn.Sequential(*stem)
         side = img_size // 2**layers
         self.img_size = (img_size, img_size)
@@ -127,7 +130,7 @@ def conv_vit(
     note: str,
     img_size: int = 32,
     tokenizer_layers: int = 2,
-    pool: str = "map",
+    pool: str = "avg",
     mlp_ratio: float = 2.0,
 ) -> ModelPreset:
     """A ViT with the convolutional tokenizer and pooled tokens; options checked here, one line each."""
@@ -170,7 +173,7 @@ register(
         64,
         4,
         2,
-        "conv tokenizer (2 layers → 8×8 tokens), attention pooling, dim 64, 4 blocks: the stronger edge model",
+        "conv tokenizer (2 layers → 8×8 tokens), mean pooling, dim 64, 4 blocks: the stronger edge model",
     )
 )
 register(
@@ -180,7 +183,7 @@ register(
         128,
         4,
         4,
-        "conv tokenizer, attention pooling, dim 128, 4 blocks: the stronger expert (3.9x FLOPs)",
+        "conv tokenizer, mean pooling, dim 128, 4 blocks: the stronger expert (3.9x FLOPs)",
     )
 )
 # Paper widths (DeiT-T: 192/3 heads, DeiT-S: 384/6 heads, 12 blocks) on 32-px images with the tokenizer,

@@ -2,7 +2,8 @@
 
 Accuracy and offload rate at any τ come from the cached validation outputs of the
 served schedule, answered with the config's gate, k, scoring and combination rule
-(the rules the live edge applies): the test split is never read for a choice.
+(the rules the live edge applies): the test split is never read for a choice. The learned
+gate's validation statistic is out-of-fold (`evaluate.gates`), as when `evaluate` chose τ.
 The testbed's headline τ is chosen here (`parity_tau`): the lowest offload rate
 whose validation accuracy reaches edge execution's, as the paper's comparison asks.
 """
@@ -16,7 +17,9 @@ import numpy as np
 
 from askexpert.data import Splits
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
+from askexpert.evaluate.gates import cross_fit_scores
 from askexpert.evaluate.metrics import expert_labels, gate_statistic, offload_masks, outcomes, routed_experts
+from askexpert.routing import LEARNED
 from askexpert.system import SystemDir
 
 
@@ -38,7 +41,13 @@ class ValidationView:
         cache = build_cache(system, [schedule], split="val", splits=splits)
         outputs = cache.schedules[schedule]
         answers = expert_labels(cache, outputs, rc.combine, rc.mix_weight)
-        return cls(cache, outputs, rc.gate, rc.scoring, answers, gate_statistic(cache, rc.gate))
+        # the learned gate's validation scores are out-of-fold, as `evaluate` chose τ on them
+        stat = (
+            cross_fit_scores(cache, outputs, rc.top_k, rc.scoring)
+            if rc.gate == LEARNED
+            else gate_statistic(cache, rc.gate)
+        )
+        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat)
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""

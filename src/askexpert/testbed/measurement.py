@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from askexpert.data import Splits, load_splits
 from askexpert.inference.backend import BackendError, LocalExpertBackend, reply_answers
+from askexpert.inference.edge import system_router
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
-from askexpert.routing import Router, uncertainty
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
 from askexpert.testbed.spec import EDGE_REPEATS, SampleMeasurement, TestbedSpec
@@ -62,7 +62,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     cfg = system.config()
     part = Partition.from_json(system.partition_path)
     rc = cfg.routing
-    router = Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring)
+    router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
     local = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
@@ -102,7 +102,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                     {
                         "id": i,
                         "gen_label": int(probs.argmax()),
-                        "stat": float(uncertainty(probs, rc.gate)[0]),
+                        "stat": float(decision.stat[0]),
                         "expert": eid,
                         "local_label": local_label,
                         "remote_label": remote_label,
