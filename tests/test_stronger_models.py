@@ -27,7 +27,7 @@ def test_conv_tokenizer_preset_builds_exports_and_round_trips(tmp_path: Path) ->
     assert backbone.cls_token is None and backbone.global_pool == "avg"  # pooled tokens, no class token
     conv = backbone.patch_embed.stem[0]
     fan_in = conv.weight[0].numel()  # He-normal: std sqrt(2 / fan_in), not PyTorch's smaller default
-    assert float(conv.weight.std()) == pytest.approx((2 / fan_in) ** 0.5, rel=0.25)
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_in) ** 0.5, rel=0.25)
     assert backbone.pos_embed.shape[1] == 64  # 32 px through two stride-2 pools: 8 × 8 tokens
     images = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     ref = predict_logits(model, images)
