@@ -148,6 +148,9 @@ class ExpertTrainConfig(TrainConfig):
     # stage 1's seed when it must not follow `seed`: set it when stage 1 also teaches the generalist
     # (`distill.teacher: stage1`), so that repeating the expert stage keeps teacher, generalist and partition
     shared_seed: int | None = None
+    # stage 1's learning rate when it should differ from the experts' fine-tuning `lr` (None: `lr`):
+    # stage 1 trains a whole model on all classes, the experts fine-tune it on a subset
+    shared_lr: float | None = Field(None, gt=0.0)
 
     @property
     def stage1_seed(self) -> int:

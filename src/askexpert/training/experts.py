@@ -247,7 +247,9 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             cfg.data.model_dump(),
             cfg.expert.model_dump(),
             tc.model_dump(
-                exclude={"schedules"} if sched.init == "shared" else {"schedules", "shared_epochs", "shared_seed"},
+                exclude={"schedules"}
+                if sched.init == "shared"
+                else {"schedules", "shared_epochs", "shared_seed", "shared_lr"},
                 exclude_none=True,  # an unset shared_seed keeps earlier checkpoints current
             ),
             sched.model_dump(),

@@ -175,7 +175,13 @@ def train_shared_stage(system: SystemDir, force: bool = False, splits: Splits | 
     meta = stored_if_current(system.stage1_path, key, force)
     if meta is not None:
         return meta
-    stage_tc = TrainConfig(**{**tc.model_dump(include=set(TrainConfig.model_fields)), "epochs": tc.shared_epochs})
+    stage_tc = TrainConfig(
+        **{
+            **tc.model_dump(include=set(TrainConfig.model_fields)),
+            "epochs": tc.shared_epochs,
+            "lr": tc.shared_lr or tc.lr,
+        }
+    )
     splits = splits or load_splits(cfg.data, system.root)
     init = pretrained_for(system, "expert")
     device = resolve_device(cfg.device)
