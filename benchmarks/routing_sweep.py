@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from askexpert.config import RoutingConfig
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.evaluate.metrics import sweep
 from askexpert.models import create_model
@@ -45,7 +46,7 @@ def main() -> None:
     print(f"sweep: {len(rows)} settings over {len(cache.labels)} cached samples in {elapsed:.3f} s (target < 2 s)")
 
     generalist = create_model("cpu-generalist", 100).eval()
-    router = Router(cache.partition.membership(), "max_prob", 0.6, 3)
+    router = Router(cache.partition.membership(), RoutingConfig(gate="max_prob", tau=0.6, top_k=3))
     images = torch.randint(0, 256, (256, 32, 32, 3), dtype=torch.uint8)
     with torch.inference_mode():
         for _ in range(3):

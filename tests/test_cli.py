@@ -77,5 +77,5 @@ def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_p
     summary = json.loads((copy / "report" / "summary.json").read_text())
     cfg = SystemConfig.from_yaml(copy / "config.yaml")
     chosen = summary["chosen_on_validation"][cfg.serving.schedule]
-    assert (cfg.routing.gate, cfg.routing.tau, cfg.routing.top_k) == (chosen["gate"], chosen["tau"], chosen["k"])
+    assert (cfg.routing.gate, cfg.routing.tau, cfg.routing.top_k) == (chosen["gate"], chosen["tau"], chosen["top_k"])
     assert (cfg.routing.combine, cfg.routing.mix_weight) == (chosen["combine"], chosen["mix_weight"])

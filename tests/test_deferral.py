@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from askexpert.config import RoutingConfig
 from askexpert.deferral import BREAK, FIX, SAME, DeferralGate, outcome_labels
 from askexpert.errors import CheckpointError, RoutingError
 from askexpert.evaluate.cache import LogitCache, _schedule_outputs, build_cache
@@ -82,10 +83,11 @@ def test_gate_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match="not a deferral gate file"):
         DeferralGate.from_json(path)
+    learned = RoutingConfig(gate="learned", tau=0.5, top_k=2)
     with pytest.raises(RoutingError, match="needs its fitted deferral gate"):
-        Router(m, "learned", 0.5, 2)
+        Router(m, learned)
     with pytest.raises(RoutingError, match="fitted for k=2"):
-        Router(m, "learned", 0.5, 1, deferral=gate)
+        Router(m, learned.updated(top_k=1), deferral=gate)
 
 
 def test_routing_hit_rate_by_hand() -> None:

@@ -70,7 +70,7 @@ def test_out_of_range_answers_fall_back(trained_system: Path) -> None:
     system = SystemDir.open(trained_system)
     part = Partition.from_json(system.partition_path)
     clf = edge_classifier(system, _Liar())
-    clf.router.tau = 1.01  # everything offloaded
+    clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))  # everything offloaded
     test = load_splits(system.config().data, trained_system).test
     pred = clf(test.images[:20])
     outside = [i for i in range(20) if 3 not in part.subsets[part.index(str(pred.expert[i]))]]
@@ -127,7 +127,7 @@ def test_handshake_checks_experts_classes_and_weights(server: ServerProcess, tra
         from askexpert.inference.edge import edge_classifier
 
         clf = edge_classifier(edge_system, refusing)
-        clf.router.tau = 1.01
+        clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))
         images = np.zeros((4, 32, 32, 3), np.uint8)
         pred = clf(images)
         assert (pred.source == "fallback").all() and all(r.startswith("mismatch: ") for r in pred.reason)

@@ -72,7 +72,7 @@ def test_unreachable_expert_falls_back_with_reason(trained_system: Path) -> None
             raise BackendError("connection refused")
 
     clf, test = _classifier(trained_system, "static", backend=Down())
-    clf.router.tau = 1.0 + 1e-6  # offload every sample
+    clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))  # offload every sample
     pred = clf(test.images)
     assert (pred.source == "fallback").all()
     assert all(r.startswith("error: connection refused") for r in pred.reason)
@@ -102,9 +102,10 @@ def test_bad_inputs_give_clear_errors(trained_system: Path, tmp_path: Path) -> N
 
 
 def test_choices_are_made_on_validation(trained_system: Path) -> None:
+    from askexpert.config import RoutingConfig
     from askexpert.evaluate.cache import build_cache
     from askexpert.evaluate.gates import learned_stats
-    from askexpert.evaluate.metrics import OperatingPoint, choose_point
+    from askexpert.evaluate.metrics import choose_point
 
     system = SystemDir.open(trained_system)
     cfg = system.config()
@@ -132,7 +133,7 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
             for rule in rules[:2]
         }
         winner = max(best.values(), key=lambda pv: pv[1])[0]
-        assert OperatingPoint(**chosen) == winner
+        assert RoutingConfig(**chosen) == winner
         rows = [r for r in summary["combination_rules"] if r["schedule"] == schedule]
         assert {r["rule"] for r in rows} == {"replace", "mix"}
         assert max(r["val_accuracy"] for r in rows) == pytest.approx(max(v for _, v in best.values()))
@@ -141,22 +142,23 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
 @pytest.mark.parametrize("schedule", ["static", "progressive"])
 def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: Path, schedule: str) -> None:
     summary = json.loads((trained_system / "report" / "summary.json").read_text())
+    from askexpert.config import RoutingConfig
     from askexpert.evaluate.cache import build_cache
     from askexpert.evaluate.gates import fit_gate
+    from askexpert.inference.collaborative import CollaborativeClassifier
     from askexpert.inference.edge import gate_fingerprint
     from askexpert.routing import Router
 
-    point = summary["chosen_on_validation"][schedule]
+    point = RoutingConfig(**summary["chosen_on_validation"][schedule])
     clf, test = _classifier(trained_system, schedule)
     system = SystemDir.open(trained_system)
     deferral = None
-    if point["gate"] == "learned":  # the gate evaluate fitted for this schedule and k, on all of validation
+    if point.gate == "learned":  # the gate evaluate fitted for this schedule and k, on all of validation
         val = build_cache(system, ["progressive", "static"], split="val")
         fitted_on = gate_fingerprint(system, schedule)
-        deferral = fit_gate(val, val.schedules[schedule], point["k"], point["scoring"], fitted_on)
-    membership = Partition.from_json(system.partition_path).membership()
-    clf.router = Router(membership, point["gate"], point["tau"], point["k"], point["scoring"], deferral)
-    clf.combine, clf.mix_weight = point["combine"], point["mix_weight"]
+        deferral = fit_gate(val, val.schedules[schedule], point.top_k, point.scoring, fitted_on)
+    router = Router(clf.partition.membership(), point, deferral)
+    clf = CollaborativeClassifier(clf.generalist, router, clf.partition, clf.backend)
     pred = clf(test.images)
     row = next(r for r in summary["headline"] if r["schedule"] == schedule and "chosen on validation" in r["system"])
     assert row["accuracy"] == pytest.approx(float((pred.labels == test.labels).mean()), abs=1e-12)

@@ -75,6 +75,7 @@ class _FixedBackend:
 def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities() -> None:
     import torch
 
+    from askexpert.config import RoutingConfig
     from askexpert.inference.collaborative import CollaborativeClassifier
     from askexpert.models import create_model
     from askexpert.partition import Partition
@@ -83,14 +84,16 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
     torch.manual_seed(0)
     gen = create_model("micro-generalist", 4)
     part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
-    router = Router(part.membership(), "max_prob", 1.01, 1)  # τ > 1: everything offloaded
+    point = RoutingConfig(gate="max_prob", tau=1.0, top_k=1)  # τ = 1: everything offloaded
+    router = Router(part.membership(), point)
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     say_other = np.array([[0.05, 0.05, 0.9]])
     replace = CollaborativeClassifier(gen, router, part, _FixedBackend(say_other, np.array([OTHER])))
     out = replace(images)
     assert (out.source == "fallback").all() and (out.reason == "abstain").all()
     assert (out.labels == out.generalist_labels).all()
-    mix = CollaborativeClassifier(gen, router, part, _FixedBackend(say_other, np.array([OTHER])), combine="mix")
+    mixing = Router(part.membership(), point.updated(combine="mix"))
+    mix = CollaborativeClassifier(gen, mixing, part, _FixedBackend(say_other, np.array([OTHER])))
     out = mix(images)
     assert (out.source == "expert").all()
     probs = mix.edge_probs(images).numpy()
@@ -99,6 +102,6 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
         classes = np.array([*part.subsets[e], OTHER])
         want = expert_answer(say_other, classes, probs[i : i + 1], "mix", 0.5)
         assert out.labels[i] == want[0]
-    blind = CollaborativeClassifier(gen, router, part, _FixedBackend(None, np.array([0])), combine="mix")
+    blind = CollaborativeClassifier(gen, mixing, part, _FixedBackend(None, np.array([0])))
     out = blind(images)
     assert (out.source == "fallback").all() and all("sent no probabilities" in r for r in out.reason)

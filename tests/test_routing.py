@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from pydantic import ValidationError
 
+from askexpert.config import RoutingConfig
 from askexpert.errors import RoutingError
 from askexpert.routing import Router, choose_expert, expert_scores, offload_mask
 
@@ -90,20 +92,23 @@ def test_overlapping_subsets_are_supported() -> None:
 
 def test_router_decision_and_errors() -> None:
     membership = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
-    router = Router(membership, gate="max_prob", tau=0.5, k=2)
+    point = RoutingConfig(gate="max_prob", tau=0.5, top_k=2)
+    router = Router(membership, point)
     probs = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.3, 0.1, 0.4, 0.2]])
     decision = router(probs)
     assert decision.offload.tolist() == [False, True]
     assert decision.expert.tolist() == [0, 1]
     assert decision.topk_classes.tolist() == [[0, 1], [2, 0]]
-    with pytest.raises(RoutingError, match="top_k must be an integer ≥ 1"):
-        Router(membership, k=0)
+    assert decision.stat.tolist() == pytest.approx([0.9, 0.4])
+    # the operating point is one validated value: a bad one never reaches the router
+    for bad in ({"top_k": 0}, {"gate": "coin"}, {"scoring": "vote"}, {"tau": 1.5}):
+        with pytest.raises(ValidationError):
+            point.updated(**bad)
     with pytest.raises(RoutingError, match="top_k=5 exceeds"):
-        Router(membership, k=5)
-    with pytest.raises(RoutingError, match="unknown gate 'coin'"):
-        Router(membership, gate="coin")
-    with pytest.raises(RoutingError, match="unknown scoring"):
-        Router(membership, scoring="vote")
+        Router(membership, point.updated(top_k=5))
+    with pytest.raises(RoutingError, match="must be a RoutingConfig"):
+        Router(membership, {"gate": "margin"})  # type: ignore[arg-type]
+    assert point.model_copy(update={"tau": 0.7}).tau == 0.7 and point.tau == 0.5  # copies, never edits
     with pytest.raises(RoutingError, match="without an expert"):
         Router(np.array([[1, 1, 0, 0]], dtype=bool))
     with pytest.raises(RoutingError, match="generalist gives 3 classes but the partition has 4"):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from askexpert.config import DistillConfig, SystemConfig, TrainConfig
+from askexpert.config import DistillConfig, RoutingConfig, SystemConfig, TrainConfig
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, _schedule_outputs
-from askexpert.evaluate.metrics import OperatingPoint, fixes_and_breaks
+from askexpert.evaluate.metrics import fixes_and_breaks
 from askexpert.models import CheckpointMeta, create_model, load_checkpoint, predict_logits, save_checkpoint
 from askexpert.models.onnx_export import OnnxGeneralist, export_onnx
 from askexpert.models.registry import ConvTokenizer, conv_vit, model_cost
@@ -156,7 +156,7 @@ def test_fixes_and_breaks_on_a_hand_built_cache() -> None:
     outputs = _schedule_outputs(logits, part)
     assert outputs.labels[1, 3] == OTHER
     cache = LogitCache(y, gen_probs, part, {"s": outputs}, "k")
-    rows = fixes_and_breaks(cache, outputs, OperatingPoint("max_prob", 0.5, 1), "test", "s")
+    rows = fixes_and_breaks(cache, outputs, RoutingConfig(gate="max_prob", tau=0.5, top_k=1), "test", "s")
     by = {r["expert"]: r for r in rows}
     assert (by["e0"]["routed"], by["e0"]["fixes"], by["e0"]["breaks"]) == (2, 1, 1)
     assert (by["e1"]["routed"], by["e1"]["fixes"], by["e1"]["breaks"]) == (4, 0, 0)  # "other" never breaks

@@ -204,7 +204,9 @@ class PartitionConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
-    """The operating point of the router (see `askexpert.routing`)."""
+    """The operating point: the one validated value the router, the live classifier, the cached
+    evaluation (every row of the report), the testbed and `calibrate` take (see `askexpert.routing`).
+    Change it with `updated(...)` (a validated `model_copy`), never by setting attributes."""
 
     gate: Literal["max_prob", "margin", "entropy", "learned"] = "max_prob"  # learned: deferral_gate.json
     tau: float = 0.6
@@ -219,6 +221,14 @@ class RoutingConfig(_Strict):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"tau={value} is out of range: every gate compares against 0 ≤ τ ≤ 1")
         return value
+
+    def describe(self) -> str:
+        rule = f"mix w={self.mix_weight:g}" if self.combine == "mix" else self.combine
+        return f"{self.gate} τ={self.tau:.3g}, k={self.top_k}, {rule}"
+
+    def updated(self, **changes: object) -> RoutingConfig:
+        """A validated copy with `changes` (pydantic's model_copy does not validate)."""
+        return RoutingConfig.model_validate({**self.model_dump(), **changes})
 
 
 class ServingConfig(_Strict):

@@ -28,6 +28,7 @@ from typing import Literal, TypeVar, cast
 import numpy as np
 import torch
 
+from askexpert.config import RoutingConfig
 from askexpert.deferral import DeferralGate
 from askexpert.errors import RoutingError
 
@@ -132,28 +133,23 @@ class RouteDecision:
 
 
 class Router:
-    """The gate and the Top-k expert choice at one operating point."""
+    """The gate and the Top-k expert choice at one operating point (`RoutingConfig`, validated once)."""
 
     def __init__(
         self,
         membership: np.ndarray | torch.Tensor,
-        gate: str = "max_prob",
-        tau: float = 0.6,
-        k: int = 3,
-        scoring: str = "weighted",
+        point: RoutingConfig | None = None,
         deferral: DeferralGate | None = None,
     ) -> None:
+        point = point or RoutingConfig()
+        if not isinstance(point, RoutingConfig):
+            raise RoutingError(f"the operating point must be a RoutingConfig; got {type(point).__name__}")
         m = torch.as_tensor(np.asarray(membership)).bool()
         if m.ndim != 2 or m.shape[0] < 1:
             raise RoutingError(f"membership must be a non-empty (experts, classes) matrix; got {tuple(m.shape)}")
         if not bool(m.any(dim=0).all()):
             raise RoutingError("membership leaves some classes without an expert")
-        if gate not in ALL_GATES:
-            raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
-        if scoring not in SCORINGS:
-            raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
-        if not math.isfinite(tau):
-            raise RoutingError(f"tau must be a finite number; got {tau!r}")
+        gate, k, scoring = point.gate, point.top_k, point.scoring
         _check_k(k, m.shape[1])
         if gate == LEARNED:
             if deferral is None:
@@ -165,10 +161,27 @@ class Router:
                 )
         self.deferral = deferral if gate == LEARNED else None
         self.membership = m
-        self.gate = cast(Gate, gate)
-        self.tau = float(tau)
-        self.k = k
-        self.scoring = cast(Scoring, scoring)
+        self.point = point
+
+    def at(self, point: RoutingConfig) -> Router:
+        """The same experts and fitted gate at another operating point (a new Router, validated anew)."""
+        return Router(self.membership, point, self.deferral)
+
+    @property
+    def gate(self) -> Gate:
+        return cast(Gate, self.point.gate)
+
+    @property
+    def tau(self) -> float:
+        return self.point.tau
+
+    @property
+    def k(self) -> int:
+        return self.point.top_k
+
+    @property
+    def scoring(self) -> Scoring:
+        return cast(Scoring, self.point.scoring)
 
     @property
     def num_experts(self) -> int:

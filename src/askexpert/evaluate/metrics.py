@@ -8,12 +8,12 @@ choice (which depends on k, not τ) is computed once per k.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from askexpert.config import RoutingConfig
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.protocol import OTHER, expert_answer, final_labels, softmax
 from askexpert.routing import GATES, LEARNED, choose_expert, gate_offloads, uncertainty
@@ -176,30 +176,14 @@ def sweep(
     return rows
 
 
-@dataclass(frozen=True)
-class OperatingPoint:
-    """Everything that turns cached outputs into one collaborative system's answers."""
-
-    gate: str
-    tau: float
-    k: int
-    scoring: str = "weighted"
-    combine: str = "replace"
-    mix_weight: float = 0.5
-
-    def describe(self) -> str:
-        rule = f"mix w={self.mix_weight:g}" if self.combine == "mix" else self.combine
-        return f"{self.gate} τ={self.tau:.3g}, k={self.k}, {rule}"
-
-
 def point_outcome(
-    cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint, stat: np.ndarray | None = None
+    cache: LogitCache, outputs: ScheduleOutputs, point: RoutingConfig, stat: np.ndarray | None = None
 ) -> dict[str, float]:
     """The metrics at one point; `stat`: the gate's statistic (the confidence gates compute their own)."""
     stat = gate_statistic(cache, point.gate) if stat is None else stat
     mask = offload_masks(stat, point.gate, np.asarray([point.tau]))
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
-    res = outcomes(cache, outputs, mask, routed_experts(cache, point.k, point.scoring), answers)
+    res = outcomes(cache, outputs, mask, routed_experts(cache, point.top_k, point.scoring), answers)
     return {name: float(v[0]) for name, v in res.items() if name != "load"}
 
 
@@ -213,13 +197,13 @@ def choose_point(
     scoring: str = "weighted",
     stats: StatFn | None = None,
     schedule: str = "",
-) -> tuple[OperatingPoint, float]:
+) -> tuple[RoutingConfig, float]:
     """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate.
 
     `stats` gives each gate's statistic for `schedule` (default: the confidence gates').
     """
     best: tuple[float, float] | None = None
-    choice = OperatingPoint(gates[0], float(taus[0]), ks[0], scoring)
+    choice = RoutingConfig.model_validate({"gate": gates[0], "tau": float(taus[0]), "top_k": ks[0], "scoring": scoring})
     stats = stats or confidence_stats(cache)
     answers = {rule: expert_labels(cache, outputs, *rule) for rule in rules}
     for k in ks:
@@ -234,14 +218,23 @@ def choose_point(
                     score = (float(res["accuracy"][t]), -float(res["offload_rate"][t]))
                     if best is None or score > best:
                         best = score
-                        choice = OperatingPoint(gate, float(grid[t]), k, scoring, rule[0], rule[1])
+                        choice = RoutingConfig.model_validate(
+                            {
+                                "gate": gate,
+                                "tau": float(grid[t]),
+                                "top_k": k,
+                                "scoring": scoring,
+                                "combine": rule[0],
+                                "mix_weight": rule[1],
+                            }
+                        )
     return choice, (best[0] if best else float("nan"))
 
 
 def headline(
     cache: LogitCache,
-    point: OperatingPoint,
-    chosen: dict[str, OperatingPoint] | None = None,
+    point: RoutingConfig,
+    chosen: dict[str, RoutingConfig] | None = None,
     stats: StatFn | None = None,
 ) -> list[dict[str, Any]]:
     """Generalist alone, near-edge only, oracle routing and collaborative, for each schedule.
@@ -255,7 +248,7 @@ def headline(
     rows = []
     for schedule, outputs in cache.schedules.items():
         own = (chosen or {}).get(schedule)
-        k = own.k if own is not None else point.k
+        k = own.top_k if own is not None else point.top_k
         rows.append(
             {"schedule": schedule, "system": "generalist only (edge)", "accuracy": gen_acc, "offload_rate": 0.0}
         )
@@ -272,7 +265,7 @@ def headline(
         rows.append(
             {
                 "schedule": schedule,
-                "system": f"oracle gate (offloads exactly the fixes; k={gate_point.k}, {gate_point.combine})",
+                "system": f"oracle gate (offloads exactly the fixes; k={gate_point.top_k}, {gate_point.combine})",
                 "accuracy": oracle["oracle_gate_accuracy"],
                 "offload_rate": oracle["fixes"] / n,
             }
@@ -281,7 +274,7 @@ def headline(
         if own is not None:
             points.append(("collaborative, chosen on validation", own))
         for name, p in points:
-            outcome = point_outcome(cache, outputs, p, stats(p.gate, schedule, p.k))
+            outcome = point_outcome(cache, outputs, p, stats(p.gate, schedule, p.top_k))
             rows.append({"schedule": schedule, "system": f"{name} ({p.describe()})", **outcome})
     return rows
 
@@ -305,7 +298,7 @@ def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
 
 
 def fixes_and_breaks(
-    cache: LogitCache, outputs: ScheduleOutputs, point: OperatingPoint, split: str, schedule: str
+    cache: LogitCache, outputs: ScheduleOutputs, point: RoutingConfig, split: str, schedule: str
 ) -> list[dict[str, Any]]:
     """What collaboration lives on: per routed expert and overall, if every sample were offloaded at `point`'s
     k, scoring and combination rule, how many of the generalist's wrong answers the expert turns right
@@ -316,7 +309,7 @@ def fixes_and_breaks(
     """
     y = cache.labels
     n = len(y)
-    chosen = routed_experts(cache, point.k, point.scoring)
+    chosen = routed_experts(cache, point.top_k, point.scoring)
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)[chosen, np.arange(n)]
     final, _ = final_labels(cache.gen_pred, answers, np.ones(n, dtype=bool))
     gen_right = cache.gen_pred == y
@@ -392,7 +385,8 @@ def gate_comparison(
     best = float(grid[reach[np.argmin(res["offload_rate"][reach])]]) if reach.size else float("nan")
     on_test = at("test", np.asarray([best])) if reach.size else None
     gen_acc = float((test.gen_pred == test.labels).mean())
-    oracle = fixes_and_breaks(test, test.schedules[schedule], OperatingPoint(gate, 0.0, k, scoring), "test", schedule)
+    point = RoutingConfig.model_validate({"gate": gate, "tau": 0.0, "top_k": k, "scoring": scoring})
+    oracle = fixes_and_breaks(test, test.schedules[schedule], point, "test", schedule)
     oracle_gain = float(oracle[-1]["oracle_gate_accuracy"]) - gen_acc
     row.update(
         {

@@ -66,7 +66,7 @@ def plot_pareto(
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for schedule in sorted({r["schedule"] for r in sweep}):
         rows = sorted(
-            _select(sweep, schedule=schedule, gate=point["gate"], k=point["k"], scoring=point["scoring"]),
+            _select(sweep, schedule=schedule, gate=point["gate"], k=point["top_k"], scoring=point["scoring"]),
             key=lambda r: r["offload_rate"],
         )
         line = ax.plot(
@@ -93,7 +93,7 @@ def plot_pareto(
         path,
         "offload rate (% of samples sent to an expert)",
         "top-1 accuracy (%)",
-        f"Accuracy vs offload ({point['gate']} gate, k={point['k']})",
+        f"Accuracy vs offload ({point['gate']} gate, k={point['top_k']})",
     )
 
 
@@ -194,7 +194,7 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
         f"Test split: {summary['test_samples']} samples, {summary['num_classes']} classes, "
         f"{len(expert_ids)} experts (partition `{summary['partition_strategy']}`). "
         f"Cache key `{summary['cache_key']}`. Config operating point: gate `{point['gate']}`, τ={point['tau']:g}, "
-        f"k={point['k']}, scoring `{point['scoring']}`. Points marked *chosen on validation* were picked on the "
+        f"k={point['top_k']}, scoring `{point['scoring']}`. Points marked *chosen on validation* were picked on the "
         f"{summary.get('val_samples', 0)} validation samples; the test split only reports them.\n",
         "## Headline\n",
         markdown_table(

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from askexpert.config import RoutingConfig
 from askexpert.data import load_splits
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.gates import GateStats, learned_stats
 from askexpert.evaluate.metrics import (
-    OperatingPoint,
     StatFn,
     choose_point,
     expert_labels,
@@ -35,7 +35,7 @@ from askexpert.models import read_meta
 from askexpert.system import SystemDir
 
 
-def _operating_rows(cache: LogitCache, point: OperatingPoint, ks: list[int], stats: StatFn) -> list[dict[str, Any]]:
+def _operating_rows(cache: LogitCache, point: RoutingConfig, ks: list[int], stats: StatFn) -> list[dict[str, Any]]:
     """The config's gate, τ and combination rule at every k."""
     rows = []
     for k in ks:
@@ -53,7 +53,7 @@ def _operating_rows(cache: LogitCache, point: OperatingPoint, ks: list[int], sta
 
 def choose_on_validation(
     system: SystemDir, test: LogitCache, val: LogitCache, test_stats: GateStats, val_stats: GateStats
-) -> tuple[dict[str, OperatingPoint], list[dict[str, Any]]]:
+) -> tuple[dict[str, RoutingConfig], list[dict[str, Any]]]:
     """Per schedule: the best point under each combination rule (on validation), and the overall choice.
 
     Every gate in `val_stats` competes (the learned one with its out-of-fold scores)."""
@@ -61,10 +61,10 @@ def choose_on_validation(
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = list(range(1, min(cfg.evaluate.max_k, test.gen_probs.shape[1]) + 1))
     families = {"replace": [("replace", 0.0)], "mix": [("mix", float(w)) for w in cfg.evaluate.mix_weights]}
-    chosen: dict[str, OperatingPoint] = {}
+    chosen: dict[str, RoutingConfig] = {}
     rows: list[dict[str, Any]] = []
     for schedule in test.schedules:
-        best: tuple[float, OperatingPoint] | None = None
+        best: tuple[float, RoutingConfig] | None = None
         for family, rules in families.items():
             if not rules:
                 continue
@@ -79,7 +79,9 @@ def choose_on_validation(
                 val_stats,
                 schedule,
             )
-            on_test = point_outcome(test, test.schedules[schedule], point, test_stats(point.gate, schedule, point.k))
+            on_test = point_outcome(
+                test, test.schedules[schedule], point, test_stats(point.gate, schedule, point.top_k)
+            )
             rows.append(
                 {
                     "schedule": schedule,
@@ -180,7 +182,7 @@ def summarise(
     rows = sweep(cache, taus, ks, test_stats.gates, stats=test_stats)
     experts = expert_table(cache)
     schedules = list(cache.schedules)
-    point = OperatingPoint(rc.gate, rc.tau, rc.top_k, rc.scoring, rc.combine, rc.mix_weight)
+    point = rc
     if point.gate not in test_stats.gates:
         raise ConfigError(f"routing.gate is {point.gate!r} but no such gate was fitted; run `askexpert evaluate`")
     chosen, rule_rows = (
@@ -195,7 +197,7 @@ def summarise(
     gate_rows = []
     if val is not None and val_stats is not None:
         for schedule in schedules:
-            k = chosen[schedule].k if schedule in chosen else rc.top_k
+            k = chosen[schedule].top_k if schedule in chosen else rc.top_k
             for gate in test_stats.gates:
                 gate_rows.append(
                     gate_comparison(
@@ -224,8 +226,8 @@ def summarise(
         "expert_ids": list(cache.partition.expert_ids),
         "schedules": schedules,
         "cache_key": cache.key,
-        "operating_point": {"gate": rc.gate, "tau": rc.tau, "k": rc.top_k, "scoring": rc.scoring},
-        "chosen_on_validation": {s: vars(p) for s, p in chosen.items()},
+        "operating_point": rc.model_dump(),
+        "chosen_on_validation": {s: p.model_dump() for s, p in chosen.items()},
         "combination_rules": rule_rows,
         "headline": head,
         "experts": experts,
@@ -247,15 +249,7 @@ def apply_choice(system: SystemDir, summary: dict[str, Any]) -> dict[str, Any]:
     chosen = summary.get("chosen_on_validation", {}).get(cfg.serving.schedule)
     if chosen is None:
         raise ConfigError(f"no point was chosen on validation for the served schedule {cfg.serving.schedule!r}")
-    routing = {
-        "gate": chosen["gate"],
-        "tau": float(chosen["tau"]),
-        "top_k": chosen["k"],
-        "scoring": chosen["scoring"],
-        "combine": chosen["combine"],
-        "mix_weight": chosen["mix_weight"],
-    }
-    return system.update_config("evaluate --apply", routing=routing).routing.model_dump()
+    return system.update_config("evaluate --apply", routing=dict(chosen)).routing.model_dump()
 
 
 def evaluate_system(system: SystemDir) -> dict[str, Any]:
@@ -277,7 +271,7 @@ def evaluate_system(system: SystemDir) -> dict[str, Any]:
     if val is not None:
         served = cfg.serving.schedule if cfg.serving.schedule in cache.schedules else next(iter(cache.schedules))
         chosen = summary["chosen_on_validation"].get(served)
-        k = int(chosen["k"]) if chosen else cfg.routing.top_k
+        k = int(chosen["top_k"]) if chosen else cfg.routing.top_k
         gates[(served, k)].to_json(system.deferral_gate_path)  # what `gate: learned` routes with, at the chosen k
         summary["deferral_gate"] = {"path": str(system.deferral_gate_path), "schedule": served, "k": k}
     summary["report"] = str(write_report(system.report_dir, summary, rows))

@@ -78,9 +78,8 @@ class CollaborativeClassifier:
         backend: ExpertBackend,
         device: str | torch.device = "cpu",
         batch_size: int = 512,
-        combine: str = "replace",
-        mix_weight: float = 0.5,
     ) -> None:
+        """`router` carries the operating point (its RoutingConfig): the gate, τ, k and the combination rule."""
         if router.num_experts != partition.num_experts:
             raise ValueError(f"router has {router.num_experts} experts, partition {partition.num_experts}")
         if generalist.num_outputs != partition.num_classes:
@@ -93,8 +92,6 @@ class CollaborativeClassifier:
         self.backend = backend
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        self.combine = combine
-        self.mix_weight = mix_weight
         self._classes = partition.output_classes()
 
     def edge_probs(self, images: np.ndarray) -> torch.Tensor:
@@ -139,7 +136,10 @@ class CollaborativeClassifier:
                 for i in idx:
                     info[i] = share
             try:
-                answers = reply_answers(reply, self._classes[int(e)], probs.numpy()[idx], self.combine, self.mix_weight)
+                point = self.router.point
+                answers = reply_answers(
+                    reply, self._classes[int(e)], probs.numpy()[idx], point.combine, point.mix_weight
+                )
             except BackendError as exc:
                 source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {exc}"
                 continue

@@ -84,7 +84,7 @@ def system_router(system: SystemDir, part: Partition | None = None) -> Router:
         path = system.deferral_gate_path
         deferral = DeferralGate.from_json(path)
         deferral.check(gate_fingerprint(system, cfg.serving.schedule), rc.top_k, rc.scoring, origin=str(path))
-    return Router(part.membership(), rc.gate, rc.tau, rc.top_k, rc.scoring, deferral)
+    return Router(part.membership(), rc, deferral)
 
 
 def edge_classifier(
@@ -97,7 +97,6 @@ def edge_classifier(
     """
     if threads < 0:
         raise ConfigError(f"threads must be ≥ 0, got {threads}")
-    cfg = system.config()
     part = Partition.from_json(system.partition_path)
     generalist: ImageClassifier | OnnxGeneralist
     if runtime == "torch":
@@ -108,16 +107,7 @@ def edge_classifier(
         generalist = OnnxGeneralist(onnx_path(system, runtime), threads)
     else:
         raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    rc = cfg.routing
-    return CollaborativeClassifier(
-        generalist,
-        system_router(system, part),
-        part,
-        backend,
-        device,
-        combine=rc.combine,
-        mix_weight=rc.mix_weight,
-    )
+    return CollaborativeClassifier(generalist, system_router(system, part), part, backend, device)
 
 
 def run_edge(
