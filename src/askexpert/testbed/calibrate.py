@@ -19,6 +19,7 @@ import numpy as np
 
 from askexpert.config import SystemConfig
 from askexpert.errors import ConfigError
+from askexpert.routing import LEARNED
 from askexpert.system import SystemDir
 from askexpert.testbed.choice import ValidationView
 from askexpert.testbed.costs import offload_costs
@@ -92,7 +93,12 @@ def calibrate(
     testbed = json.loads(path.read_text())
     cost = offload_costs(testbed["table"])
     cfg = system.config()
-    rows = predict(system, cost, np.linspace(0.0, 1.0, cfg.evaluate.taus), list(range(1, cfg.evaluate.max_k + 1)))
+    taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
+    ks = list(range(1, cfg.evaluate.max_k + 1))
+    if cfg.routing.gate == LEARNED:  # its gate was fitted for one k, and its scores crowd near 0.5
+        ks = [cfg.routing.top_k]
+        taus = ValidationView.of(system).spanning_taus(cfg.evaluate.taus)
+    rows = predict(system, cost, taus, ks)
     best = choose(rows, latency_budget_ms, energy_budget_mj, accuracy_floor, minimise)
     result = {
         "chosen": best,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from askexpert.data import Splits
+from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.gates import cross_fit_scores
 from askexpert.evaluate.metrics import expert_labels, gate_statistic, offload_masks, outcomes, routed_experts
@@ -33,6 +34,7 @@ class ValidationView:
     scoring: str
     answers: np.ndarray  # (E, N) every expert's answer under the combination rule
     stat: np.ndarray  # (N,) the gate's statistic
+    k: int  # the config's k (the learned gate's statistic holds for it alone)
 
     @classmethod
     def of(cls, system: SystemDir, splits: Splits | None = None) -> ValidationView:
@@ -47,10 +49,12 @@ class ValidationView:
             if rc.gate == LEARNED
             else gate_statistic(cache, rc.gate)
         )
-        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat)
+        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat, rc.top_k)
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""
+        if self.gate == LEARNED and k != self.k:
+            raise ConfigError(f"the learned gate was fitted for k={self.k}; it cannot score routing at k={k}")
         masks = offload_masks(self.stat, self.gate, np.asarray(taus, dtype=np.float64))
         return outcomes(self.cache, self.outputs, masks, routed_experts(self.cache, k, self.scoring), self.answers)
 
