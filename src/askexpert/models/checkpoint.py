@@ -77,7 +77,10 @@ def save_checkpoint(model: ImageClassifier, path: str | Path, meta: CheckpointMe
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     tmp = path.with_suffix(".safetensors.tmp")
-    safetensors.torch.save_file(state, str(tmp), metadata={"format": FORMAT, "preset": meta.preset})
+    # One metadata key: safetensors writes its metadata map in a per-process random order (a Rust HashMap),
+    # so two keys made identical weights hash differently from one run to the next.
+    header = json.dumps({"format": FORMAT, "preset": meta.preset}, sort_keys=True)
+    safetensors.torch.save_file(state, str(tmp), metadata={"askexpert": header})
     tmp.replace(path)
     meta.sha256 = file_sha256(path)
     meta.versions = {"askexpert": __version__, "torch": torch.__version__, "timm": timm.__version__}
