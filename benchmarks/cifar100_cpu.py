@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from askexpert.config import SystemConfig  # noqa: E402
+from askexpert.evaluate.metrics import GATE_METRICS  # noqa: E402
 from askexpert.evaluate.report import markdown_table, write_csv  # noqa: E402
 from askexpert.pipeline import run_pipeline  # noqa: E402
 from askexpert.system import SystemDir  # noqa: E402
@@ -132,21 +133,12 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             ):
                 entry.setdefault(metric, []).append(value)
     gates: dict[tuple[str, str], dict[str, list[float]]] = {}
-    gate_metrics = (
-        "parity_test_offload",
-        "parity_test_accuracy",
-        "test_accuracy_at_10",
-        "test_accuracy_at_20",
-        "test_accuracy_at_30",
-        "test_hit_rate_at_30",
-        "oracle_share_at_30",
-    )
     for s in summaries:
         by_schedule: dict[str, list[dict[str, Any]]] = {}
         for row in s.get("gates", []):
             by_schedule.setdefault(row["schedule"], []).append(row)
             entry = gates.setdefault((row["schedule"], row["gate"]), {})
-            for metric in gate_metrics:
+            for metric in GATE_METRICS:
                 entry.setdefault(metric, []).append(row[metric])
         for schedule, rows_ in by_schedule.items():  # learned − the best confidence gate, at equal offload
             learned = next((r for r in rows_ if r["gate"] == "learned"), None)

@@ -80,7 +80,7 @@ class DeferralGate:
 
     k: int
     scoring: str
-    fitted_on: str  # fingerprint of the generalist, partition and expert set (`askexpert.evaluate.gate`)
+    fitted_on: str  # fingerprint of the generalist, partition and expert set (`inference.edge.gate_fingerprint`)
     mean: np.ndarray  # (F,)
     scale: np.ndarray  # (F,)
     coef: np.ndarray  # (O, F), one row per outcome in `outcomes` (one row when fewer than 3 were seen)

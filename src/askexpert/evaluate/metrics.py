@@ -349,6 +349,16 @@ def tau_for_rate(gate: str, stat: np.ndarray, rate: float) -> float:
 
 
 EQUAL_OFFLOAD = (0.1, 0.2, 0.3)  # offload rates (set on validation) at which the gates are compared
+# the figures people compare gates by (gate_comparison's columns, in the report, the CLI and the benchmark)
+GATE_METRICS = (
+    "parity_test_offload",
+    "parity_test_accuracy",
+    "test_accuracy_at_10",
+    "test_accuracy_at_20",
+    "test_accuracy_at_30",
+    "test_hit_rate_at_30",
+    "oracle_share_at_30",
+)
 
 
 def gate_comparison(

@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from askexpert.evaluate.metrics import GATE_METRICS  # noqa: E402
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -244,20 +246,7 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
             "gate's gain captured at 30 %. The learned gate's validation scores are out-of-fold.\n\n",
             markdown_table(
                 summary["gates"],
-                [
-                    "schedule",
-                    "gate",
-                    "k",
-                    "test_generalist",
-                    "test_edge_execution",
-                    "parity_test_offload",
-                    "parity_test_accuracy",
-                    "test_accuracy_at_10",
-                    "test_accuracy_at_20",
-                    "test_accuracy_at_30",
-                    "test_hit_rate_at_30",
-                    "oracle_share_at_30",
-                ],
+                ["schedule", "gate", "k", "test_generalist", "test_edge_execution", *GATE_METRICS],
             ),
             "\n![gates](gates.png)\n",
         ]
