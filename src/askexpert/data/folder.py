@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from askexpert.data.base import LabeledImages
 from askexpert.data.cifar100 import coarse_groups
 from askexpert.errors import DataError
+from askexpert.progress import progress
 
 
 def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, ...] | None = None) -> LabeledImages:
@@ -62,7 +62,7 @@ def _read(path: Path, image_size: int) -> LabeledImages:
     names = tuple(listing.classes)
     images = np.empty((len(listing.samples), image_size, image_size, 3), dtype=np.uint8)
     labels = np.empty(len(listing.samples), dtype=np.int64)
-    for i, (file, label) in enumerate(tqdm(listing.samples, desc=f"reading {path}", unit="img", leave=False)):
+    for i, (file, label) in enumerate(progress(listing.samples, desc=f"reading {path}", unit="img", leave=False)):
         try:
             images[i] = load_image(file, image_size)
         except OSError as exc:

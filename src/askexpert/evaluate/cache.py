@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from askexpert.data import Splits, load_splits
 from askexpert.errors import CheckpointError
@@ -21,6 +20,7 @@ from askexpert.fingerprint import fingerprint
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.partition import Partition
+from askexpert.progress import progress
 from askexpert.system import SystemDir
 
 
@@ -102,7 +102,7 @@ def build_cache(
     arrays = {"labels": test.labels, "gen_logits": predict_logits(generalist, test.images, device, desc="generalist")}
     for schedule in schedules:
         backend = LocalExpertBackend.from_dir(system.root / "experts" / schedule, partition, device)
-        for eid in tqdm(partition.expert_ids, desc=f"{schedule} experts", leave=False):
+        for eid in progress(partition.expert_ids, desc=f"{schedule} experts", leave=False):
             arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
     system.cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from askexpert.data import LabeledImages, input_size
 from askexpert.deferral import DeferralGate
@@ -28,6 +27,7 @@ from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend
 from askexpert.models import ImageClassifier, load_checkpoint, read_meta
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
+from askexpert.progress import progress
 from askexpert.routing import LEARNED, Router
 from askexpert.system import SystemDir
 
@@ -129,7 +129,7 @@ def run_edge(
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
         starts = range(0, len(data), batch_size)
-        for b, start in enumerate(tqdm(starts, desc="edge", unit="batch", leave=False)):
+        for b, start in enumerate(progress(starts, desc="edge", unit="batch", leave=False)):
             images = data.images[start : start + batch_size]
             t0 = time.perf_counter()
             pred = classifier(images)

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from askexpert.errors import ConfigError
 from askexpert.models.registry import ImageClassifier
+from askexpert.progress import progress
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -45,7 +45,7 @@ def predict_logits(
     out = np.empty((len(images), model.num_outputs), dtype=np.float32)
     starts: Iterable[int] = range(0, len(images), batch_size)
     if desc is not None:
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+        starts = progress(starts, desc=desc, unit="batch", leave=False)
     for start in starts:
         chunk = images[start : start + batch_size]
         # torch wants writable memory; a server's decoded body is a read-only view (copying it is cheap)

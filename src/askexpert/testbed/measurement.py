@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from askexpert.data import Splits, load_splits
 from askexpert.inference.backend import BackendError, LocalExpertBackend, reply_answers
@@ -25,6 +24,7 @@ from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.partition import Partition
+from askexpert.progress import progress
 from askexpert.protocol import OTHER
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -78,7 +78,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
             for eid in part.expert_ids:
                 local.predict(eid, images[:1])
                 remote.predict(eid, images[:1])
-        for i in tqdm(range(len(images)), desc="testbed", unit="sample", leave=False):
+        for i in progress(range(len(images)), desc="testbed", unit="sample", leave=False):
             img = images[i : i + 1]
             gen_s, logits = _best_of(EDGE_REPEATS, predict_logits, generalist, img)
             probs = torch.from_numpy(logits).softmax(dim=1)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from askexpert.config import DistillConfig, TrainConfig
 from askexpert.models.registry import ImageClassifier
+from askexpert.progress import progress
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -39,8 +39,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 over the remaining steps."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
 def training_loss(
@@ -123,8 +123,8 @@ def train_model(
     use_amp = device.type == "cuda"
     save_every = max(1, total // 10)
     tail: list[float] = []
-    progress = tqdm(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
-    for step in progress:
+    bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
+    for step in bar:
         idx = torch.from_numpy(plan[step].astype(np.int64))
         batch = images_t[idx]
         if cfg.augment:
@@ -144,7 +144,7 @@ def train_model(
         if step >= total - max(1, total // 10):
             tail.append(value)
         if step % 10 == 0:
-            progress.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if resume_path is not None and (step + 1) % save_every == 0 and step + 1 < total:
             torch.save(
                 {
@@ -157,7 +157,7 @@ def train_model(
                 },
                 resume_path,
             )
-    progress.close()
+    bar.close()
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
     model.eval()
