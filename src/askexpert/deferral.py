@@ -5,7 +5,7 @@ which fails when the downstream models are specialists (Jitkrittum et al., NeurI
 2023): a sample the generalist is unsure of is often one the routed expert gets wrong
 too. This gate is a multinomial logistic model over three outcomes of asking the
 routed expert (it *breaks* a right answer, changes nothing, *fixes* a wrong one),
-fitted on held-out outputs (`training/deferral.py`, scikit-learn). Its score is the
+fitted on held-out outputs (`evaluate/gates.py`, scikit-learn). Its score is the
 expected gain mapped onto 0…1, (1 + P(fix) − P(break)) / 2, and it offloads above τ.
 
 Scoring is numpy only, so the live edge, the cached evaluation and the testbed share
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from askexpert.errors import CheckpointError, RoutingError
+from askexpert.protocol import final_labels
 
 FORMAT = "askexpert-deferral-gate/1"
 BREAK, SAME, FIX = 0, 1, 2
@@ -63,14 +64,13 @@ def edge_features(probs: np.ndarray, membership: np.ndarray, expert: np.ndarray)
 def outcome_labels(gen_pred: np.ndarray, expert_answer: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """BREAK, SAME or FIX per sample: what replacing the generalist's answer with the expert's would do.
 
-    An expert answer that is not a class (OTHER) falls back to the generalist, so it never breaks or fixes.
+    An "other" answer falls back to the generalist (the protocol's one rule), so it never breaks or fixes.
     """
     gen_right = gen_pred == labels
-    expert_right = expert_answer == labels
-    answered = expert_answer >= 0
+    final_right = final_labels(gen_pred, expert_answer, np.ones(len(labels), dtype=bool))[0] == labels
     out = np.full(len(labels), SAME, dtype=np.int64)
-    out[~gen_right & expert_right] = FIX
-    out[gen_right & ~expert_right & answered] = BREAK
+    out[~gen_right & final_right] = FIX
+    out[gen_right & ~final_right] = BREAK
     return out
 
 

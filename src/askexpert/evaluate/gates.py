@@ -12,26 +12,27 @@ Targets use the `replace` rule (what the routed expert's own answer would do).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from askexpert.deferral import DeferralGate, edge_features, outcome_labels
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
-from askexpert.evaluate.metrics import routed_experts
+from askexpert.evaluate.metrics import GateStats, routed_experts
 from askexpert.inference.edge import gate_fingerprint
-from askexpert.routing import GATES, LEARNED, uncertainty
 from askexpert.system import SystemDir
 
 FOLDS = 5
 REGULARISATION = 1.0  # scikit-learn's C, on standardised features
 
 
-def _design(cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str) -> tuple[np.ndarray, np.ndarray]:
+def _design(
+    cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, outcomes and the routed expert of every sample of `cache`."""
     expert = routed_experts(cache, k, scoring)
     x = edge_features(cache.gen_probs, cache.partition.membership(), expert)
     answer = outputs.labels[expert, np.arange(len(cache.labels))]
-    return x, outcome_labels(cache.gen_pred, answer, cache.labels)
+    return x, outcome_labels(cache.gen_pred, answer, cache.labels), expert
 
 
 def _fit(x: np.ndarray, y: np.ndarray, k: int, scoring: str, fitted_on: str) -> DeferralGate:
@@ -52,7 +53,7 @@ def _fit(x: np.ndarray, y: np.ndarray, k: int, scoring: str, fitted_on: str) -> 
 
 def fit_gate(cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str, fitted_on: str) -> DeferralGate:
     """The deferral gate fitted on every sample of `cache` (the validation split)."""
-    x, y = _design(cache, outputs, k, scoring)
+    x, y, _ = _design(cache, outputs, k, scoring)
     return _fit(x, y, k, scoring, fitted_on)
 
 
@@ -60,44 +61,27 @@ def cross_fit_scores(
     cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str, folds: int = FOLDS, seed: int = 0
 ) -> np.ndarray:
     """Out-of-fold gate scores: each sample scored by a gate that never saw it."""
+    return _cross_fit(cache, *_design(cache, outputs, k, scoring), k, scoring, folds, seed)
+
+
+def _cross_fit(
+    cache: LogitCache,
+    x: np.ndarray,
+    y: np.ndarray,
+    expert: np.ndarray,
+    k: int,
+    scoring: str,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> np.ndarray:
     from sklearn.model_selection import KFold
 
-    x, y = _design(cache, outputs, k, scoring)
     membership = cache.partition.membership()
-    expert = routed_experts(cache, k, scoring)
     out = np.empty(len(y))
     for fit_rows, score_rows in KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(x):
         gate = _fit(x[fit_rows], y[fit_rows], k, scoring, "cross-fit")
         out[score_rows] = gate.score(cache.gen_probs[score_rows], membership, expert[score_rows])
     return out
-
-
-@dataclass
-class GateStats:
-    """Each gate's per-sample statistic on one cache: the confidence gates once, the learned gate per
-    (schedule, k), because what the routed expert gains depends on both."""
-
-    confidence: dict[str, np.ndarray]
-    learned: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, cache: LogitCache) -> GateStats:
-        import torch
-
-        probs = torch.from_numpy(cache.gen_probs)
-        return cls({g: uncertainty(probs, g).numpy() for g in GATES})
-
-    @property
-    def gates(self) -> tuple[str, ...]:
-        return (*self.confidence, LEARNED) if self.learned else tuple(self.confidence)
-
-    def __call__(self, gate: str, schedule: str, k: int) -> np.ndarray:
-        if gate == LEARNED:
-            try:
-                return self.learned[(schedule, k)]
-            except KeyError:
-                raise KeyError(f"no learned gate scores for schedule {schedule!r}, k={k}") from None
-        return self.confidence[gate]
 
 
 def learned_stats(
@@ -107,11 +91,13 @@ def learned_stats(
     test_stats, val_stats = GateStats.of(test), GateStats.of(val)
     gates: dict[tuple[str, int], DeferralGate] = {}
     membership = test.partition.membership()
+    test_experts = {k: routed_experts(test, k, scoring) for k in ks}  # routing does not depend on the schedule
     for schedule in test.schedules:
         fitted_on = gate_fingerprint(system, schedule)
         for k in ks:
-            gate = fit_gate(val, val.schedules[schedule], k, scoring, fitted_on)
+            x, y, expert = _design(val, val.schedules[schedule], k, scoring)  # once for the fit and the cross-fit
+            gate = _fit(x, y, k, scoring, fitted_on)
             gates[(schedule, k)] = gate
-            val_stats.learned[(schedule, k)] = cross_fit_scores(val, val.schedules[schedule], k, scoring)
-            test_stats.learned[(schedule, k)] = gate.score(test.gen_probs, membership, routed_experts(test, k, scoring))
+            val_stats.learned[(schedule, k)] = _cross_fit(val, x, y, expert, k, scoring)
+            test_stats.learned[(schedule, k)] = gate.score(test.gen_probs, membership, test_experts[k])
     return test_stats, val_stats, gates

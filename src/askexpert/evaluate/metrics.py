@@ -7,7 +7,8 @@ choice (which depends on k, not τ) is computed once per k.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,6 @@ from askexpert.config import RoutingConfig
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.protocol import OTHER, expert_answer, final_labels, softmax
 from askexpert.routing import GATES, LEARNED, choose_expert, gate_offloads, uncertainty
-
-# A gate's per-sample statistic on a cache: (gate, schedule, k) -> (N,). The confidence gates ignore
-# schedule and k; the learned gate's (evaluate/gates.py) depends on both.
-StatFn = Callable[[str, str, int], np.ndarray]
 
 
 def subset_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
@@ -113,16 +110,29 @@ def gate_statistic(cache: LogitCache, gate: str) -> np.ndarray:
     return uncertainty(torch.from_numpy(cache.gen_probs), gate).numpy()
 
 
-def confidence_stats(cache: LogitCache) -> StatFn:
-    """The confidence gates' statistics, computed once; asking for the learned gate is an error here."""
-    stats = {g: gate_statistic(cache, g) for g in GATES}
+@dataclass
+class GateStats:
+    """Each gate's per-sample statistic on one cache: the confidence gates once, the learned gate per
+    (schedule, k), because what the routed expert gains depends on both (`evaluate.gates` adds it)."""
 
-    def stat(gate: str, schedule: str, k: int) -> np.ndarray:
-        if gate not in stats:
-            raise KeyError(f"no statistic for gate {gate!r} here (the learned gate needs evaluate/gates.py)")
-        return stats[gate]
+    confidence: dict[str, np.ndarray]
+    learned: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
-    return stat
+    @classmethod
+    def of(cls, cache: LogitCache) -> GateStats:
+        return cls({g: gate_statistic(cache, g) for g in GATES})
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        return (*self.confidence, LEARNED) if self.learned else tuple(self.confidence)
+
+    def __call__(self, gate: str, schedule: str, k: int) -> np.ndarray:
+        if gate == LEARNED:
+            try:
+                return self.learned[(schedule, k)]
+            except KeyError:
+                raise KeyError(f"no learned gate scores for schedule {schedule!r}, k={k}") from None
+        return self.confidence[gate]
 
 
 def offload_masks(stat: np.ndarray, gate: str, taus: np.ndarray) -> np.ndarray:
@@ -158,11 +168,11 @@ def sweep(
     ks: Sequence[int],
     gates: Sequence[str] = GATES,
     scorings: Sequence[str] = ("weighted",),
-    stats: StatFn | None = None,
+    stats: GateStats | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (schedule, scoring, k, gate, τ)."""
     rows: list[dict[str, Any]] = []
-    stats = stats or confidence_stats(cache)
+    stats = GateStats.of(cache) if stats is None else stats
     for scoring in scorings:
         for k in ks:
             chosen = routed_experts(cache, k, scoring)
@@ -195,7 +205,7 @@ def choose_point(
     rules: Sequence[tuple[str, float]],
     gates: Sequence[str] = GATES,
     scoring: str = "weighted",
-    stats: StatFn | None = None,
+    stats: GateStats | None = None,
     schedule: str = "",
 ) -> tuple[RoutingConfig, float]:
     """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate.
@@ -204,7 +214,7 @@ def choose_point(
     """
     best: tuple[float, float] | None = None
     choice = RoutingConfig.model_validate({"gate": gates[0], "tau": float(taus[0]), "top_k": ks[0], "scoring": scoring})
-    stats = stats or confidence_stats(cache)
+    stats = GateStats.of(cache) if stats is None else stats
     answers = {rule: expert_labels(cache, outputs, *rule) for rule in rules}
     for k in ks:
         chosen = routed_experts(cache, k, scoring)
@@ -235,7 +245,7 @@ def headline(
     cache: LogitCache,
     point: RoutingConfig,
     chosen: dict[str, RoutingConfig] | None = None,
-    stats: StatFn | None = None,
+    stats: GateStats | None = None,
 ) -> list[dict[str, Any]]:
     """Generalist alone, near-edge only, oracle routing and collaborative, for each schedule.
 
@@ -244,7 +254,7 @@ def headline(
     n = len(cache.labels)
     gen_acc = float((cache.gen_pred == cache.labels).mean())
     everything = np.ones((1, n), dtype=bool)
-    stats = stats or confidence_stats(cache)
+    stats = GateStats.of(cache) if stats is None else stats
     rows = []
     for schedule, outputs in cache.schedules.items():
         own = (chosen or {}).get(schedule)
@@ -379,12 +389,14 @@ def gate_comparison(
     * the share of the oracle gate's gain captured at 30 %.
     """
     row: dict[str, Any] = {"schedule": schedule, "gate": gate, "k": k}
-    views = {"val": (val, val_stat), "test": (test, test_stat)}
+    views = {
+        "val": (val, val_stat, routed_experts(val, k, scoring)),
+        "test": (test, test_stat, routed_experts(test, k, scoring)),
+    }
 
     def at(split: str, taus: np.ndarray) -> dict[str, np.ndarray]:
-        cache, stat = views[split]
-        outputs = cache.schedules[schedule]
-        return outcomes(cache, outputs, offload_masks(stat, gate, taus), routed_experts(cache, k, scoring))
+        cache, stat, chosen = views[split]
+        return outcomes(cache, cache.schedules[schedule], offload_masks(stat, gate, taus), chosen)
 
     everything = {s: at(s, np.asarray([np.inf if not _offload_above(gate) else -np.inf])) for s in views}
     target = float(everything["val"]["accuracy"][0])

@@ -15,9 +15,9 @@ from askexpert.config import RoutingConfig
 from askexpert.data import load_splits
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, build_cache
-from askexpert.evaluate.gates import GateStats, learned_stats
+from askexpert.evaluate.gates import learned_stats
 from askexpert.evaluate.metrics import (
-    StatFn,
+    GateStats,
     choose_point,
     expert_labels,
     expert_table,
@@ -35,15 +35,15 @@ from askexpert.models import read_meta
 from askexpert.system import SystemDir
 
 
-def _operating_rows(cache: LogitCache, point: RoutingConfig, ks: list[int], stats: StatFn) -> list[dict[str, Any]]:
+def _operating_rows(cache: LogitCache, point: RoutingConfig, ks: list[int], stats: GateStats) -> list[dict[str, Any]]:
     """The config's gate, τ and combination rule at every k."""
     rows = []
+    answers = {s: expert_labels(cache, o, point.combine, point.mix_weight) for s, o in cache.schedules.items()}
     for k in ks:
         chosen = routed_experts(cache, k, point.scoring)
         for schedule, outputs in cache.schedules.items():
             mask = offload_masks(stats(point.gate, schedule, k), point.gate, np.asarray([point.tau]))
-            answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
-            res = outcomes(cache, outputs, mask, chosen, answers)
+            res = outcomes(cache, outputs, mask, chosen, answers[schedule])
             row: dict[str, Any] = {"schedule": schedule, "k": k}
             row.update({name: float(v[0]) for name, v in res.items() if name != "load"})
             row.update({f"load_{e}": float(res["load"][0, i]) for i, e in enumerate(cache.partition.expert_ids)})
@@ -59,7 +59,7 @@ def choose_on_validation(
     Every gate in `val_stats` competes (the learned one with its out-of-fold scores)."""
     cfg = system.config()
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
-    ks = list(range(1, min(cfg.evaluate.max_k, test.gen_probs.shape[1]) + 1))
+    ks = evaluated_ks(system, test)
     families = {"replace": [("replace", 0.0)], "mix": [("mix", float(w)) for w in cfg.evaluate.mix_weights]}
     chosen: dict[str, RoutingConfig] = {}
     rows: list[dict[str, Any]] = []
@@ -160,10 +160,8 @@ def versus_static(
 
 
 def evaluated_ks(system: SystemDir, cache: LogitCache) -> list[int]:
-    """The k values every sweep and choice tries (the config's own k among them)."""
-    cfg = system.config()
-    top = min(max(cfg.evaluate.max_k, cfg.routing.top_k), cache.gen_probs.shape[1])
-    return list(range(1, top + 1))
+    """The k values every sweep and choice tries (the config's own k among them: it validates top_k ≤ max_k)."""
+    return list(range(1, min(system.config().evaluate.max_k, cache.gen_probs.shape[1]) + 1))
 
 
 def summarise(

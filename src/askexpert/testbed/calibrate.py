@@ -25,8 +25,8 @@ from askexpert.testbed.choice import ValidationView
 from askexpert.testbed.costs import offload_costs
 
 
-def predict(system: SystemDir, cost: dict[str, float], taus: np.ndarray, ks: list[int]) -> list[dict[str, Any]]:
-    view = ValidationView.of(system)  # the served schedule, with the config's gate and combination rule
+def predict(view: ValidationView, cost: dict[str, float], taus: np.ndarray, ks: list[int]) -> list[dict[str, Any]]:
+    """Accuracy, latency and energy at every (τ, k) from the validation outputs and the testbed's costs."""
     rows = []
     for k in ks:
         res = view.outcomes(taus, k)
@@ -93,12 +93,13 @@ def calibrate(
     testbed = json.loads(path.read_text())
     cost = offload_costs(testbed["table"])
     cfg = system.config()
+    view = ValidationView.of(system)  # the served schedule, with the config's gate and combination rule
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = list(range(1, cfg.evaluate.max_k + 1))
     if cfg.routing.gate == LEARNED:  # its gate was fitted for one k, and its scores crowd near 0.5
         ks = [cfg.routing.top_k]
-        taus = ValidationView.of(system).spanning_taus(cfg.evaluate.taus)
-    rows = predict(system, cost, taus, ks)
+        taus = view.spanning_taus(cfg.evaluate.taus)
+    rows = predict(view, cost, taus, ks)
     best = choose(rows, latency_budget_ms, energy_budget_mj, accuracy_floor, minimise)
     result = {
         "chosen": best,
