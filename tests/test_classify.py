@@ -92,15 +92,28 @@ def test_watched_folder_classifies_files_as_they_appear(trained_system: Path, tm
 
     def camera() -> None:
         for i, p in enumerate(staged):
-            time.sleep(0.3)
+            time.sleep(0.2)
             (inbox / f"frame{i}{p.suffix}").write_bytes(p.read_bytes())
         (inbox / "frame9.jpg").write_bytes(b"half a jpeg")
 
     thread = threading.Thread(target=camera)
     thread.start()
     out = tmp_path / "watch.jsonl"
-    main(["classify", "--system", str(trained_system), "--watch", str(inbox), "--poll-s", "0.1",
-          "--idle-exit-s", "1.5", "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "classify",
+            "--system",
+            str(trained_system),
+            "--watch",
+            str(inbox),
+            "--poll-s",
+            "0.1",
+            "--idle-exit-s",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )  # fmt: skip  (idle far above the camera's 0.2 s gaps)
     thread.join()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in records) == [f"frame{i}{p.suffix}" for i, p in enumerate(staged)] + [
@@ -123,3 +136,81 @@ def test_nothing_to_classify_is_a_clear_error(trained_system: Path, capsys) -> N
     with pytest.raises(SystemExit) as info:
         main(["classify", "--system", str(trained_system)])
     assert info.value.code == 2 and "nothing to classify" in capsys.readouterr().err
+
+
+def _system_copy(trained_system: Path, folder: Path, **serving: float) -> Path:
+    import shutil
+
+    shutil.copytree(trained_system, folder, dirs_exist_ok=True)
+    raw = SystemDir.open(folder).config().model_dump(mode="json")
+    raw["serving"].update(serving)
+    raw["routing"].update(gate="max_prob", tau=1.0)  # offload every sample
+    (folder / "config.yaml").write_text(json.dumps(raw))
+    return folder
+
+
+def test_a_server_down_at_start_leaves_no_file_unclassified_and_offloading_resumes(
+    trained_system: Path, tmp_path: Path
+) -> None:
+    from askexpert.cli import main
+    from askexpert.serving.process import free_port
+
+    system = _system_copy(trained_system, tmp_path / "sys", handshake_retry_s=0.01)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (1000, 8, 8, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"f{i:04d}.png")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "down.jsonl"
+    main(["classify", "--system", str(system), "--server", url, str(folder), "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 1000 and len({r["path"] for r in records}) == 1000
+    assert all(r["source"] == "fallback" and r["label"] is not None for r in records)
+    assert all(r["reason"].startswith(f"edge-only: handshake: {url} unreachable") for r in records)
+    # the same edge, still running, offloads once the server is up (the handshake is retried)
+    with EdgeClient.from_system(system, server=url) as client:
+        before = client.classify(images[:8])
+        server = ServerProcess(system, port=port)
+        try:
+            after = client.classify(images[:8])
+        finally:
+            server.stop()
+    assert all(r["source"] == "fallback" for r in before)
+    assert any(r["source"] == "expert" for r in after)
+
+
+def test_a_killed_watch_restarts_and_records_every_file_exactly_once(trained_system: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from askexpert.cli import main
+
+    inbox = tmp_path / "inbox"
+    staged, _ = _photos(trained_system, inbox, n=6)
+    out = tmp_path / "watch.jsonl"
+    cmd = [sys.executable, "-m", "askexpert.cli", "classify", "--system", str(trained_system)]
+    proc = subprocess.Popen([*cmd, "--watch", str(inbox), "--poll-s", "0.1", "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not out.is_file() or len(out.read_text().splitlines()) < 6:
+            assert proc.poll() is None and time.monotonic() < deadline, "the watcher never recorded the files"
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lines = out.read_text().splitlines()
+    torn = json.loads(lines[-1])["path"]
+    out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    more, _ = _photos(trained_system, tmp_path / "later", n=3)
+    for i, p in enumerate(more):
+        (inbox / f"new{i}{p.suffix}").write_bytes(p.read_bytes())
+    main(["classify", "--system", str(trained_system), "--watch", str(inbox), "--poll-s", "0.1",
+          "--idle-exit-s", "0.5", "--out", str(out)])  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    paths = sorted(Path(r["path"]) for r in records)
+    assert paths == sorted([*staged, *(inbox / f"new{i}{p.suffix}" for i, p in enumerate(more))])
+    assert [r["path"] for r in records].count(torn) == 1 and all(r["label"] is not None for r in records)

@@ -79,3 +79,24 @@ def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_p
     chosen = summary["chosen_on_validation"][cfg.serving.schedule]
     assert (cfg.routing.gate, cfg.routing.tau, cfg.routing.top_k) == (chosen["gate"], chosen["tau"], chosen["top_k"])
     assert (cfg.routing.combine, cfg.routing.mix_weight) == (chosen["combine"], chosen["mix_weight"])
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "choices"),
+    [
+        (["serve", "--engine", "grpc"], "--engine", ["http", "ray"]),
+        (["classify", "x.jpg", "--on-mismatch", "ignore"], "--on-mismatch", ["fail", "edge-only"]),
+        (["edge", "--server", "http://h", "--runtime", "tflite"], "--runtime", ["torch", "onnx", "onnx-int8"]),
+        (["testbed", "--emulate", "maybe"], "--emulate", ["auto", "on", "off"]),
+    ],
+)
+def test_choices_are_listed_in_help_and_refused_with_one_phrasing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], option: str, choices: list[str]
+) -> None:
+    main(["init", str(tmp_path / "s")])
+    code, text = _run([*args, "--system", str(tmp_path / "s")], capsys)
+    assert code == 2 and f"Invalid value for '{option}'" in text and "Traceback" not in text
+    assert all(repr(c) in text for c in choices), text
+    main([args[0], "--help"])  # help returns normally
+    text = capsys.readouterr().out
+    assert all(c in text for c in choices), text

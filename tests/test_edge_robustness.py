@@ -135,55 +135,102 @@ def test_handshake_checks_experts_classes_and_weights(server: ServerProcess, tra
         http.close()
 
 
-def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(trained_system: Path) -> None:
-    import threading
-    import time
-
-    # A queue bound of one batch: concurrent clients overflow it.
-    proc_cfg = SystemDir.open(trained_system).config()
-    raw = proc_cfg.model_dump(mode="json")
-    raw["serving"].update(max_queue_images=8, max_batch_size=8, max_wait_ms=50)
-    copy = trained_system.parent / "overload-copy"
+@pytest.fixture(scope="module")
+def tight_server(trained_system: Path):
+    """A server whose queue bound is one batch of 8 images: two concurrent requests overflow it."""
     import shutil
 
+    raw = SystemDir.open(trained_system).config().model_dump(mode="json")
+    raw["serving"].update(max_queue_images=8, max_batch_size=8, max_wait_ms=50)
+    copy = trained_system.parent / "overload-copy"
     shutil.copytree(trained_system, copy, dirs_exist_ok=True)
     (copy / "config.yaml").write_text(json.dumps(raw))
     proc = ServerProcess(copy)
+    yield proc
+    proc.stop()
+
+
+def _admitted_images(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('askexpert_admitted_images{expert="e0"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_full_queue_refuses_before_reading_the_body(tight_server: ServerProcess) -> None:
+    """Admission decides from the headers: a refused request's body is never waited for."""
+    import socket
+    import time
+
+    port = int(tight_server.url.rsplit(":", 1)[1])
+    length = 24 + 8 * 32 * 32 * 3  # eight 32×32 images: the whole queue bound
+    head = (
+        f"POST /v1/experts/e0/predict HTTP/1.1\r\nhost: x\r\ncontent-type: {MEDIA_TYPE}\r\n"
+        f"content-length: {length}\r\n\r\n"
+    ).encode()
+    holder = socket.create_connection(("127.0.0.1", port))
+    holder.sendall(head + encode_images(np.zeros((8, 32, 32, 3), np.uint8))[:100])  # then it stalls
     try:
-        body = encode_images(np.zeros((8, 32, 32, 3), np.uint8))
-        statuses: list[int] = []
-        headers: list[str | None] = []
-
-        def post() -> None:
-            r = httpx.post(f"{proc.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body)
-            statuses.append(r.status_code)
-            headers.append(r.headers.get("retry-after"))
-
-        threads = [threading.Thread(target=post) for _ in range(24)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert 429 in statuses and 200 in statuses and all(s in (200, 429) for s in statuses)
-        assert all(h is not None and int(h) >= 1 for s, h in zip(statuses, headers, strict=True) if s == 429)
-        text = httpx.get(f"{proc.url}/metrics").text
-        assert 'askexpert_shed_total{expert="e0",reason="queue_full"}' in text
-        # The edge client: a 429 is one attempt, no retries, a BackendError naming the overload.
-        cfg = ServingConfig(retries=3, backoff_s=1.0, max_batch_size=8)
-        backend = HttpExpertBackend(proc.url, cfg)
-        calls = {"n": 0}
-        original = backend.client.post
-
-        def counting(*args: object, **kwargs: object) -> httpx.Response:
-            calls["n"] += 1
-            return httpx.Response(429, headers={"retry-after": "2"}, json={"error": "expert e0 is overloaded"})
-
-        backend.client.post = counting  # type: ignore[method-assign]
-        start = time.perf_counter()
-        with pytest.raises(BackendError, match=r"overloaded \(429, retry after 2 s\)"):
-            backend.predict("e0", np.zeros((2, 32, 32, 3), np.uint8))
-        assert calls["n"] == 1 and time.perf_counter() - start < 0.5
-        backend.client.post = original  # type: ignore[method-assign]
-        backend.close()
+        deadline = time.monotonic() + 60
+        while _admitted_images(tight_server.url) < 8:  # the stalled request holds the queue
+            assert time.monotonic() < deadline, "the stalled request was never admitted"
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as refused:
+            refused.sendall(head)  # headers only: a body that never comes
+            reply = refused.recv(65536).decode()  # a server that waited for the body would time out here
+        assert reply.startswith("HTTP/1.1 429"), reply
+        assert "retry-after: 1" in reply.lower() and "8 images already queued" in reply
     finally:
-        proc.stop()
+        holder.close()
+    # the stalled client gave up: its share of the queue is freed, and the next request is served
+    body = encode_images(np.zeros((8, 32, 32, 3), np.uint8))
+    deadline = time.monotonic() + 60
+    while _admitted_images(tight_server.url) > 0:
+        assert time.monotonic() < deadline, "a disconnected request kept its place in the queue"
+        time.sleep(0.05)
+    ok = httpx.post(f"{tight_server.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body)
+    assert ok.status_code == 200, ok.text
+
+
+def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(
+    tight_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    proc = tight_server
+    body = encode_images(np.zeros((8, 32, 32, 3), np.uint8))
+    statuses: list[int] = []
+    headers: list[str | None] = []
+
+    def post() -> None:
+        r = httpx.post(f"{proc.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body)
+        statuses.append(r.status_code)
+        headers.append(r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=post) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 429 in statuses and 200 in statuses and all(s in (200, 429) for s in statuses)
+    assert all(h is not None and int(h) >= 1 for s, h in zip(statuses, headers, strict=True) if s == 429)
+    text = httpx.get(f"{proc.url}/metrics").text
+    assert 'askexpert_shed_total{expert="e0",reason="queue_full"}' in text
+    # The edge client: a 429 is one attempt, no retries, a BackendError naming the overload.
+    cfg = ServingConfig(retries=3, backoff_s=1.0, max_batch_size=8)
+    backend = HttpExpertBackend(proc.url, cfg)
+    calls = {"n": 0}
+    original = backend.client.post
+
+    def counting(*args: object, **kwargs: object) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(429, headers={"retry-after": "2"}, json={"error": "expert e0 is overloaded"})
+
+    backend.client.post = counting  # type: ignore[method-assign]
+    slept: list[float] = []
+    monkeypatch.setattr("askexpert.inference.http_backend.time.sleep", slept.append)
+    with pytest.raises(BackendError, match=r"overloaded \(429, retry after 2 s\)"):
+        backend.predict("e0", np.zeros((2, 32, 32, 3), np.uint8))
+    assert calls["n"] == 1 and slept == []  # no retry, no back-off: the edge falls back at once
+    backend.client.post = original  # type: ignore[method-assign]
+    backend.close()

@@ -91,7 +91,7 @@ def test_delay_relay_adds_the_round_trip() -> None:
                 assert c.recv(10) == b"ping"
                 times.append(time.perf_counter() - t0)
     srv.close()
-    assert 0.058 < min(times) < 0.120
+    assert min(times) >= 0.058  # no reply comes back sooner than the emulated round trip (no upper bound: load)
 
 
 needs_root = pytest.mark.skipif(can_emulate() is not None, reason=f"no namespace link here: {can_emulate()}")

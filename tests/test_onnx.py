@@ -24,10 +24,13 @@ def test_onnx_and_int8_match_pytorch(trained_system: Path, tmp_path: Path) -> No
     ref = predict_logits(model, images)
     assert np.allclose(OnnxGeneralist(fp32)(images, batch_size=16), ref, atol=1e-4)
     assert np.abs(OnnxGeneralist(int8)(images) - ref).max() < 0.1
+    labels = ref.argmax(1)
+    labels[:10] = (labels[:10] + 1) % ref.shape[1]  # 10 of the 37 labels disagree with every runtime
     rows = compare_runtimes(
-        {"torch": lambda x: predict_logits(model, x), "onnx": OnnxGeneralist(fp32)}, images, ref.argmax(1), repeats=1
+        {"torch": lambda x: predict_logits(model, x), "onnx": OnnxGeneralist(fp32)}, images, labels, repeats=1
     )
-    assert rows[1]["agreement"] == 1.0 and rows[0]["accuracy"] == 1.0
+    assert rows[0]["accuracy"] == pytest.approx(27 / 37) and rows[1]["accuracy"] == pytest.approx(27 / 37)
+    assert rows[1]["agreement"] == 1.0
     part = Partition.from_json(system.partition_path)
     backend = LocalExpertBackend.from_dir(root / "experts" / "static", part)
     a = edge_classifier(system, backend, runtime="torch")(images)

@@ -148,17 +148,51 @@ def test_metrics_after_traffic(server: ServerProcess) -> None:
     assert 'askexpert_errors_total{expert="unknown",kind="unknown_expert"}' in text
 
 
-def test_bearer_token(trained_system: Path, tmp_path: Path) -> None:
+def test_bearer_token_over_tls_with_a_certificate_made_here(trained_system: Path, tmp_path: Path) -> None:
+    import trustme
+
+    from askexpert.errors import ConfigError
+    from askexpert.inference.edge import connect
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     (tmp_path / "token").write_text("s3cret\n")
-    proc = ServerProcess(trained_system, "--token-file", str(tmp_path / "token"))
+    proc = ServerProcess(
+        trained_system,
+        *("--token-file", str(tmp_path / "token")),
+        *("--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")),
+    )
     try:
+        assert proc.url.startswith("https://127.0.0.1:")
         body = encode_images(np.zeros((1, 32, 32, 3), np.uint8))
         url = f"{proc.url}/v1/experts/e0/predict"
-        assert httpx.post(url, headers={"content-type": MEDIA_TYPE}, content=body).status_code == 401
+        import ssl
+
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        assert httpx.post(url, headers={"content-type": MEDIA_TYPE}, content=body, verify=trusted).status_code == 401
         bad = {"content-type": MEDIA_TYPE, "authorization": "Bearer wrong"}
-        assert httpx.post(url, headers=bad, content=body).status_code == 401
+        assert httpx.post(url, headers=bad, content=body, verify=trusted).status_code == 401
         good = {"content-type": MEDIA_TYPE, "authorization": "Bearer s3cret"}
-        assert httpx.post(url, headers=good, content=body).status_code == 200
+        assert httpx.post(url, headers=good, content=body, verify=trusted).status_code == 200
+        # a certificate nobody vouches for is refused, and the plain-http port does not exist
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.post(url, headers=good, content=body)
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(url.replace("https://", "http://"), headers=good, content=body)
+        # the edge: handshake and offload over TLS with the CA file
+        system = SystemDir.open(trained_system)
+        backend, http = connect(system, proc.url, "s3cret", ca_file=tmp_path / "ca.pem")
+        try:
+            assert backend is http  # the handshake passed
+            reply = http.predict("e0", np.zeros((3, 32, 32, 3), np.uint8))
+            assert len(reply.labels) == 3
+        finally:
+            http.close()
+        with pytest.raises(ConfigError, match="CA file not found"):
+            connect(system, proc.url, "s3cret", ca_file=tmp_path / "missing.pem")
     finally:
         proc.stop()
 

@@ -1,10 +1,12 @@
-"""`askexpert ...`: a thin command line; each command calls one stage function."""
+"""`askexpert ...`: the command line. Most commands parse options and call one stage function;
+`export onnx` composes its stage here from `models.onnx_export` (export, INT8, the runtime comparison)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,10 +33,45 @@ err_console = Console(stderr=True, soft_wrap=True)  # one unbroken line per erro
 
 SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System directory (holds config.yaml).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+
+
+class Mismatch(StrEnum):
+    fail = "fail"
+    edge_only = "edge-only"
+
+
+class Engine(StrEnum):
+    http = "http"
+    ray = "ray"
+
+
+class Runtime(StrEnum):
+    torch = "torch"
+    onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+
+
+class Tier(StrEnum):
+    edge = "edge"
+    near_edge = "near-edge"
+
+
+class Emulate(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Minimise(StrEnum):
+    latency = "latency"
+    energy = "energy"
+
+
 MismatchOpt = Annotated[
-    str,
+    Mismatch,
     typer.Option(
-        help="When the server's experts differ from partition.json: fail, or edge-only (every record: mismatch)."
+        help="When the server's experts differ from partition.json: fail, or edge-only (every record: mismatch).",
+        case_sensitive=False,
     ),
 ]
 
@@ -177,14 +214,17 @@ def train_generalist_cmd(system: SystemOpt, force: ForceOpt = False) -> None:
 def train_experts_cmd(
     system: SystemOpt,
     schedule: Annotated[
-        str, typer.Option(help="A schedule named in the config (static, progressive, ...).")
-    ] = "static",
+        str | None,
+        typer.Option(help="A schedule named in the config (static, progressive, ...); default: serving.schedule."),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Train one expert per partition subset under a schedule."""
     from askexpert.training.experts import train_experts
 
-    metas = train_experts(_system(system), schedule, force=force)
+    sysdir = _system(system)
+    schedule = schedule or sysdir.config().serving.schedule
+    metas = train_experts(sysdir, schedule, force=force)
     rows = [{"expert": m.expert_id, "classes": len(m.classes) - 1, **m.metrics} for m in metas]
     print_table(f"{schedule} experts", rows, ["expert", "classes", "val_subset_accuracy"])
 
@@ -310,6 +350,9 @@ def _read_token(token_file: Path | None) -> str | None:
 
 
 TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="Bearer token (first line of this file).")]
+CaOpt = Annotated[
+    Path | None, typer.Option("--ca-file", help="CA certificate (PEM) the https server's certificate must chain to.")
+]
 
 
 @app.command()
@@ -318,10 +361,18 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless you say otherwise.")] = "127.0.0.1",
     port: int = 8000,
     schedule: Annotated[str | None, typer.Option(help="Which expert set to host (default: serving.schedule).")] = None,
-    engine: Annotated[str, typer.Option(help="http (FastAPI + uvicorn) or ray (Ray Serve).")] = "http",
+    engine: Annotated[Engine, typer.Option(help="http (FastAPI + uvicorn) or ray (Ray Serve).")] = Engine.http,
     token_file: TokenOpt = None,
-    device: str = "cpu",
-    max_wait_ms: Annotated[float | None, typer.Option(help="Override serving.max_wait_ms (batching wait).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:N or auto; default: the config's `device`.")
+    ] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(help="serving.max_wait_ms (batching wait) for this run; config.yaml is unchanged.")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve https with this certificate (PEM; with --tls-key, http engine).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
 ) -> None:
     """Host every expert of a system directory (the near-edge server)."""
     # Before torch loads: the model's OpenMP threads must sleep, not spin, between
@@ -329,7 +380,20 @@ def serve(
     # (measured on 2 cores: 2,496 → 2,878 images/s at 32 clients).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     token = _read_token(token_file)
-    if engine == "ray":
+    if (tls_cert is None) != (tls_key is None):
+        from askexpert.errors import ConfigError
+
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            from askexpert.errors import ConfigError
+
+            raise ConfigError(f"{path}: TLS file not found")
+    if engine is Engine.ray and tls_cert is not None:
+        from askexpert.errors import ConfigError
+
+        raise ConfigError("--tls-cert is for the http engine; put a TLS proxy in front of Ray Serve")
+    if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
         except ImportError:
@@ -338,10 +402,6 @@ def serve(
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
         run_ray(system, host, port, schedule, token)
         return
-    if engine != "http":
-        from askexpert.errors import ConfigError
-
-        raise ConfigError(f"unknown engine {engine!r}; choose http or ray")
     import uvicorn
 
     from askexpert.serving.server import ExpertService, create_app
@@ -349,8 +409,17 @@ def serve(
     service = ExpertService.from_system(system, schedule, device)
     if max_wait_ms is not None:
         service.max_wait_ms = max_wait_ms
-    console.print(f"serving {len(service.classes)} experts on http://{host}:{port}", highlight=False)
-    uvicorn.run(create_app(service, token), host=host, port=port, log_level="warning")
+    scheme = "https" if tls_cert is not None else "http"
+    console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port}", highlight=False)
+    uvicorn.run(
+        create_app(service, token),
+        host=host,
+        port=port,
+        log_level="warning",
+        limit_concurrency=service.cfg.max_connections,
+        ssl_certfile=str(tls_cert) if tls_cert is not None else None,
+        ssl_keyfile=str(tls_key) if tls_key is not None else None,
+    )
 
 
 @app.command()
@@ -359,13 +428,14 @@ def edge(
     server: Annotated[str, typer.Option(help="Expert server URL, e.g. http://127.0.0.1:8000")],
     out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
     limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
-    runtime: Annotated[str, typer.Option(help="Edge runtime: torch, onnx or onnx-int8 (see `export onnx`).")] = "torch",
+    runtime: Annotated[Runtime, typer.Option(help="Edge runtime (onnx: see `export onnx`).")] = Runtime.torch,
     profile: Annotated[
         str | None,
         typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
     ] = None,
     token_file: TokenOpt = None,
-    on_mismatch: MismatchOpt = "fail",
+    ca_file: CaOpt = None,
+    on_mismatch: MismatchOpt = Mismatch.fail,
 ) -> None:
     """Run the edge on the test split: generalist here, unsure samples to the server; records every sample."""
     from askexpert.data import load_splits
@@ -383,12 +453,12 @@ def edge(
             f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
             f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
         )
-    backend, http = connect(sysdir, server, _read_token(token_file), on_mismatch)
+    backend, http = connect(sysdir, server, _read_token(token_file), on_mismatch.value, ca_file)
     data = load_splits(cfg.data, sysdir.root).test
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     try:
-        classifier = edge_classifier(sysdir, backend, runtime=runtime, threads=threads)
+        classifier = edge_classifier(sysdir, backend, runtime=runtime.value, threads=threads)
         records = run_edge(classifier, data, out, cfg.serving.client_batch_size, edge_slowdown=slowdown)
     finally:
         http.close()
@@ -418,12 +488,20 @@ def classify(
     idle_exit_s: Annotated[
         float | None, typer.Option(help="Watch: stop after this many seconds without a new file.")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Records: .jsonl or .csv (by suffix).")] = Path("classified.jsonl"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Records: .jsonl or .csv (by suffix). Appended to: files it already records are skipped, "
+            "so a killed run restarts where it stopped."
+        ),
+    ] = Path("classified.jsonl"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start the records file over instead.")] = False,
     token_file: TokenOpt = None,
-    on_mismatch: MismatchOpt = "fail",
+    ca_file: CaOpt = None,
+    on_mismatch: MismatchOpt = Mismatch.fail,
 ) -> None:
     """Classify real images (any size and format Pillow reads); one record per file, bad files included."""
-    from askexpert.inference.client import EdgeClient
+    from askexpert.inference.client import EdgeClient, expand_paths
     from askexpert.inference.records import RecordWriter, watch_folder
 
     items = list(paths or [])
@@ -435,13 +513,23 @@ def classify(
         raise ConfigError("nothing to classify: give paths, --stdin or --watch")
     counts: dict[str, int] = {}
     with (
-        EdgeClient.from_system(system, server, _read_token(token_file), on_mismatch, local_experts) as client,
-        RecordWriter(out) as writer,
+        EdgeClient.from_system(
+            system, server, _read_token(token_file), on_mismatch.value, local_experts, ca_file=ca_file
+        ) as client,
+        RecordWriter(out, fresh) as writer,
     ):
-        sources: list[Any] = [client.iter_classify(items)] if items else []
+        if writer.done:
+            console.print(f"{out}: {len(writer.done)} files already recorded, skipped")
+
+        def todo(batch: list[str] | list[Path]) -> list[Path]:
+            return [p for p in expand_paths(batch) if str(p) not in writer.done]
+
+        sources: list[Any] = [client.iter_classify(todo(items))] if items else []
         if watch is not None:
             console.print(f"watching {watch} (every {poll_s:g} s) ...")
-            sources.append(r for batch in watch_folder(watch, poll_s, idle_exit_s) for r in client.iter_classify(batch))
+            sources.append(
+                r for batch in watch_folder(watch, poll_s, idle_exit_s) for r in client.iter_classify(todo(batch))
+            )
         for source in sources:
             for record in source:
                 writer.write(record)
@@ -458,7 +546,7 @@ def profile_measure(
     name: Annotated[str, typer.Option(help="Profile name, e.g. my-raspberry-pi.")],
     idle_w: Annotated[float, typer.Option(help="Idle power of the device in watts (from a meter or its datasheet).")],
     active_w: Annotated[float, typer.Option(help="Power while computing, in watts.")],
-    tier: Annotated[str, typer.Option(help="edge or near-edge.")] = "edge",
+    tier: Annotated[Tier, typer.Option(help="Which tier the device is.")] = Tier.edge,
     threads: Annotated[int, typer.Option(help="Torch threads (0: torch's default).")] = 0,
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8,16,32,64",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -467,13 +555,11 @@ def profile_measure(
     from askexpert.errors import ConfigError
     from askexpert.measure.device_timing import measure_profile, write_profile
 
-    if tier not in ("edge", "near-edge"):
-        raise ConfigError(f"--tier must be edge or near-edge, got {tier!r}")
     try:
         sizes = tuple(int(b) for b in batches.split(",") if b.strip())
     except ValueError:
         raise ConfigError(f"--batches must be integers separated by commas, got {batches!r}") from None
-    profile = measure_profile(_system(system), name, tier, idle_w, active_w, threads, sizes, device=device)  # type: ignore[arg-type]
+    profile = measure_profile(_system(system), name, tier.value, idle_w, active_w, threads, sizes, device=device)
     write_profile(profile, out)
     assert profile.measured is not None
     rows = [
@@ -505,19 +591,18 @@ def testbed(
     link: Annotated[str, typer.Option(help="Link preset: wired, wifi, lte.")] = "wifi",
     samples: Annotated[int, typer.Option(help="Test samples, classified one at a time.")] = 500,
     taus: Annotated[str | None, typer.Option(help="Comma-separated τ values for the collaborative rows.")] = None,
-    emulate: Annotated[str, typer.Option(help="auto | on | off: emulated link (root) or the link model.")] = "auto",
+    emulate: Annotated[Emulate, typer.Option(help="Emulated link (on: needs root), the link model (off), or auto.")] = (
+        Emulate.auto
+    ),
 ) -> None:
     """Latency and energy per sample: edge only, edge execution, near-edge only, collaborative at several τ."""
-    from askexpert.errors import ConfigError
 
     # The edge side keeps OpenMP's default wait policy: PASSIVE would make every op of a batch-1
     # pass wake its threads (measured: a 1.3 ms generalist pass took 3.8 ms). The server gets
     # PASSIVE (testbed.measurement), so its idle threads leave the shared cores to the edge.
     from askexpert.testbed.runner import TABLE_COLUMNS, run_testbed, spec_from_names
 
-    if emulate not in ("auto", "on", "off"):
-        raise ConfigError(f"--emulate must be auto, on or off, not {emulate!r}")
-    summary = run_testbed(_system(system), spec_from_names(edge, near_edge, link), samples, _taus(taus), emulate)
+    summary = run_testbed(_system(system), spec_from_names(edge, near_edge, link), samples, _taus(taus), emulate.value)
     print_table(f"testbed ({summary['samples']} samples, link {link})", summary["table"], TABLE_COLUMNS)
     from askexpert.testbed.report import headline_lines
 
@@ -534,20 +619,23 @@ def calibrate(
     latency_budget_ms: Annotated[float | None, typer.Option(help="Max mean latency per sample.")] = None,
     energy_budget_mj: Annotated[float | None, typer.Option(help="Max mean energy per sample.")] = None,
     accuracy_floor: Annotated[float | None, typer.Option(help="Min accuracy (validation split).")] = None,
-    minimise: Annotated[str, typer.Option(help="With only a floor: minimise latency or energy.")] = "latency",
+    minimise: Annotated[Minimise, typer.Option(help="With only a floor: what to minimise.")] = Minimise.latency,
     testbed_json: Annotated[
         Path | None, typer.Option(help="Testbed results (default DIR/testbed/testbed.json).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the choice without writing config.yaml.")] = False,
 ) -> None:
     """Choose τ and k for a budget from cached validation outputs and a testbed's costs; write them to config."""
-    from askexpert.errors import ConfigError
     from askexpert.testbed.calibrate import calibrate as run_calibrate
 
-    if minimise not in ("latency", "energy"):
-        raise ConfigError(f"--minimise must be latency or energy, not {minimise!r}")
     result = run_calibrate(
-        _system(system), testbed_json, latency_budget_ms, energy_budget_mj, accuracy_floor, minimise, write=not dry_run
+        _system(system),
+        testbed_json,
+        latency_budget_ms,
+        energy_budget_mj,
+        accuracy_floor,
+        minimise.value,
+        write=not dry_run,
     )
     c = result["chosen"]
     console.print(
@@ -621,14 +709,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         err_console.print("[bold red]error:[/]", end=" ")
         err_console.print(str(exc), markup=False, highlight=False)
         sys.exit(2)
+    except (ValueError, FloatingPointError) as exc:  # numbers out of range: the user's to fix, not a traceback
+        err_console.print("[bold red]error:[/]", end=" ")
+        err_console.print(f"{type(exc).__name__}: {exc}", markup=False, highlight=False)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
+    except Exception as exc:  # usage errors (typer's own click, or click)
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(int(getattr(exc, "exit_code", 2)))
         raise
     finally:
         warnings.showwarning = previous

@@ -237,7 +237,12 @@ class ServingConfig(_Strict):
     schedule: str = "progressive"  # the set `serve` hosts; progressive measured better on both data sets (README)
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(5.0, ge=0.0)
-    max_queue_images: int = Field(256, ge=1)  # per expert; beyond it: 429 at once (256 bounds p99 at 2.4x, measured)
+    max_queue_images: int = Field(256, ge=1)  # per expert, admitted and not yet answered: a memory cap (429 beyond)
+    # the longest estimated queue wait a request is admitted into (429 beyond; a budget header can only shorten
+    # it): the p99 of accepted requests follows from it (serving/admission.py, README "Under overload")
+    queue_delay_target_ms: float = Field(100.0, gt=0.0)
+    max_inflight_requests: int = Field(512, ge=1)  # admitted requests at once, all experts (429 beyond)
+    max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
     client_batch_size: int = Field(64, ge=1)
@@ -246,6 +251,7 @@ class ServingConfig(_Strict):
     backoff_s: float = Field(0.05, ge=0.0)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, ge=0.0)
+    handshake_retry_s: float = Field(5.0, gt=0.0)  # server unreachable at start: edge-only, handshake retried
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
     ray_num_gpus: float = Field(0.0, ge=0.0)  # GPUs per expert replica; > 0 runs the expert on CUDA

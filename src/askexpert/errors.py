@@ -1,6 +1,8 @@
 """The errors askexpert raises on bad input: each message names the file or value at fault.
 
-The CLI prints these as one line (no traceback); anything else is a bug.
+The CLI prints these as one line (no traceback). A ValueError or FloatingPointError
+that escapes a stage (a number out of range, a diverging loss) is printed as one line
+too, naming its type; any other exception is a bug and shows its traceback.
 """
 
 

@@ -12,6 +12,10 @@ DIR/cache/logits-<hash>.npz            cached test-split outputs
 DIR/deferral_gate.json                 the learned gate (`evaluate` fits it on validation)
 DIR/report/                            report.md, CSV, JSON, PNG
 ```
+Written by stages outside this class (their paths are built where they are written):
+`DIR/generalist.onnx` and `generalist.int8.onnx` (`export onnx`, `inference.edge.onnx_path`),
+`DIR/testbed/` (`askexpert testbed`), the extracted data of a folder source under its
+`root`, and the benchmarks' files under `DIR/report/`.
 Experts live one folder per schedule so static and progressive sets sit side
 by side for comparison.
 """

@@ -1,4 +1,4 @@
-"""Run the generalist and every expert over the test split once, and keep the outputs.
+"""Run the generalist and every expert over one split (test by default, or validation) once, and keep the outputs.
 
 The cache (`cache/logits-<key>.npz`) is keyed by a hash of the test data, the
 partition and every checkpoint's SHA-256, so a changed model or data set can

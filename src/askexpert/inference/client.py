@@ -86,6 +86,7 @@ class EdgeClient:
         local_experts: bool = False,
         runtime: str = "torch",
         threads: int = 0,
+        ca_file: str | Path | None = None,
     ) -> EdgeClient:
         """Open a trained system; `server` checks the handshake first (see `edge.connect`)."""
         system = SystemDir.open(system_dir)
@@ -95,7 +96,7 @@ class EdgeClient:
         closer: HttpExpertBackend | None = None
         backend: ExpertBackend
         if server:
-            backend, closer = connect(system, server, token, on_mismatch)
+            backend, closer = connect(system, server, token, on_mismatch, ca_file)
         elif local_experts:
             part = Partition.from_json(system.partition_path)
             backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
@@ -118,7 +119,10 @@ class EdgeClient:
         self.close()
 
     def classify(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> list[dict[str, Any]]:
-        """Records for image files, folders, globs, or uint8 arrays (H×W×3 or N×H×W×3), in input order."""
+        """Records for image files, folders, globs, or uint8 arrays (H×W×3 or N×H×W×3).
+
+        Order: the arrays first (as given), then the files in the order given (folders sorted within).
+        """
         return list(self.iter_classify(items))
 
     def iter_classify(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> Iterator[dict[str, Any]]:

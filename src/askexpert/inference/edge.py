@@ -8,6 +8,7 @@ loses what was already answered.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -21,9 +22,9 @@ from askexpert.data import LabeledImages, input_size
 from askexpert.deferral import DeferralGate
 from askexpert.errors import ConfigError
 from askexpert.fingerprint import fingerprint
-from askexpert.inference.backend import ExpertBackend, RefusingBackend
+from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
-from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend
+from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
 from askexpert.models import ImageClassifier, load_checkpoint, read_meta
 from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
@@ -39,7 +40,11 @@ def onnx_path(system: SystemDir, runtime: str) -> Path:
 
 
 def connect(
-    system: SystemDir, server: str, token: str | None = None, on_mismatch: str = "fail"
+    system: SystemDir,
+    server: str,
+    token: str | None = None,
+    on_mismatch: str = "fail",
+    ca_file: str | Path | None = None,
 ) -> tuple[ExpertBackend, HttpExpertBackend]:
     """An HTTP backend that passed the handshake, or (`on_mismatch="edge-only"`) one that refuses every call.
 
@@ -49,7 +54,7 @@ def connect(
     if on_mismatch not in ("fail", "edge-only"):
         raise ConfigError(f"on_mismatch must be 'fail' or 'edge-only', got {on_mismatch!r}")
     cfg = system.config()
-    http = HttpExpertBackend(server, cfg.serving, token)
+    http = HttpExpertBackend(server, cfg.serving, token, ca_file)
     part = Partition.from_json(system.partition_path)
     shas = {}
     for eid in part.expert_ids:  # pin the weights too when this edge has the experts' metadata
@@ -63,7 +68,49 @@ def connect(
             http.close()
             raise
         return RefusingBackend(exc), http
+    except ServerUnreachable as exc:  # the edge answers alone meanwhile, and keeps trying
+        handshake = functools.partial(http.handshake, part, input_size(cfg.data), shas or None)
+        return PendingHandshake(http, handshake, cfg.serving.handshake_retry_s, exc), http
     return http, http
+
+
+class PendingHandshake:
+    """A server unreachable at start: the edge answers alone, retrying the handshake every `retry_s` seconds.
+
+    Until a handshake succeeds every call is refused (the samples keep the
+    generalist's label, `reason: "edge-only: ..."` says why); after it, calls go
+    to the server. A server that comes up with other experts is never offloaded
+    to (`reason: "mismatch: ..."`), whatever `on_mismatch` says: a running edge
+    does not stop.
+    """
+
+    def __init__(
+        self,
+        http: HttpExpertBackend,
+        handshake: Callable[[], object],
+        retry_s: float,
+        first_error: BackendError,
+    ) -> None:
+        self.http = http
+        self.handshake = handshake
+        self.retry_s = retry_s
+        self.error: BackendError = first_error
+        self.next_try = time.monotonic() + retry_s
+        self.connected = False
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        if not self.connected and time.monotonic() >= self.next_try:
+            try:
+                self.handshake()
+                self.connected = True
+            except BackendError as exc:
+                self.error = exc
+                self.next_try = time.monotonic() + self.retry_s
+        if not self.connected:
+            if isinstance(self.error, HandshakeError):
+                raise self.error
+            raise ServerUnreachable(f"{self.error}; retrying the handshake every {self.retry_s:g} s")
+        return self.http.predict(expert_id, images)
 
 
 def gate_fingerprint(system: SystemDir, schedule: str) -> str:

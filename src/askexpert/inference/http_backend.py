@@ -8,14 +8,18 @@ edge falls back to the generalist instead of waiting on a dead server.
 
 from __future__ import annotations
 
+import ssl
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
 from askexpert.config import ServingConfig
+from askexpert.errors import ConfigError
 from askexpert.inference.backend import BackendError, ExpertReply, check_images
 from askexpert.partition import Partition
 from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, encode_images
@@ -44,20 +48,50 @@ class CircuitBreaker:
             self.opened_at = time.monotonic()
 
 
+def _loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class HandshakeError(BackendError):
     """The server's experts are not the ones this edge was built with."""
 
     reason = "mismatch"
 
 
+class ServerUnreachable(BackendError):
+    """The server did not answer the handshake at all (down, wrong address, network gone)."""
+
+    reason = "edge-only"
+
+
 class HttpExpertBackend:
-    def __init__(self, url: str, cfg: ServingConfig, token: str | None = None) -> None:
+    """`ca_file`: the certificate authority an https server's certificate must chain to (default: the system's)."""
+
+    def __init__(
+        self, url: str, cfg: ServingConfig, token: str | None = None, ca_file: str | Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.cfg = cfg
         headers = {"content-type": MEDIA_TYPE}
         if token:
             headers["authorization"] = f"Bearer {token}"
-        self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            if not Path(ca_file).is_file():
+                raise ConfigError(f"{ca_file}: CA file not found")
+            if not self.url.startswith("https://"):
+                raise ConfigError(f"a CA file was given but {self.url} is not https://")
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except ssl.SSLError as exc:
+                raise ConfigError(f"{ca_file}: not a PEM certificate file ({exc.reason})") from None
+        if token and self.url.startswith("http://") and not _loopback(self.url):
+            warnings.warn(
+                f"the bearer token crosses {self.url} in clear: serve with --tls-cert/--tls-key and use https://",
+                stacklevel=2,
+            )
+        self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers, verify=verify)
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
 
     def close(self) -> None:
@@ -74,7 +108,8 @@ class HttpExpertBackend:
         try:
             response = self.client.get(f"{self.url}/v1/experts")
         except httpx.HTTPError as exc:
-            raise BackendError(f"handshake: {self.url} unreachable: {type(exc).__name__}") from None
+            detail = f": {str(exc)[:160]}" if str(exc) else ""
+            raise ServerUnreachable(f"handshake: {self.url} unreachable: {type(exc).__name__}{detail}") from None
         if response.status_code != 200:
             raise BackendError(
                 f"handshake: {self.url}/v1/experts answered {response.status_code}: {_message(response)}"

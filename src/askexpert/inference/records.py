@@ -1,13 +1,17 @@
 """Where `askexpert classify` puts its records, and how it watches a folder.
 
 Records are written as they come (JSONL or CSV by the file's suffix, flushed per
-record), so an interrupted run keeps everything it classified. The watcher polls:
-no extra dependency, and it works on network shares where file events do not.
+record), so an interrupted run keeps everything it classified. The records file
+is also the ledger: reopened, it keeps its records (`done` holds their paths, so
+a restarted run skips them) and drops a last line torn by a kill, whose file is
+then classified again; every file ends up recorded exactly once. The watcher
+polls: no extra dependency, and it works on network shares where file events do not.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -19,17 +23,25 @@ from askexpert.inference.client import IMAGE_SUFFIXES, RECORD_FIELDS
 
 
 class RecordWriter:
-    def __init__(self, path: str | Path) -> None:
+    """Append records to `path`; `fresh=True` starts it over, otherwise what it holds counts as done."""
+
+    def __init__(self, path: str | Path, fresh: bool = False) -> None:
         self.path = Path(path)
         if self.path.suffix.lower() not in (".jsonl", ".csv"):
             raise ConfigError(f"{self.path}: records go to a .jsonl or .csv file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh: IO[str] = self.path.open("w", newline="")
-        self.csv = csv.DictWriter(self.fh, fieldnames=list(RECORD_FIELDS)) if self.path.suffix == ".csv" else None
-        if self.csv is not None:
+        is_csv = self.path.suffix.lower() == ".csv"
+        self.done: set[str] = set() if fresh else _recorded_paths(self.path, is_csv)
+        if fresh:
+            self.path.unlink(missing_ok=True)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        self.fh: IO[str] = self.path.open("a", newline="")
+        self.csv = csv.DictWriter(self.fh, fieldnames=list(RECORD_FIELDS)) if is_csv else None
+        if self.csv is not None and new:
             self.csv.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
+        self.done.add(str(record.get("path")))
         if self.csv is not None:
             self.csv.writerow({k: record.get(k) for k in RECORD_FIELDS})
         else:
@@ -44,6 +56,29 @@ class RecordWriter:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _recorded_paths(path: Path, is_csv: bool) -> set[str]:
+    """The paths an existing records file holds, after cutting a last line torn by a kill."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]  # a torn last record: its file will be classified again
+        path.write_bytes(data)
+    text = data.decode("utf-8", errors="replace")
+    if is_csv:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        if rows and set(RECORD_FIELDS) - set(rows[0]):
+            raise ConfigError(f"{path}: not an askexpert records file (columns {sorted(rows[0])}); use --fresh")
+        return {row["path"] for row in rows}
+    done = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            done.add(str(json.loads(line)["path"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{number}: not an askexpert record; use --fresh to start the file over") from None
+    return done
 
 
 def watch_folder(folder: str | Path, poll_s: float = 0.5, idle_exit_s: float | None = None) -> Iterator[list[Path]]:
@@ -70,8 +105,8 @@ def watch_folder(folder: str | Path, poll_s: float = 0.5, idle_exit_s: float | N
                 seen.add(path)
             sizes[path] = size
         if ready:
-            last_new = time.monotonic()
             yield ready
+            last_new = time.monotonic()  # idle counts from when the batch was handled, not from when it was found
         elif idle_exit_s is not None and time.monotonic() - last_new > idle_exit_s:
             return
         time.sleep(poll_s)

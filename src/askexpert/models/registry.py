@@ -45,7 +45,7 @@ class ModelPreset:
     name: str
     timm_name: str
     img_size: int
-    role: str  # "generalist" or "expert": documentation and a sanity check
+    role: str  # "generalist" or "expert": which side of the pair it is built for (listed by `presets`; not enforced)
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] = HALF
     std: tuple[float, float, float] = HALF

@@ -2,8 +2,9 @@
 
 `answers`: the "other" sentinel, the combination rules and abstain → fallback.
 `wire`: the binary image format of a predict request.
-Both sides (and the cached evaluation and the testbed) import these; neither
-`inference` nor `serving` imports the other for them.
+Both sides (and the cached evaluation and the testbed) import these. The edge
+imports nothing from `serving`; the server still imports the in-process expert
+backend from `inference.backend` (LocalExpertBackend, reply_from_logits).
 """
 
 from askexpert.protocol.answers import (

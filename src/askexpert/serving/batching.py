@@ -47,6 +47,7 @@ class BatchResult:
     batch_size: int  # images in the merged batch
     first_in_batch: bool  # exactly one caller per model call, so per-batch figures are counted once
     batch_energy_j: float | None = None  # metered joules of the whole model call (None: no meter)
+    energy_meter: str | None = None  # what metered them (the meter's `source`)
 
     @property
     def energy_j(self) -> float | None:
@@ -175,7 +176,13 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_result(
                         BatchResult(
-                            rows[offset : offset + n], start - p.enqueued, compute, len(batch), offset == 0, joules
+                            rows[offset : offset + n],
+                            start - p.enqueued,
+                            compute,
+                            len(batch),
+                            offset == 0,
+                            joules,
+                            self.meter.source if self.meter is not None else None,
                         )
                     )
                 offset += n

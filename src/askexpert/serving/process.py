@@ -37,7 +37,8 @@ class ServerProcess:
     ) -> None:
         """`host=None` leaves `--host` out, so the server binds where `serve` binds by default."""
         self.port = port or free_port()
-        self.url = f"http://{host or '127.0.0.1'}:{self.port}"
+        self.tls = "--tls-cert" in extra
+        self.url = f"{'https' if self.tls else 'http'}://{host or '127.0.0.1'}:{self.port}"
         cmd = [
             *prefix,
             sys.executable,
@@ -73,7 +74,8 @@ class ServerProcess:
                 self.stop()
                 raise AskExpertError(f"expert server exited during start-up: {out}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                # our own child's readiness: its certificate is checked by the clients under test, not here
+                if httpx.get(f"{url}/readyz", timeout=1, verify=not self.tls).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -3,8 +3,14 @@
 One deployment per expert (`expert-<id>`), batching with `@serve.batch`, with
 `serving.ray_replicas` replicas each; an ingress deployment serves the very same
 FastAPI app as the plain server (`create_app`), so the edge client cannot tell
-the engines apart. Ray is an optional dependency (`pip install askexpert[ray]`);
-this module is imported only for `askexpert serve --engine ray`.
+the engines apart. The promises live in that shared layer or travel with each
+call: admission and shedding (`serving.admission`, in the ingress, before the
+body is read), the caller's deadline (a replica drops a call whose deadline
+passed before its batch starts: 504) and energy metering (read around every
+model call in the replica). What differs: the batching itself is Ray's, and the
+throughput the wait estimate divides by is measured per expert, not per replica.
+Ray is an optional dependency (`pip install askexpert[ray]`); this module is
+imported only for `askexpert serve --engine ray`.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import numpy as np
 from ray import serve
 
 from askexpert.data import input_size
+from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.partition import Partition
-from askexpert.serving.batching import BatchResult
+from askexpert.serving.batching import BatchResult, DeadlineExpired
 from askexpert.serving.server import ServiceBase, create_app
 from askexpert.system import SystemDir
 
@@ -30,9 +37,14 @@ APP_NAME = "askexpert"
 INGRESS_MAX_ONGOING = 1024
 
 
-def _images_in(calls: list[tuple[np.ndarray, float]]) -> int:
+# One call to an expert replica: the images, when the ingress sent them and the caller's
+# deadline (both wall-clock `time.time()`, as the replica may run in another process or node).
+Call = tuple[np.ndarray, float, float | None]
+
+
+def _images_in(calls: list[Call]) -> int:
     """Batch size in images, not calls, so `serving.max_batch_size` means the same on both engines."""
-    return sum(len(images) for images, _ in calls)
+    return sum(len(images) for images, _, _ in calls)
 
 
 class ExpertReplica:
@@ -45,22 +57,36 @@ class ExpertReplica:
             torch.set_num_threads(torch_threads)
         self.device = device
         self.model, _ = load_checkpoint(weights, device)
+        self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def __call__(self, calls: list[tuple[np.ndarray, float]]) -> list[BatchResult]:
+    async def __call__(self, calls: list[Call]) -> list[BatchResult | DeadlineExpired]:
         started = time.time()
-        merged = np.concatenate([images for images, _ in calls]) if len(calls) > 1 else calls[0][0]
-        t0 = time.perf_counter()
-        logits = predict_logits(self.model, merged, self.device)
-        compute = time.perf_counter() - t0
-        out, offset = [], 0
-        for images, sent_at in calls:
-            rows = logits[offset : offset + len(images)]
-            out.append(BatchResult(rows, max(0.0, started - sent_at), compute, len(merged), offset == 0))
-            offset += len(images)
-        return out
+        out: list[BatchResult | DeadlineExpired | None] = [None] * len(calls)
+        live = []
+        for i, (_, sent_at, deadline) in enumerate(calls):
+            if deadline is not None and started > deadline:  # the caller has given up: do not compute it
+                out[i] = DeadlineExpired(f"the caller's budget ran out after {started - sent_at:.3f} s")
+            else:
+                live.append(i)
+        if live:
+            merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
+            before = self.meter.read_j() if self.meter is not None else None
+            t0 = time.perf_counter()
+            logits = predict_logits(self.model, merged, self.device)
+            compute = time.perf_counter() - t0
+            joules = self.meter.read_j() - before if self.meter is not None and before is not None else None
+            source = self.meter.source if self.meter is not None else None
+            offset = 0
+            for i in live:
+                images, sent_at, _ = calls[i]
+                rows = logits[offset : offset + len(images)]
+                wait = max(0.0, started - sent_at)
+                out[i] = BatchResult(rows, wait, compute, len(merged), offset == 0, joules, source)
+                offset += len(images)
+        return [r for r in out if r is not None]
 
 
 class RayExpertService(ServiceBase):
@@ -74,7 +100,13 @@ class RayExpertService(ServiceBase):
         self.handles = handles
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
-        return self.reply(expert_id, await self.handles[expert_id].remote((images, time.time())))
+        now = time.time()
+        # the deadline arrives on this process's perf_counter clock; the replica compares wall-clock times
+        wall_deadline = None if deadline is None else now + (deadline - time.perf_counter())
+        result = await self.handles[expert_id].remote((images, now, wall_deadline))
+        if isinstance(result, DeadlineExpired):
+            raise result
+        return self.reply(expert_id, result)
 
 
 @serve.ingress()

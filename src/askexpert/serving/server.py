@@ -9,14 +9,17 @@ POST /v1/experts/{id}/predict       body: wire format (askexpert.protocol.wire)
 ```
 `ExpertService` is the unit of serving (a small class with an async
 `__call__`); batching is the `dynamic_batch` decorator on its `run` method.
-`serving.ray_app` provides the same service on Ray Serve. The
-FastAPI app only translates HTTP to and from it, and turns every bad request
-into a 4xx JSON error that names the problem.
+`serving.ray_app` runs the same HTTP app over Ray Serve deployments instead.
+The FastAPI app translates HTTP to and from the service, admits or sheds each
+predict request from its headers before reading its body (`serving.admission`,
+shared by both engines), and turns every bad request into a 4xx JSON error
+that names the problem.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import time
 from pathlib import Path
@@ -26,18 +29,20 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from askexpert.config import ServingConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError
 from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.measure.energy import EnergyMeter, meter_for
-from askexpert.models import CheckpointMeta
+from askexpert.models import CheckpointMeta, resolve_device
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
 from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, WireError, decode_images
+from askexpert.serving.admission import Admission, Refused, Ticket
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
 from askexpert.system import SystemDir
 
@@ -76,6 +81,15 @@ class ServiceMetrics:
         self.energy = Counter(
             "askexpert_energy_joules", "Metered energy of the model calls", ["expert"], registry=self.registry
         )
+        self.admitted = Gauge(
+            "askexpert_admitted_images", "Images admitted and not yet answered", ["expert"], registry=self.registry
+        )
+        self.throughput = Gauge(
+            "askexpert_images_per_second",
+            "Measured batched throughput the wait estimate divides by",
+            ["expert"],
+            registry=self.registry,
+        )
 
 
 class ServiceBase:
@@ -88,6 +102,7 @@ class ServiceBase:
         self.metrics = ServiceMetrics()
         self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, meta in metas.items()}
         self.energy_meter: EnergyMeter | None = None  # read around every model call where set
+        self.admission = Admission(cfg, image_size)
 
     @property
     def ready(self) -> bool:
@@ -110,6 +125,7 @@ class ServiceBase:
         """Record the call's metrics (per-batch ones once per batch) and map logits to global labels."""
         m = self.metrics
         if result.first_in_batch:
+            self.admission.observe(expert_id, result.batch_size, result.compute_s)
             m.batch_size.labels(expert_id).observe(result.batch_size)
             m.compute.labels(expert_id).observe(result.compute_s)
             if result.batch_energy_j is not None:
@@ -122,11 +138,11 @@ class ServiceBase:
             "compute_ms": result.compute_s * 1e3,
             "batch_size": result.batch_size,
         }
-        if result.energy_j is not None and self.energy_meter is not None:
+        if result.energy_j is not None:
             timing |= {
                 "energy_j": result.energy_j,  # this request's share: its images / the batch's
                 "batch_energy_j": result.batch_energy_j,
-                "energy_meter": self.energy_meter.source,
+                "energy_meter": result.energy_meter,
             }
         return {
             "expert": expert_id,
@@ -153,9 +169,11 @@ class ExpertService(ServiceBase):
         self.max_queue_images = max(cfg.max_queue_images, cfg.max_batch_size)
 
     @classmethod
-    def from_system(cls, root: str | Path, schedule: str | None = None, device: str = "cpu") -> ExpertService:
+    def from_system(cls, root: str | Path, schedule: str | None = None, device: str | None = None) -> ExpertService:
+        """The system's served expert set (default `serving.schedule`) on `device` (default: the config's)."""
         system = SystemDir.open(root)
         cfg = system.config()
+        device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
         part = Partition.from_json(system.partition_path)
@@ -174,12 +192,95 @@ class ExpertService(ServiceBase):
         return self.reply(expert_id, await self.run(expert_id, images, deadline))
 
 
+PREDICT_PATH = "/v1/experts/{expert_id}/predict"
+_PREFIX, _SUFFIX = PREDICT_PATH.split("{expert_id}")
+
+
+class AdmissionMiddleware:
+    """Admits or refuses every predict request from its headers alone, before routing and before its body.
+
+    Refusing is the hot path under overload: done here in plain ASGI, a refused
+    request costs a header scan and one small JSON reply, not FastAPI's request
+    machinery. An admitted request carries its `Ticket` (in `scope["state"]`) to
+    the route and gives it back when the response is done, however it ends.
+    """
+
+    def __init__(self, app: ASGIApp, service: ServiceBase, token: str | None) -> None:
+        self.app = app
+        self.service = service
+        self.expected_auth = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        expert_id = path[len(_PREFIX) : -len(_SUFFIX)] if path.endswith(_SUFFIX) else None
+        if not expert_id or "/" in expert_id:
+            await self.app(scope, receive, send)  # not a predict path: the router answers (404/405)
+            return
+        start = time.perf_counter()
+        label = expert_id if expert_id in self.service.classes else "unknown"
+        try:
+            ticket, budget_s = self.admit(expert_id, dict(scope["headers"]))
+        except Refused as exc:
+            m = self.service.metrics
+            m.errors.labels(label, exc.kind).inc()
+            m.requests.labels(label, str(exc.status)).inc()
+            if exc.status == 429:
+                m.shed.labels(label, "queue_full").inc()
+            await _send_error(send, exc.status, str(exc), exc.retry_after_header)
+            return
+        scope.setdefault("state", {})["admission"] = (ticket, start, budget_s)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.service.admission.release(ticket)
+
+    def admit(self, expert_id: str, headers: dict[bytes, bytes]) -> tuple[Ticket, float | None]:
+        """The ticket and the caller's budget in seconds, or `Refused` naming the problem (4xx)."""
+        service, limits = self.service, self.service.cfg
+        if self.expected_auth is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self.expected_auth
+        ):
+            raise Refused(401, "auth", "missing or wrong bearer token")
+        if expert_id not in service.classes:
+            raise Refused(404, "unknown_expert", f"unknown expert {expert_id!r}; known: {', '.join(service.classes)}")
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype != MEDIA_TYPE:
+            raise Refused(415, "content_type", f"content type {ctype or '(none)'!r} not accepted; send {MEDIA_TYPE}")
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        length = int(declared) if declared.isdigit() else None
+        if length is not None and length > limits.max_body_bytes:
+            raise Refused(413, "too_large", f"body of {length} bytes exceeds the limit of {limits.max_body_bytes}")
+        budget = headers.get(BUDGET_HEADER.encode())
+        budget_s = None
+        if budget is not None:
+            try:
+                budget_s = max(0.0, float(budget)) / 1e3
+            except ValueError:
+                text = budget[:40].decode("latin-1")
+                raise Refused(400, "bad_header", f"{BUDGET_HEADER} must be milliseconds, got {text!r}") from None
+        return service.admission.admit(expert_id, service.admission.images_declared(length), budget_s), budget_s
+
+
+async def _send_error(send: Send, status: int, message: str, retry_after: str | None = None) -> None:
+    """A JSON error straight onto the ASGI channel (the same body as `_error`)."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     app = FastAPI(title="askexpert expert server", version=API_VERSION)
+    app.add_middleware(AdmissionMiddleware, service=service, token=token)
     limits = service.cfg
     expected_auth = f"Bearer {token}".encode() if token else None
 
@@ -188,6 +289,15 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             return True
         given = request.headers.get("authorization", "").encode()
         return hmac.compare_digest(given, expected_auth)
+
+    def reject(label: str, status: int, kind: str, message: str, retry_after: str | None = None) -> JSONResponse:
+        """Count a refused predict request and answer it with a JSON error (and Retry-After, where known)."""
+        service.metrics.errors.labels(label, kind).inc()
+        service.metrics.requests.labels(label, str(status)).inc()
+        response = _error(status, message)
+        if retry_after is not None:
+            response.headers["Retry-After"] = retry_after
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -200,6 +310,9 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        for eid in service.classes:
+            service.metrics.admitted.labels(eid).set(service.admission.admitted.get(eid, 0))
+            service.metrics.throughput.labels(eid).set(service.admission.images_per_s.get(eid, 0.0))
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/experts")
@@ -211,62 +324,41 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             {"api": API_VERSION, "image_size": service.image_size, "energy_meter": meter, "experts": service.describe()}
         )
 
-    @app.post("/v1/experts/{expert_id}/predict")
+    @app.post(PREDICT_PATH)
     async def predict(expert_id: str, request: Request) -> Response:
-        start = time.perf_counter()
+        """An admitted request (AdmissionMiddleware checked its headers): read and decode its body, run it, answer."""
+        ticket: Ticket
+        ticket, start, budget_s = request.scope["state"]["admission"]
         m = service.metrics
-        label = expert_id if expert_id in service.classes else "unknown"
+        label = expert_id
+        deadline = start + budget_s if budget_s is not None else None
 
-        def reject(status: int, kind: str, message: str) -> JSONResponse:
-            m.errors.labels(label, kind).inc()
-            m.requests.labels(label, str(status)).inc()
-            return _error(status, message)
-
-        if not authorised(request):
-            return reject(401, "auth", "missing or wrong bearer token")
-        if expert_id not in service.classes:
-            known = ", ".join(service.classes)
-            return reject(404, "unknown_expert", f"unknown expert {expert_id!r}; known: {known}")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != MEDIA_TYPE:
-            return reject(415, "content_type", f"content type {ctype or '(none)'!r} not accepted; send {MEDIA_TYPE}")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return reject(413, "too_large", f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}")
-        budget = request.headers.get(BUDGET_HEADER)
-        deadline = None
-        if budget is not None:
-            try:
-                deadline = start + max(0.0, float(budget)) / 1e3
-            except ValueError:
-                return reject(400, "bad_header", f"{BUDGET_HEADER} must be milliseconds, got {budget[:40]!r}")
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limits.max_body_bytes:
-                    return reject(413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
+                    return reject(label, 413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
         except ClientDisconnect:
             m.disconnects.inc()  # a counted event, not a traceback in the log
             return Response(status_code=499)
         try:
             images = decode_images(bytes(body), service.image_size, limits.max_batch_size)
         except WireError as exc:
-            return reject(400, "bad_body", str(exc))
+            return reject(label, 400, "bad_body", str(exc))
+        service.admission.resize(ticket, len(images))
         try:
             reply = await service(expert_id, images, deadline)
-        except QueueFull as exc:
+        except QueueFull as exc:  # the batcher's own bound: admission normally refuses first
             m.shed.labels(expert_id, "queue_full").inc()
-            response = reject(429, "overloaded", str(exc))
-            response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
-            return response
+            return reject(label, 429, "overloaded", str(exc), str(math.ceil(exc.retry_after_s)))
         except DeadlineExpired as exc:
             m.shed.labels(expert_id, "deadline").inc()
-            return reject(504, "deadline", str(exc))
+            return reject(label, 504, "deadline", str(exc))
         except AskExpertError as exc:
-            return reject(400, "bad_request", str(exc))
+            return reject(label, 400, "bad_request", str(exc))
         except Exception as exc:  # noqa: BLE001 - report, count, keep serving
-            return reject(500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
+            return reject(label, 500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
         m.requests.labels(expert_id, "200").inc()
         reply["timing"]["server_ms"] = (time.perf_counter() - start) * 1e3
         return JSONResponse(reply)

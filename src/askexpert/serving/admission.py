@@ -1,0 +1,138 @@
+"""Admission control: decide from a request's headers, before its body is read, whether it can be served in time.
+
+A server that sheds load must shed it cheaply, or the refused requests eat the
+capacity the accepted ones need. So the decision uses only what the headers
+say (the expert, `Content-Length`, the caller's budget) and the queue's state:
+
+* **Wait, not images.** The wait a new request would face is the work already
+  admitted for its expert (images admitted and not yet answered, this request
+  included) divided by the expert's measured batched throughput. It is shed
+  (429) when that wait exceeds `serving.queue_delay_target_ms`, or the
+  caller's budget if that is shorter. This is the queue-delay target of CoDel:
+  the p99 of accepted requests follows from it instead of being tuned.
+* **Images, as a memory cap.** At most `serving.max_queue_images` images are
+  admitted per expert whatever the estimate (before the first batch has been
+  measured, it is the only bound).
+* **Requests in flight.** At most `serving.max_inflight_requests` requests
+  are admitted at once, so the event loop never becomes the queue.
+
+`Retry-After` is the estimated time for the expert's admitted work to drain.
+Both engines (`serving.server` and `serving.ray_app`) admit through this one
+class, in the HTTP layer they share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from askexpert.config import ServingConfig
+from askexpert.protocol.wire import HEADER_SIZE
+
+# Weight of the newest batch in the throughput estimate: a few batches follow a change of load.
+_RATE_SMOOTHING = 0.2
+
+
+class Refused(Exception):
+    """A request not admitted: the status to answer, why, and when to come back."""
+
+    def __init__(self, status: int, kind: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """HTTP's Retry-After is whole seconds: the drain time, rounded up, at least 1."""
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+@dataclass
+class Ticket:
+    """One admitted request's share of its expert's queue; released when the request ends, however it ends."""
+
+    expert: str
+    images: int
+    released: bool = field(default=False)
+
+
+class Admission:
+    """Per-expert admitted work and throughput; `admit` decides, `release` frees, `observe` measures."""
+
+    def __init__(self, cfg: ServingConfig, image_size: int) -> None:
+        self.max_images = max(cfg.max_queue_images, cfg.max_batch_size)
+        self.max_batch_size = cfg.max_batch_size
+        self.target_s = cfg.queue_delay_target_ms / 1e3
+        self.max_inflight = cfg.max_inflight_requests
+        self.image_bytes = image_size * image_size * 3
+        self.admitted: dict[str, int] = {}  # images admitted and not yet answered, per expert
+        self.images_per_s: dict[str, float] = {}  # smoothed batched throughput, per expert
+        self.inflight = 0
+
+    def images_declared(self, content_length: int | None) -> int:
+        """Images a body of this length holds (the wire format is fixed-size); unknown length: a full batch."""
+        if content_length is None:
+            return self.max_batch_size
+        return max(1, (content_length - HEADER_SIZE) // self.image_bytes)
+
+    def drain_s(self, expert: str, extra_images: int = 0) -> float | None:
+        """Seconds for the expert's admitted work (plus `extra_images`) to be computed; None until measured."""
+        rate = self.images_per_s.get(expert)
+        if not rate:
+            return None
+        return (self.admitted.get(expert, 0) + extra_images) / rate
+
+    def admit(self, expert: str, images: int, budget_s: float | None = None) -> Ticket:
+        """A ticket for `images` more images, or `Refused` (429) if they cannot be served in time."""
+        queued = self.admitted.get(expert, 0)
+        if self.inflight >= self.max_inflight:
+            raise Refused(
+                429,
+                "overloaded",
+                f"server is overloaded: {self.inflight} requests already in flight",
+                self.drain_s(expert) or 1.0,
+            )
+        if queued + images > self.max_images:
+            raise Refused(
+                429,
+                "overloaded",
+                f"expert {expert} is overloaded: {queued} images already queued (bound {self.max_images})",
+                self.drain_s(expert) or 1.0,
+            )
+        wait = self.drain_s(expert, images)
+        limit = self.target_s if budget_s is None else min(self.target_s, budget_s)
+        if wait is not None and queued and wait > limit:
+            whose = "the queue-delay target" if budget_s is None or budget_s >= self.target_s else "the budget"
+            raise Refused(
+                429,
+                "overloaded",
+                f"expert {expert} is overloaded: the estimated wait of {wait * 1e3:.0f} ms "
+                f"exceeds {whose} of {limit * 1e3:.0f} ms",
+                self.drain_s(expert),
+            )
+        self.admitted[expert] = queued + images
+        self.inflight += 1
+        return Ticket(expert, images)
+
+    def resize(self, ticket: Ticket, images: int) -> None:
+        """The body held `images` images, not the number its length promised: correct the reservation."""
+        if not ticket.released:
+            self.admitted[ticket.expert] += images - ticket.images
+            ticket.images = images
+
+    def release(self, ticket: Ticket) -> None:
+        if not ticket.released:
+            ticket.released = True
+            self.admitted[ticket.expert] -= ticket.images
+            self.inflight -= 1
+
+    def observe(self, expert: str, batch_size: int, compute_s: float) -> None:
+        """One model call's images and seconds: the throughput the wait estimate divides by."""
+        if compute_s <= 0 or batch_size <= 0:
+            return
+        rate = batch_size / compute_s
+        old = self.images_per_s.get(expert)
+        self.images_per_s[expert] = rate if old is None else (1 - _RATE_SMOOTHING) * old + _RATE_SMOOTHING * rate

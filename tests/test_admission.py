@@ -1,0 +1,74 @@
+"""Admission control (serving/admission.py): shed by the estimated wait, cap by images and requests, from headers."""
+
+import pytest
+
+from askexpert.config import ServingConfig
+from askexpert.serving.admission import Admission, Refused
+
+IMAGE = 32 * 32 * 3  # bytes of one 32×32 RGB image on the wire
+
+
+def _admission(**serving: float) -> Admission:
+    return Admission(ServingConfig(**serving), image_size=32)
+
+
+def test_the_wait_estimate_sheds_a_budget_shorter_than_the_drain_and_admits_a_longer_one() -> None:
+    adm = _admission(max_batch_size=64, max_queue_images=4096, queue_delay_target_ms=10_000)
+    adm.observe("e0", 64, 0.1)  # 640 images/s
+    first = adm.admit("e0", 320)  # an empty queue always admits
+    # 320 queued + 64 new = 384 images at 640/s: a wait of 0.6 s
+    with pytest.raises(Refused) as refused:
+        adm.admit("e0", 64, budget_s=0.3)
+    assert refused.value.status == 429 and "600 ms exceeds the budget of 300 ms" in str(refused.value)
+    assert refused.value.retry_after_s == pytest.approx(0.5)  # the 320 admitted images drain in 0.5 s
+    assert refused.value.retry_after_header == "1"
+    second = adm.admit("e0", 64, budget_s=0.7)
+    assert adm.admitted["e0"] == 384
+    adm.release(first)
+    adm.release(second)
+    adm.release(second)  # releasing twice frees once
+    assert adm.admitted["e0"] == 0 and adm.inflight == 0
+
+
+def test_the_server_target_bounds_the_wait_when_no_budget_is_sent_and_a_budget_cannot_extend_it() -> None:
+    adm = _admission(max_batch_size=64, max_queue_images=4096, queue_delay_target_ms=200)
+    adm.observe("e0", 100, 0.1)  # 1,000 images/s
+    adm.admit("e0", 1280)
+    for budget in (None, 5.0):
+        with pytest.raises(Refused, match="exceeds the queue-delay target of 200 ms") as refused:
+            adm.admit("e0", 8, budget_s=budget)
+        assert refused.value.retry_after_header == "2"  # 1,280 images at 1,000/s: 1.28 s, rounded up
+    assert adm.admit("e1", 8) is not None  # another expert's queue is its own
+
+
+def test_the_throughput_estimate_follows_the_batches() -> None:
+    adm = _admission()
+    adm.observe("e0", 100, 1.0)
+    adm.observe("e0", 200, 1.0)
+    adm.observe("e0", 0, 0.0)  # nothing measured: ignored
+    assert adm.images_per_s["e0"] == pytest.approx(0.8 * 100 + 0.2 * 200)
+
+
+def test_the_image_cap_holds_before_any_throughput_is_measured() -> None:
+    adm = _admission(max_batch_size=8, max_queue_images=16)
+    tickets = [adm.admit("e0", 8), adm.admit("e0", 8)]
+    with pytest.raises(Refused, match=r"16 images already queued \(bound 16\)") as refused:
+        adm.admit("e0", 1)
+    assert refused.value.retry_after_header == "1"  # nothing measured yet: come back in a second
+    adm.resize(tickets[0], 3)  # the body held 3 images, not the 8 its length promised
+    assert adm.admit("e0", 5).images == 5
+
+
+def test_requests_in_flight_are_bounded() -> None:
+    adm = _admission(max_inflight_requests=2)
+    adm.admit("e0", 1)
+    held = adm.admit("e1", 1)
+    with pytest.raises(Refused, match="2 requests already in flight"):
+        adm.admit("e2", 1)
+    adm.release(held)
+    adm.admit("e2", 1)
+
+
+@pytest.mark.parametrize(("length", "images"), [(24 + 3 * IMAGE, 3), (24 + IMAGE, 1), (10, 1), (None, 64)])
+def test_images_declared_by_the_content_length(length: int | None, images: int) -> None:
+    assert _admission(max_batch_size=64).images_declared(length) == images
