@@ -10,7 +10,9 @@ closed-loop (32 clients), then offers each load level; meanwhile an edge client
 (HttpExpertBackend, everything offloaded) classifies images and checks that every
 sample is answered, by an expert or by a fallback. Per level it reports goodput
 (answered requests/s) as a share of capacity, the shed rate (429s), 5xx answers,
-p50/p99 of accepted requests and the p99 against half load, and the CPU the load
+p50/p99 of accepted requests and the p99 against half load (as the generator sees it,
+and as the server timed it: `timing.server_ms`, which the generator's own lag cannot
+inflate), and the CPU the load
 generator and the server each used (in % of one core: on one host the generator
 takes its share from the server). `--pin` runs the server on core 1 and the
 generator on core 0, so that neither figure is the other's. The summary is the
@@ -98,6 +100,7 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
     """Send at `rate` requests/s for `seconds`, whatever the answers; collect status and latency."""
     statuses: list[int] = []
     latencies: list[float] = []
+    server_ms: list[float] = []  # the server's own time per accepted request (admission to reply)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(headers={"content-type": MEDIA_TYPE}, connector=connector, timeout=timeout) as s:
@@ -106,10 +109,11 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
             start = time.perf_counter()
             try:
                 async with s.post(url, data=body) as r:
-                    await r.read()
+                    data = await r.read()
                     statuses.append(r.status)
                     if r.status == 200:
                         latencies.append(time.perf_counter() - start)
+                        server_ms.append(float(json.loads(data)["timing"].get("server_ms", float("nan"))))
             except (aiohttp.ClientError, TimeoutError):
                 statuses.append(0)
 
@@ -136,6 +140,7 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
         "shed_rate": float((arr == 429).mean()) if len(arr) else float("nan"),
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "server_p99_ms": float(np.nanpercentile(server_ms, 99)) if server_ms else float("nan"),
     }
 
 
@@ -187,9 +192,10 @@ def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) 
             print(json.dumps(row), flush=True)
     finally:
         server.stop(graceful_s=30 if args.engine == "ray" else 0)
-    half = rows[0]["p99_ms"]
+    half, server_half = rows[0]["p99_ms"], rows[0]["server_p99_ms"]
     for row in rows:
         row["p99_vs_half_load"] = row["p99_ms"] / half if half else float("nan")
+        row["server_p99_vs_half_load"] = row["server_p99_ms"] / server_half if server_half else float("nan")
     return capacity, rows
 
 
@@ -201,7 +207,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"level": level, "runs": len(group)}
         for key in ("offered_rps", "goodput_rps", "goodput_share", "shed_rate", "p50_ms", "p99_ms"):
             entry[key] = statistics.median(r[key] for r in group)
-        entry["p99_vs_half_load"] = statistics.median(r["p99_vs_half_load"] for r in group)
+        for key in ("p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load"):
+            entry[key] = statistics.median(r[key] for r in group)
         entry["generator_cpu_%"] = statistics.median(r["generator_cpu_%"] for r in group)
         entry["server_cpu_%"] = statistics.median(r["server_cpu_%"] for r in group)
         for key in ("status_5xx", "failed_connection", "edge_samples", "edge_answered", "edge_fallback"):
@@ -237,7 +244,8 @@ def main() -> None:
     write_csv(out / f"{name}.csv", rows)
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1))
     columns = ["level", "offered_rps", "goodput_rps", "goodput_share", "shed_rate", "status_5xx", "p50_ms", "p99_ms"]
-    columns += ["p99_vs_half_load", "generator_cpu_%", "server_cpu_%", "edge_samples", "edge_answered"]
+    columns += ["p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load", "generator_cpu_%", "server_cpu_%"]
+    columns += ["edge_samples", "edge_answered"]
     table = markdown_table(summary, columns)
     capacities = ", ".join(f"{r['capacity_rps']:.0f}" for r in rows if r["level"] == summary[0]["level"])
     where = "server on core 1, generator on core 0" if args.pin else "server and generator share the cores"

@@ -72,3 +72,27 @@ def test_requests_in_flight_are_bounded() -> None:
 @pytest.mark.parametrize(("length", "images"), [(24 + 3 * IMAGE, 3), (24 + IMAGE, 1), (10, 1), (None, 64)])
 def test_images_declared_by_the_content_length(length: int | None, images: int) -> None:
     assert _admission(max_batch_size=64).images_declared(length) == images
+
+
+def test_the_wait_divides_by_the_rate_answers_come_back_while_busy_and_idle_time_does_not_count() -> None:
+    adm = _admission(max_batch_size=64, max_queue_images=4096)
+    adm.observe("e0", 64, 0.01)  # the model alone: 6,400 images/s
+    tickets = [adm.admit("e0", 10) for _ in range(4)]
+    adm.answered(tickets[0], now=0.0)  # 30 images still admitted behind it: busy from here
+    adm.release(tickets[0])
+    assert adm.rate("e0") == pytest.approx(6400)  # no busy time measured yet: the model's throughput
+    adm.answered(tickets[1], now=0.1)
+    adm.release(tickets[1])
+    assert adm.rate("e0") == pytest.approx(10 / 0.1)  # 10 images in 0.1 s of busy time
+    assert adm.drain_s("e0") == pytest.approx(20 / 100)  # 20 images still admitted
+    adm.answered(tickets[2], now=0.3)
+    adm.release(tickets[2])
+    decay = 0.8187307531  # exp(-0.2 s / 1 s): older answers fade
+    expected = (10 * decay + 10) / (0.1 * decay + 0.2)
+    assert adm.rate("e0") == pytest.approx(expected)
+    adm.answered(tickets[3], now=0.4)  # the queue empties behind this answer
+    adm.release(tickets[3])
+    settled = adm.rate("e0")
+    late = adm.admit("e0", 10)
+    adm.answered(late, now=60.0)  # a minute idle before it: not service time
+    assert adm.rate("e0") == pytest.approx(settled)

@@ -6,7 +6,9 @@ say (the expert, `Content-Length`, the caller's budget) and the queue's state:
 
 * **Wait, not images.** The wait a new request would face is the work already
   admitted for its expert (images admitted and not yet answered, this request
-  included) divided by the expert's measured batched throughput. It is shed
+  included) divided by the rate at which that expert answers images while it is
+  busy (measured from the answers themselves, so the HTTP layer's and Ray's own
+  overheads count; before enough answers, the model calls' batched throughput). It is shed
   (429) when that wait exceeds `serving.queue_delay_target_ms`, or the
   caller's budget if that is shorter. This is the queue-delay target of CoDel:
   the p99 of accepted requests follows from it instead of being tuned.
@@ -24,13 +26,18 @@ class, in the HTTP layer they share.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from askexpert.config import ServingConfig
 from askexpert.protocol.wire import HEADER_SIZE
 
-# Weight of the newest batch in the throughput estimate: a few batches follow a change of load.
+# Weight of the newest batch in the model-throughput estimate: a few batches follow a change of load.
 _RATE_SMOOTHING = 0.2
+# Memory of the answer-rate estimate, in seconds of busy time: long enough to span several batches.
+_ANSWER_MEMORY_S = 1.0
+# Busy time the answer-rate estimate needs before it is trusted over the model-throughput one.
+_ANSWER_MIN_S = 0.05
 
 
 class Refused(Exception):
@@ -69,8 +76,11 @@ class Admission:
         self.max_inflight = cfg.max_inflight_requests
         self.image_bytes = image_size * image_size * 3
         self.admitted: dict[str, int] = {}  # images admitted and not yet answered, per expert
-        self.images_per_s: dict[str, float] = {}  # smoothed batched throughput, per expert
+        self.images_per_s: dict[str, float] = {}  # smoothed batched throughput of the model calls, per expert
         self.inflight = 0
+        # answers while busy: decayed sums of images answered and of the seconds they took, per expert
+        self._answered: dict[str, tuple[float, float]] = {}
+        self._last_answer: dict[str, tuple[float, bool]] = {}  # time of the last answer, work left behind it
 
     def images_declared(self, content_length: int | None) -> int:
         """Images a body of this length holds (the wire format is fixed-size); unknown length: a full batch."""
@@ -78,9 +88,16 @@ class Admission:
             return self.max_batch_size
         return max(1, (content_length - HEADER_SIZE) // self.image_bytes)
 
+    def rate(self, expert: str) -> float | None:
+        """Images per second the expert answers while busy; the model calls' throughput until that is known."""
+        images, seconds = self._answered.get(expert, (0.0, 0.0))
+        if seconds >= _ANSWER_MIN_S and images > 0:
+            return images / seconds
+        return self.images_per_s.get(expert)
+
     def drain_s(self, expert: str, extra_images: int = 0) -> float | None:
-        """Seconds for the expert's admitted work (plus `extra_images`) to be computed; None until measured."""
-        rate = self.images_per_s.get(expert)
+        """Seconds for the expert's admitted work (plus `extra_images`) to be answered; None until measured."""
+        rate = self.rate(expert)
         if not rate:
             return None
         return (self.admitted.get(expert, 0) + extra_images) / rate
@@ -128,6 +145,23 @@ class Admission:
             ticket.released = True
             self.admitted[ticket.expert] -= ticket.images
             self.inflight -= 1
+
+    def answered(self, ticket: Ticket, now: float | None = None) -> None:
+        """A request's images were answered (call before `release`): the rate the wait estimate divides by.
+
+        Only the time since the previous answer counts, and only when work was left
+        behind that answer: idle time is not service time.
+        """
+        now = time.perf_counter() if now is None else now
+        expert = ticket.expert
+        last = self._last_answer.get(expert)
+        if last is not None and last[1]:
+            dt = max(0.0, now - last[0])
+            decay = math.exp(-dt / _ANSWER_MEMORY_S)
+            images, seconds = self._answered.get(expert, (0.0, 0.0))
+            self._answered[expert] = (images * decay + ticket.images, seconds * decay + dt)
+        left = self.admitted.get(expert, 0) - (0 if ticket.released else ticket.images)
+        self._last_answer[expert] = (now, left > 0)
 
     def observe(self, expert: str, batch_size: int, compute_s: float) -> None:
         """One model call's images and seconds: the throughput the wait estimate divides by."""

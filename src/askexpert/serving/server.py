@@ -86,7 +86,7 @@ class ServiceMetrics:
         )
         self.throughput = Gauge(
             "askexpert_images_per_second",
-            "Measured batched throughput the wait estimate divides by",
+            "Images answered per second while busy: what the wait estimate divides by",
             ["expert"],
             registry=self.registry,
         )
@@ -312,7 +312,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     async def metrics() -> Response:
         for eid in service.classes:
             service.metrics.admitted.labels(eid).set(service.admission.admitted.get(eid, 0))
-            service.metrics.throughput.labels(eid).set(service.admission.images_per_s.get(eid, 0.0))
+            service.metrics.throughput.labels(eid).set(service.admission.rate(eid) or 0.0)
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/experts")
@@ -359,6 +359,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             return reject(label, 400, "bad_request", str(exc))
         except Exception as exc:  # noqa: BLE001 - report, count, keep serving
             return reject(label, 500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
+        service.admission.answered(ticket)
         m.requests.labels(expert_id, "200").inc()
         reply["timing"]["server_ms"] = (time.perf_counter() - start) * 1e3
         return JSONResponse(reply)
