@@ -35,36 +35,13 @@ SystemOpt = Annotated[Path, typer.Option("--system", "-s", help="System director
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
 
 
-class Mismatch(StrEnum):
-    fail = "fail"
-    edge_only = "edge-only"
-
-
-class Engine(StrEnum):
-    http = "http"
-    ray = "ray"
-
-
-class Runtime(StrEnum):
-    torch = "torch"
-    onnx = "onnx"
-    onnx_int8 = "onnx-int8"
-
-
-class Tier(StrEnum):
-    edge = "edge"
-    near_edge = "near-edge"
-
-
-class Emulate(StrEnum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
-class Minimise(StrEnum):
-    latency = "latency"
-    energy = "energy"
+# The CLI's fixed choices: typer lists an enum's values in --help and refuses others in one phrasing.
+Mismatch = StrEnum("Mismatch", [("fail", "fail"), ("edge_only", "edge-only")])
+Engine = StrEnum("Engine", [("http", "http"), ("ray", "ray")])
+Runtime = StrEnum("Runtime", [("torch", "torch"), ("onnx", "onnx"), ("onnx_int8", "onnx-int8")])
+Tier = StrEnum("Tier", [("edge", "edge"), ("near_edge", "near-edge")])
+Emulate = StrEnum("Emulate", [("auto", "auto"), ("on", "on"), ("off", "off")])
+Minimise = StrEnum("Minimise", [("latency", "latency"), ("energy", "energy")])
 
 
 MismatchOpt = Annotated[
