@@ -13,7 +13,8 @@ sample is answered, by an expert or by a fallback. Per level it reports goodput
 p50/p99 of accepted requests and the p99 against half load (as the generator sees it,
 and as the server timed it: `timing.server_ms`, which the generator's own lag cannot
 inflate), and the CPU the load
-generator and the server each used (in % of one core: on one host the generator
+generator and the server each used (in % of one core; the edge client runs in a process
+of its own, not counted in either: on one host the generator
 takes its share from the server). `--pin` runs the server on core 1 and the
 generator on core 0, so that neither figure is the other's. The summary is the
 median over `--repeats` runs. Writes
@@ -28,10 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import resource
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+spawn = multiprocessing.get_context("spawn")  # the edge client runs apart from the generator's event loop
 
 
 def _tree_cpu_s(root: int) -> float:
@@ -144,8 +146,12 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
     }
 
 
-def _edge_in_the_loop(system: SystemDir, url: str, stop: threading.Event, out: dict[str, int]) -> None:
-    """An edge client offloading everything while the load runs: count samples and answers."""
+def _edge_in_the_loop(root: str, url: str, stop: Any, counts: Any) -> None:
+    """An edge client offloading everything, in its own process (not the generator's GIL): counts samples and answers.
+
+    counts: a shared array of samples, answered (expert or fallback), fallbacks.
+    """
+    system = SystemDir.open(root)
     backend, http = connect(system, url)
     try:
         clf = edge_classifier(system, backend)
@@ -154,9 +160,10 @@ def _edge_in_the_loop(system: SystemDir, url: str, stop: threading.Event, out: d
         images = np.random.default_rng(2).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
         while not stop.is_set():
             pred = clf(images)
-            out["samples"] += len(images)
-            out["answered"] += int(np.isin(pred.source, ["expert", "fallback"]).sum())
-            out["fallback"] += int((pred.source == "fallback").sum())
+            with counts.get_lock():
+                counts[0] += len(images)
+                counts[1] += int(np.isin(pred.source, ["expert", "fallback"]).sum())
+                counts[2] += int((pred.source == "fallback").sum())
     finally:
         http.close()
 
@@ -174,14 +181,17 @@ def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) 
         capacity = asyncio.run(_closed_loop(url, body, 32, min(10.0, args.seconds)))
         print(f"run {run}: capacity (closed loop, 32 clients) {capacity:.1f} requests/s", flush=True)
         for level in [float(x) for x in args.levels.split(",")]:
-            stop, edge = threading.Event(), {"samples": 0, "answered": 0, "fallback": 0}
-            thread = threading.Thread(target=_edge_in_the_loop, args=(system, server.url, stop, edge))
+            stop, counts = spawn.Event(), spawn.Array("q", 3)
+            edge_proc = spawn.Process(target=_edge_in_the_loop, args=(str(system.root), server.url, stop, counts))
+            edge_proc.start()
+            while counts[0] == 0 and edge_proc.is_alive():  # started (imports done) before the load begins
+                time.sleep(0.1)
             own0, srv0, t0 = _own_cpu_s(), _tree_cpu_s(server.proc.pid), time.perf_counter()
-            thread.start()
             row = asyncio.run(_open_loop(url, body, level * capacity, args.seconds))
-            stop.set()
-            thread.join()
             wall = time.perf_counter() - t0
+            stop.set()
+            edge_proc.join()
+            edge = {"samples": counts[0], "answered": counts[1], "fallback": counts[2]}
             row = {"run": run, "level": level, "capacity_rps": capacity, **row}
             row["goodput_share"] = row["goodput_rps"] / capacity
             row["generator_cpu_%"] = 100 * (_own_cpu_s() - own0) / wall
