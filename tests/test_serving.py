@@ -212,10 +212,12 @@ def test_server_binds_loopback_by_default(trained_system: Path) -> None:
             import socket
 
             outward = [a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
-            for address in [a for a in outward if not a.startswith("127.")][:1]:
-                with socket.socket() as s, pytest.raises(OSError):
-                    s.settimeout(2)
-                    s.connect((address, port))
+            others = [a for a in outward if not a.startswith("127.")]
+            if not others:  # nothing to test from: say so instead of passing
+                pytest.skip("neither `ss` nor a non-loopback address here to check the binding")
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2)
+                s.connect((others[0], port))
     finally:
         proc.stop()
 
