@@ -57,6 +57,15 @@ class BatchResult:
         return self.batch_energy_j * len(self.rows) / max(1, self.batch_size)
 
 
+def metered(meter: EnergyMeter | None, fn: Callable[..., np.ndarray], *args: Any) -> tuple[np.ndarray, float | None]:
+    """`fn(*args)` and the joules `meter` counted around it (None without a meter): both engines' model calls."""
+    if meter is None:
+        return fn(*args), None
+    start = meter.read_j()
+    rows = fn(*args)
+    return rows, meter.read_j() - start
+
+
 class QueueFull(Exception):
     """The key's queue is at its bound: refuse now rather than queue without limit."""
 
@@ -119,11 +128,7 @@ class DynamicBatcher:
 
     def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None]:
         """The model call, with the meter read around it (in the executor thread, next to the work)."""
-        if self.meter is None:
-            return self.fn(key, batch), None
-        start = self.meter.read_j()
-        rows = self.fn(key, batch)
-        return rows, self.meter.read_j() - start
+        return metered(self.meter, self.fn, key, batch)
 
     async def _collect(
         self, queue: asyncio.Queue[_Pending], carry: _Pending | None

@@ -27,7 +27,7 @@ from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.partition import Partition
-from askexpert.serving.batching import BatchResult, DeadlineExpired
+from askexpert.serving.batching import BatchResult, DeadlineExpired, metered
 from askexpert.serving.server import ServiceBase, create_app
 from askexpert.system import SystemDir
 
@@ -73,11 +73,9 @@ class ExpertReplica:
                 live.append(i)
         if live:
             merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
-            before = self.meter.read_j() if self.meter is not None else None
             t0 = time.perf_counter()
-            logits = predict_logits(self.model, merged, self.device)
+            logits, joules = metered(self.meter, predict_logits, self.model, merged, self.device)
             compute = time.perf_counter() - t0
-            joules = self.meter.read_j() - before if self.meter is not None and before is not None else None
             source = self.meter.source if self.meter is not None else None
             offset = 0
             for i in live:

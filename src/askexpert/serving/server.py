@@ -91,6 +91,20 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+    def refused(self, expert: str, status: int, kind: str) -> None:
+        """A predict request answered with an error: counted by kind and by status."""
+        self.errors.labels(expert, kind).inc()
+        self.requests.labels(expert, str(status)).inc()
+
+
+def _bearer(token: str | None) -> bytes | None:
+    return f"Bearer {token}".encode() if token else None
+
+
+def _authorised(given: bytes, expected: bytes | None) -> bool:
+    """The request's Authorization header against the expected bearer value (constant time); no token: open."""
+    return expected is None or hmac.compare_digest(given, expected)
+
 
 class ServiceBase:
     """What the HTTP layer needs from a service: expert facts, metrics, and an async `__call__`."""
@@ -208,7 +222,7 @@ class AdmissionMiddleware:
     def __init__(self, app: ASGIApp, service: ServiceBase, token: str | None) -> None:
         self.app = app
         self.service = service
-        self.expected_auth = f"Bearer {token}".encode() if token else None
+        self.expected_auth = _bearer(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -224,11 +238,9 @@ class AdmissionMiddleware:
         try:
             ticket, budget_s = self.admit(expert_id, dict(scope["headers"]))
         except Refused as exc:
-            m = self.service.metrics
-            m.errors.labels(label, exc.kind).inc()
-            m.requests.labels(label, str(exc.status)).inc()
+            self.service.metrics.refused(label, exc.status, exc.kind)
             if exc.status == 429:
-                m.shed.labels(label, "queue_full").inc()
+                self.service.metrics.shed.labels(label, "queue_full").inc()
             await _send_error(send, exc.status, str(exc), exc.retry_after_header)
             return
         scope.setdefault("state", {})["admission"] = (ticket, start, budget_s)
@@ -240,9 +252,7 @@ class AdmissionMiddleware:
     def admit(self, expert_id: str, headers: dict[bytes, bytes]) -> tuple[Ticket, float | None]:
         """The ticket and the caller's budget in seconds, or `Refused` naming the problem (4xx)."""
         service, limits = self.service, self.service.cfg
-        if self.expected_auth is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self.expected_auth
-        ):
+        if not _authorised(headers.get(b"authorization", b""), self.expected_auth):
             raise Refused(401, "auth", "missing or wrong bearer token")
         if expert_id not in service.classes:
             raise Refused(404, "unknown_expert", f"unknown expert {expert_id!r}; known: {', '.join(service.classes)}")
@@ -282,18 +292,11 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     app = FastAPI(title="askexpert expert server", version=API_VERSION)
     app.add_middleware(AdmissionMiddleware, service=service, token=token)
     limits = service.cfg
-    expected_auth = f"Bearer {token}".encode() if token else None
-
-    def authorised(request: Request) -> bool:
-        if expected_auth is None:
-            return True
-        given = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(given, expected_auth)
+    expected_auth = _bearer(token)
 
     def reject(label: str, status: int, kind: str, message: str, retry_after: str | None = None) -> JSONResponse:
         """Count a refused predict request and answer it with a JSON error (and Retry-After, where known)."""
-        service.metrics.errors.labels(label, kind).inc()
-        service.metrics.requests.labels(label, str(status)).inc()
+        service.metrics.refused(label, status, kind)
         response = _error(status, message)
         if retry_after is not None:
             response.headers["Retry-After"] = retry_after
@@ -317,7 +320,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/experts")
     async def experts(request: Request) -> Response:
-        if not authorised(request):
+        if not _authorised(request.headers.get("authorization", "").encode(), expected_auth):
             return _error(401, "missing or wrong bearer token")
         meter = service.energy_meter.source if service.energy_meter is not None else None
         return JSONResponse(
@@ -330,7 +333,6 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
         ticket: Ticket
         ticket, start, budget_s = request.scope["state"]["admission"]
         m = service.metrics
-        label = expert_id
         deadline = start + budget_s if budget_s is not None else None
 
         body = bytearray()
@@ -338,27 +340,29 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limits.max_body_bytes:
-                    return reject(label, 413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes")
+                    return reject(
+                        expert_id, 413, "too_large", f"body exceeds the limit of {limits.max_body_bytes} bytes"
+                    )
         except ClientDisconnect:
             m.disconnects.inc()  # a counted event, not a traceback in the log
             return Response(status_code=499)
         try:
             images = decode_images(bytes(body), service.image_size, limits.max_batch_size)
         except WireError as exc:
-            return reject(label, 400, "bad_body", str(exc))
+            return reject(expert_id, 400, "bad_body", str(exc))
         service.admission.resize(ticket, len(images))
         try:
             reply = await service(expert_id, images, deadline)
         except QueueFull as exc:  # the batcher's own bound: admission normally refuses first
             m.shed.labels(expert_id, "queue_full").inc()
-            return reject(label, 429, "overloaded", str(exc), str(math.ceil(exc.retry_after_s)))
+            return reject(expert_id, 429, "overloaded", str(exc), str(math.ceil(exc.retry_after_s)))
         except DeadlineExpired as exc:
             m.shed.labels(expert_id, "deadline").inc()
-            return reject(label, 504, "deadline", str(exc))
+            return reject(expert_id, 504, "deadline", str(exc))
         except AskExpertError as exc:
-            return reject(label, 400, "bad_request", str(exc))
+            return reject(expert_id, 400, "bad_request", str(exc))
         except Exception as exc:  # noqa: BLE001 - report, count, keep serving
-            return reject(label, 500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
+            return reject(expert_id, 500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
         service.admission.answered(ticket)
         m.requests.labels(expert_id, "200").inc()
         reply["timing"]["server_ms"] = (time.perf_counter() - start) * 1e3
