@@ -22,7 +22,7 @@ import aiohttp
 import numpy as np
 
 from askexpert.data import input_size
-from askexpert.inference.backend import LocalExpertBackend
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
@@ -111,7 +111,7 @@ def main() -> None:
     cfg = system.config()
     size = input_size(cfg.data)
     part = Partition.from_json(system.partition_path)
-    backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+    backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
     bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url

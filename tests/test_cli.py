@@ -86,13 +86,19 @@ def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_p
     [
         (["serve", "--engine", "grpc"], "--engine", ["http", "ray"]),
         (["classify", "x.jpg", "--on-mismatch", "ignore"], "--on-mismatch", ["fail", "edge-only"]),
-        (["edge", "--server", "http://h", "--runtime", "tflite"], "--runtime", ["torch", "onnx", "onnx-int8"]),
+        (["edge", "--server", "http://h", "--runtime", "tflite"], "--runtime", ["auto", "torch", "onnx", "onnx-int8"]),
         (["testbed", "--emulate", "maybe"], "--emulate", ["auto", "on", "off"]),
     ],
 )
 def test_choices_are_listed_in_help_and_refused_with_one_phrasing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], option: str, choices: list[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    option: str,
+    choices: list[str],
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a choice list wrapped mid-word would hide a choice from the check
     main(["init", str(tmp_path / "s")])
     code, text = _run([*args, "--system", str(tmp_path / "s")], capsys)
     assert code == 2 and f"Invalid value for '{option}'" in text and "Traceback" not in text

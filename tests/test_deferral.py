@@ -128,8 +128,8 @@ def learned_system(trained_system: Path, tmp_path_factory: pytest.TempPathFactor
 def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(learned_system: Path) -> None:
     from askexpert.data import load_splits
     from askexpert.evaluate.run import evaluate_system
-    from askexpert.inference.backend import LocalExpertBackend
     from askexpert.inference.edge import edge_classifier, system_router
+    from askexpert.models.local_experts import LocalExpertBackend
     from askexpert.system import SystemDir
 
     system = SystemDir.open(learned_system)
@@ -145,10 +145,8 @@ def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(lear
     stat = gate.score(cache.gen_probs, part.membership(), routed_experts(cache, cfg.routing.top_k, "weighted"))
     assert np.array_equal(offload_masks(stat, "learned", np.asarray([cfg.routing.tau]))[0], offloaded)
     # the testbed measures with the same router and re-thresholds the statistic it records
-    import torch
-
-    decision = system_router(system, part)(torch.from_numpy(cache.gen_probs))
-    assert np.allclose(decision.stat.numpy(), stat) and np.array_equal(decision.offload.numpy(), offloaded)
+    decision = system_router(system, part)(cache.gen_probs)
+    assert np.allclose(decision.stat, stat) and np.array_equal(decision.offload, offloaded)
     # the report's config row is the live system's accuracy (evaluate refits the same gate: same data, same models)
     summary = evaluate_system(system)
     row = next(r for r in summary["headline"] if r["schedule"] == "progressive" and r["system"].startswith("collab"))
@@ -158,8 +156,8 @@ def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(lear
 
 
 def test_a_gate_fitted_on_other_models_is_refused(learned_system: Path, tmp_path: Path) -> None:
-    from askexpert.inference.backend import LocalExpertBackend
     from askexpert.inference.edge import edge_classifier
+    from askexpert.models.local_experts import LocalExpertBackend
     from askexpert.system import SystemDir
 
     root = tmp_path / "system"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from askexpert.config import ServingConfig
-from askexpert.inference.backend import BackendError, ExpertReply
 from askexpert.inference.http_backend import CircuitBreaker, HandshakeError, HttpExpertBackend, _reply
 from askexpert.partition import Partition
+from askexpert.protocol.backend import BackendError, ExpertReply
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 from conftest import ServerProcess

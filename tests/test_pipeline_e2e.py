@@ -8,10 +8,11 @@ import pytest
 
 from askexpert.data import load_splits
 from askexpert.errors import CheckpointError, RoutingError
-from askexpert.inference.backend import BackendError, ExpertReply, LocalExpertBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
 from askexpert.inference.edge import edge_classifier
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
+from askexpert.protocol.backend import BackendError, ExpertReply
 from askexpert.system import SystemDir
 
 

@@ -65,7 +65,7 @@ class _FixedBackend:
         self.probs, self.labels = probs, labels
 
     def predict(self, expert_id: str, images: np.ndarray):  # noqa: ANN201
-        from askexpert.inference.backend import ExpertReply
+        from askexpert.protocol.backend import ExpertReply
 
         n = len(images)
         probs = None if self.probs is None else np.repeat(self.probs, n, axis=0)
@@ -77,12 +77,12 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
 
     from askexpert.config import RoutingConfig
     from askexpert.inference.collaborative import CollaborativeClassifier
-    from askexpert.models import create_model
+    from askexpert.models import TorchGeneralist, create_model
     from askexpert.partition import Partition
     from askexpert.routing import Router
 
     torch.manual_seed(0)
-    gen = create_model("micro-generalist", 4)
+    gen = TorchGeneralist(create_model("micro-generalist", 4))
     part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
     point = RoutingConfig(gate="max_prob", tau=1.0, top_k=1)  # τ = 1: everything offloaded
     router = Router(part.membership(), point)
@@ -96,7 +96,7 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
     mix = CollaborativeClassifier(gen, mixing, part, _FixedBackend(say_other, np.array([OTHER])))
     out = mix(images)
     assert (out.source == "expert").all()
-    probs = mix.edge_probs(images).numpy()
+    probs = mix.edge_probs(images)
     for i in range(len(images)):
         e = part.expert_ids.index(str(out.expert[i]))
         classes = np.array([*part.subsets[e], OTHER])

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from askexpert.data import load_splits
-from askexpert.inference.backend import LocalExpertBackend
 from askexpert.inference.edge import edge_classifier, run_edge
 from askexpert.inference.http_backend import HttpExpertBackend
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
@@ -250,7 +250,7 @@ def test_edge_cli_runs_on_a_device_profile(
     before = torch.get_num_threads()
     try:
         main(["edge", "--system", str(trained_system), "--server", server.url, "--limit", "24",
-              "--out", str(out), "--profile", str(profile)])  # fmt: skip
+              "--out", str(out), "--profile", str(profile), "--runtime", "torch"])  # fmt: skip
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

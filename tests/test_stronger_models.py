@@ -13,7 +13,8 @@ from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, _schedule_outputs
 from askexpert.evaluate.metrics import fixes_and_breaks
 from askexpert.models import CheckpointMeta, create_model, load_checkpoint, predict_logits, save_checkpoint
-from askexpert.models.onnx_export import OnnxGeneralist, export_onnx
+from askexpert.models.onnx_export import export_onnx
+from askexpert.models.onnx_runtime import OnnxGeneralist
 from askexpert.models.registry import ConvTokenizer, conv_vit, model_cost
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER

@@ -227,8 +227,8 @@ def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> No
 
 def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_path: Path) -> None:
     from askexpert.data import load_splits
-    from askexpert.inference.backend import LocalExpertBackend
     from askexpert.inference.edge import edge_classifier
+    from askexpert.models.local_experts import LocalExpertBackend
     from askexpert.partition import Partition
     from askexpert.protocol import OTHER
 

@@ -1,5 +1,5 @@
 """`askexpert ...`: the command line. Most commands parse options and call one stage function;
-`export onnx` composes its stage here from `models.onnx_export` (export, INT8, the runtime comparison)."""
+`export onnx` adds the runtime comparison (a report, not a stage) to its stage's output."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 # The CLI's fixed choices: typer lists an enum's values in --help and refuses others in one phrasing.
 Mismatch = StrEnum("Mismatch", [("fail", "fail"), ("edge_only", "edge-only")])
 Engine = StrEnum("Engine", [("http", "http"), ("ray", "ray")])
-Runtime = StrEnum("Runtime", [("torch", "torch"), ("onnx", "onnx"), ("onnx_int8", "onnx-int8")])
+Runtime = StrEnum("Runtime", [("auto", "auto"), ("torch", "torch"), ("onnx", "onnx"), ("onnx_int8", "onnx-int8")])
 Tier = StrEnum("Tier", [("edge", "edge"), ("near_edge", "near-edge")])
 Emulate = StrEnum("Emulate", [("auto", "auto"), ("on", "on"), ("off", "off")])
 Minimise = StrEnum("Minimise", [("latency", "latency"), ("energy", "energy")])
@@ -326,6 +326,12 @@ def _read_token(token_file: Path | None) -> str | None:
     return token
 
 
+RuntimeOpt = Annotated[
+    Runtime,
+    typer.Option(
+        help="The generalist's runtime; auto: the exported ONNX model when current (`export onnx`), else torch."
+    ),
+]
 TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="Bearer token (first line of this file).")]
 CaOpt = Annotated[
     Path | None, typer.Option("--ca-file", help="CA certificate (PEM) the https server's certificate must chain to.")
@@ -399,7 +405,7 @@ def edge(
     server: Annotated[str, typer.Option(help="Expert server URL, e.g. http://127.0.0.1:8000")],
     out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
     limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
-    runtime: Annotated[Runtime, typer.Option(help="Edge runtime (onnx: see `export onnx`).")] = Runtime.torch,
+    runtime: RuntimeOpt = Runtime.auto,
     profile: Annotated[
         str | None,
         typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
@@ -467,6 +473,7 @@ def classify(
         ),
     ] = Path("classified.jsonl"),
     fresh: Annotated[bool, typer.Option("--fresh", help="Start the records file over instead.")] = False,
+    runtime: RuntimeOpt = Runtime.auto,
     token_file: TokenOpt = None,
     ca_file: CaOpt = None,
     on_mismatch: MismatchOpt = Mismatch.fail,
@@ -485,7 +492,7 @@ def classify(
     counts: dict[str, int] = {}
     with (
         EdgeClient.from_system(
-            system, server, _read_token(token_file), on_mismatch.value, local_experts, ca_file=ca_file
+            system, server, _read_token(token_file), on_mismatch.value, local_experts, runtime.value, ca_file=ca_file
         ) as client,
         RecordWriter(out, fresh) as writer,
     ):
@@ -625,31 +632,32 @@ app.add_typer(export_app, name="export")
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    system: SystemOpt, int8: Annotated[bool, typer.Option(help="Also write a dynamic-INT8 model.")] = True
+    system: SystemOpt,
+    int8: Annotated[bool, typer.Option(help="Also write a dynamic-INT8 model.")] = True,
+    force: ForceOpt = False,
 ) -> None:
-    """Export the generalist to ONNX (and INT8); compare accuracy and latency with PyTorch on the test split."""
+    """Export the generalist to ONNX (and INT8) for the edge; compare accuracy and latency with PyTorch (test split)."""
     import json
 
-    from askexpert.data import input_size, load_splits
+    from askexpert.data import load_splits
     from askexpert.evaluate.report import write_csv
-    from askexpert.inference.edge import onnx_path
     from askexpert.models import load_checkpoint, predict_logits
-    from askexpert.models.onnx_export import OnnxGeneralist, compare_runtimes, export_onnx, quantize_int8
+    from askexpert.models.onnx_export import compare_runtimes
+    from askexpert.models.onnx_runtime import OnnxGeneralist
+    from askexpert.training.export_stage import export_generalist
 
     sysdir = _system(system)
-    cfg = sysdir.config()
+    paths = export_generalist(sysdir, int8, force)
     model, _ = load_checkpoint(sysdir.generalist_path)
-    fp32 = export_onnx(model, onnx_path(sysdir, "onnx"), input_size(cfg.data))
-    runtimes: dict[str, Any] = {"torch": lambda x: predict_logits(model, x), "onnx": OnnxGeneralist(fp32)}
-    if int8:
-        runtimes["onnx-int8"] = OnnxGeneralist(quantize_int8(fp32, onnx_path(sysdir, "onnx-int8")))
-    test = load_splits(cfg.data, sysdir.root).test
+    runtimes: dict[str, Any] = {"torch": lambda x: predict_logits(model, x)}
+    runtimes |= {name: OnnxGeneralist(path) for name, path in zip(("onnx", "onnx-int8"), paths, strict=False)}
+    test = load_splits(sysdir.config().data, sysdir.root).test
     rows = compare_runtimes(runtimes, test.images, test.labels)
     sysdir.report_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sysdir.report_dir / "edge_runtimes.csv", rows)
     (sysdir.report_dir / "edge_runtimes.json").write_text(json.dumps(rows, indent=1))
     print_table("edge runtimes (generalist, test split)", rows, ["runtime", "accuracy", "agreement", "ms_per_image"])
-    console.print(f"wrote {fp32}" + (f" and {onnx_path(sysdir, 'onnx-int8')}" if int8 else ""))
+    console.print(f"edge model: {' and '.join(str(p) for p in paths)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

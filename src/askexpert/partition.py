@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.manifold import spectral_embedding
 
 from askexpert.errors import PartitionError
 from askexpert.protocol import OTHER
@@ -155,6 +152,8 @@ def _balanced_assign(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
     capacity = [n // k + (1 if e < n % k else 0) for e in range(k)]
     slot_owner = np.repeat(np.arange(k), capacity)
     dist = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+    from scipy.optimize import linear_sum_assignment  # the training stack: the edge only reads partitions
+
     rows, cols = linear_sum_assignment(dist[:, slot_owner])
     labels = np.empty(n, dtype=np.int64)
     labels[rows] = slot_owner[cols]
@@ -175,6 +174,9 @@ def confusion_partition(confusion: np.ndarray, num_experts: int, seed: int = 0, 
     if confusion.shape != (num_classes, num_classes):
         raise PartitionError(f"confusion matrix must be square, got {confusion.shape}")
     _check_sizes(num_classes, num_experts)
+    from sklearn.cluster import KMeans  # the training stack: the edge only reads partitions
+    from sklearn.manifold import spectral_embedding
+
     affinity = confusion_affinity(confusion)
     if num_experts == 1:
         labels = np.zeros(num_classes, dtype=np.int64)

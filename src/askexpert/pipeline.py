@@ -1,7 +1,8 @@
 """The demo: every stage in order on one system directory, reusing finished stages.
 
 generate data → [pretrain backbones] → [shared stage 1, when it teaches the generalist] →
-train generalist → partition → [shared stage 1] → one expert set per schedule → evaluate → report.
+train generalist → export it as ONNX (the torch-free edge's model) → partition → [shared stage 1] →
+one expert set per schedule → evaluate → report.
 Each stage checks whether its output already exists for the same settings and skips itself if so.
 """
 
@@ -17,6 +18,7 @@ from askexpert.data import load_splits
 from askexpert.evaluate.run import evaluate_system
 from askexpert.system import SystemDir
 from askexpert.training.experts import train_experts
+from askexpert.training.export_stage import export_generalist
 from askexpert.training.generalist import train_generalist
 from askexpert.training.partition_stage import build_partition
 from askexpert.training.shared import train_backbones, train_shared_stage
@@ -48,6 +50,7 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
     if teaches:  # stage 1 teaches the generalist: trained first
         stage(stage1, lambda: train_shared_stage(system))
     stage("train generalist", lambda: train_generalist(system))
+    stage("export generalist (ONNX, for the edge)", lambda: export_generalist(system))
     stage(f"partition ({cfg.partition.strategy})", lambda: build_partition(system))
     if not teaches and any(s.init == "shared" for s in cfg.expert_training.schedules.values()):
         stage(stage1, lambda: train_shared_stage(system))

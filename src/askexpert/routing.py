@@ -1,8 +1,8 @@
 """The Router: decide *whether* to ask an expert (gate) and *which one* (Top-k scoring).
 
-Pure, batched tensor ops: no per-sample Python loop, so routing costs a tiny
+Pure, batched numpy ops: no per-sample Python loop, so routing costs a tiny
 fraction of the generalist's forward pass and the same code serves the live
-classifier and the cached-logit sweeps.
+classifier and the cached-logit sweeps. No torch: the router runs on the edge.
 
 Gate (offload when the generalist is unsure), against threshold τ:
   * ``max_prob``: max_c p_c < τ
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, TypeVar, cast
+from typing import Literal, cast
 
 import numpy as np
-import torch
 
 from askexpert.config import RoutingConfig
 from askexpert.deferral import DeferralGate
@@ -41,47 +40,45 @@ SCORINGS: tuple[str, ...] = ("weighted", "count")
 _TIE_TOLERANCE = 1e-6
 
 
-def _check_probs(probs: torch.Tensor) -> None:
-    if probs.ndim != 2 or probs.shape[1] < 1:
-        raise RoutingError(f"probabilities must be (N, C); got shape {tuple(probs.shape)}")
-    if not probs.is_floating_point():
-        raise RoutingError(f"probabilities must be floating point; got {probs.dtype}")
+def _as_probs(probs: object) -> np.ndarray:
+    """The probabilities as a numpy array (a CPU tensor converts without a copy), checked."""
+    p = np.asarray(probs)
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise RoutingError(f"probabilities must be (N, C); got shape {tuple(p.shape)}")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise RoutingError(f"probabilities must be floating point; got {p.dtype}")
+    return p
 
 
-def uncertainty(probs: torch.Tensor, gate: str) -> torch.Tensor:
+def uncertainty(probs: np.ndarray, gate: str) -> np.ndarray:
     """The per-sample statistic the gate compares with τ."""
-    _check_probs(probs)
+    p = _as_probs(probs)
     if gate == "max_prob":
-        return probs.max(dim=1).values
+        return p.max(axis=1)
     if gate == "margin":
-        if probs.shape[1] < 2:
-            return torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device)
-        top2 = probs.topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
+        if p.shape[1] < 2:
+            return np.ones(p.shape[0], dtype=p.dtype)
+        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
     if gate == "entropy":
-        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-        return ent / math.log(max(2, probs.shape[1]))
+        ent = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
+        return (ent / math.log(max(2, p.shape[1]))).astype(p.dtype)
     if gate == LEARNED:
         raise RoutingError("the learned gate scores with its fitted model: give the Router its DeferralGate")
     raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
 
 
-T = TypeVar("T", torch.Tensor, np.ndarray)
-
-
-def gate_offloads(stat: T, gate: str, tau: T | float) -> T:
+def gate_offloads(stat: np.ndarray, gate: str, tau: np.ndarray | float) -> np.ndarray:
     """The gate's one comparison: entropy and learned offload above τ, max_prob and margin below it.
 
-    Works on tensors and numpy arrays alike and broadcasts, so the live router and
-    the cached sweeps (many τ at once) share it.
+    Broadcasts, so the live router and the cached sweeps (many τ at once) share it.
     """
     if gate not in ALL_GATES:
         raise RoutingError(f"unknown gate {gate!r}; choose one of {', '.join(ALL_GATES)}")
-    out: T = stat > tau if gate in ("entropy", LEARNED) else stat < tau
-    return out
+    return np.asarray(stat > tau if gate in ("entropy", LEARNED) else stat < tau)
 
 
-def offload_mask(probs: torch.Tensor, gate: str, tau: float) -> torch.Tensor:
+def offload_mask(probs: np.ndarray, gate: str, tau: float) -> np.ndarray:
     """True where the sample should go to an expert."""
     return gate_offloads(uncertainty(probs, gate), gate, tau)
 
@@ -93,43 +90,51 @@ def _check_k(k: int, num_classes: int) -> None:
         raise RoutingError(f"top_k={k} exceeds the number of classes ({num_classes})")
 
 
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, k), classes (N, k)), best first; equal probabilities in class order."""
+    p = _as_probs(probs)
+    _check_k(k, p.shape[1])
+    classes = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(p, classes, axis=1), classes.astype(np.int64)
+
+
 def expert_scores(
-    probs: torch.Tensor, membership: torch.Tensor, k: int, scoring: str = "weighted"
-) -> tuple[torch.Tensor, torch.Tensor]:
+    probs: np.ndarray, membership: np.ndarray, k: int, scoring: str = "weighted"
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores (N, E), best_rank (N, E)): each expert's Top-k score and its best-ranked Top-k class.
 
     best_rank[n, e] is the rank (0 = top-1) of the best Top-k class expert e holds, k if none.
     """
-    _check_probs(probs)
-    if membership.ndim != 2 or membership.shape[1] != probs.shape[1]:
-        raise RoutingError(f"membership must be (experts, {probs.shape[1]}); got {tuple(membership.shape)}")
+    p = _as_probs(probs)
+    m = np.asarray(membership).astype(bool)
+    if m.ndim != 2 or m.shape[1] != p.shape[1]:
+        raise RoutingError(f"membership must be (experts, {p.shape[1]}); got {tuple(m.shape)}")
     if scoring not in SCORINGS:
         raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
-    _check_k(k, probs.shape[1])
-    top_p, top_c = probs.topk(k, dim=1)  # (N, k), sorted descending
-    held = membership.to(probs.device).T[top_c]  # (N, k, E)
-    weights = top_p if scoring == "weighted" else torch.ones_like(top_p)
-    scores = (weights.unsqueeze(-1) * held).sum(dim=1)
-    ranks = torch.arange(k, device=probs.device).view(1, k, 1).expand_as(held)
-    best_rank = torch.where(held, ranks, torch.full_like(ranks, k)).min(dim=1).values
+    top_p, top_c = top_k(p, k)  # (N, k), sorted descending
+    held = m.T[top_c]  # (N, k, E)
+    weights = top_p if scoring == "weighted" else np.ones_like(top_p)
+    scores = (weights[..., None] * held).sum(axis=1)
+    ranks = np.arange(k).reshape(1, k, 1)
+    best_rank = np.where(held, ranks, k).min(axis=1)
     return scores, best_rank
 
 
-def choose_expert(probs: torch.Tensor, membership: torch.Tensor, k: int, scoring: str = "weighted") -> torch.Tensor:
+def choose_expert(probs: np.ndarray, membership: np.ndarray, k: int, scoring: str = "weighted") -> np.ndarray:
     """Index (N,) of the expert with the highest Top-k score, ties as documented above."""
     scores, best_rank = expert_scores(probs, membership, k, scoring)
-    is_max = scores >= scores.max(dim=1, keepdim=True).values - _TIE_TOLERANCE
-    candidate_rank = torch.where(is_max, best_rank, torch.full_like(best_rank, k + 1))
-    return candidate_rank.argmin(dim=1)
+    is_max = scores >= scores.max(axis=1, keepdims=True) - _TIE_TOLERANCE
+    candidate_rank = np.where(is_max, best_rank, k + 1)
+    return candidate_rank.argmin(axis=1).astype(np.int64)
 
 
 @dataclass(frozen=True)
 class RouteDecision:
-    offload: torch.Tensor  # (N,) bool
-    expert: torch.Tensor  # (N,) long: the chosen expert (computed for every sample)
-    topk_classes: torch.Tensor  # (N, k) long
-    topk_probs: torch.Tensor  # (N, k)
-    stat: torch.Tensor  # (N,) the gate's statistic, compared with τ
+    offload: np.ndarray  # (N,) bool
+    expert: np.ndarray  # (N,) int64: the chosen expert (computed for every sample)
+    topk_classes: np.ndarray  # (N, k) int64
+    topk_probs: np.ndarray  # (N, k)
+    stat: np.ndarray  # (N,) the gate's statistic, compared with τ
 
 
 class Router:
@@ -137,17 +142,17 @@ class Router:
 
     def __init__(
         self,
-        membership: np.ndarray | torch.Tensor,
+        membership: np.ndarray,
         point: RoutingConfig | None = None,
         deferral: DeferralGate | None = None,
     ) -> None:
         point = point or RoutingConfig()
         if not isinstance(point, RoutingConfig):
             raise RoutingError(f"the operating point must be a RoutingConfig; got {type(point).__name__}")
-        m = torch.as_tensor(np.asarray(membership)).bool()
+        m = np.asarray(membership).astype(bool)
         if m.ndim != 2 or m.shape[0] < 1:
             raise RoutingError(f"membership must be a non-empty (experts, classes) matrix; got {tuple(m.shape)}")
-        if not bool(m.any(dim=0).all()):
+        if not bool(m.any(axis=0).all()):
             raise RoutingError("membership leaves some classes without an expert")
         gate, k, scoring = point.gate, point.top_k, point.scoring
         _check_k(k, m.shape[1])
@@ -187,17 +192,17 @@ class Router:
     def num_experts(self) -> int:
         return int(self.membership.shape[0])
 
-    def __call__(self, probs: torch.Tensor) -> RouteDecision:
-        if probs.ndim == 2 and probs.shape[1] != self.membership.shape[1]:
+    def __call__(self, probs: np.ndarray) -> RouteDecision:
+        p = _as_probs(probs)
+        if p.shape[1] != self.membership.shape[1]:
             raise RoutingError(
-                f"generalist gives {probs.shape[1]} classes but the partition has {self.membership.shape[1]}"
+                f"generalist gives {p.shape[1]} classes but the partition has {self.membership.shape[1]}"
             )
-        expert = choose_expert(probs, self.membership, self.k, self.scoring)
+        expert = choose_expert(p, self.membership, self.k, self.scoring)
         if self.deferral is not None:
-            score = self.deferral.score(probs.double().numpy(), self.membership.numpy(), expert.numpy())
-            stat = torch.from_numpy(score)
+            stat = self.deferral.score(p.astype(np.float64), self.membership, expert)
         else:
-            stat = uncertainty(probs, self.gate)
+            stat = uncertainty(p, self.gate)
         offload = gate_offloads(stat, self.gate, self.tau)
-        top_p, top_c = probs.topk(self.k, dim=1)
+        top_p, top_c = top_k(p, self.k)
         return RouteDecision(offload, expert, top_c, top_p, stat)

@@ -8,12 +8,13 @@ DIR/backbones/<preset>.safetensors     pretrained backbones (`train backbone`)
 DIR/generalist.safetensors (+ .json)   edge model and its metadata
 DIR/stage1.safetensors (+ .json)       shared all-class stage 1 of progressive experts
 DIR/experts/<schedule>/<id>.safetensors (+ .json)
+DIR/generalist.onnx (+ .onnx.json)     the generalist exported for the edge (`export onnx`, the demo);
+DIR/generalist.int8.onnx (+ .json)     the sidecar names the checkpoint it was exported from
 DIR/cache/logits-<hash>.npz            cached test-split outputs
 DIR/deferral_gate.json                 the learned gate (`evaluate` fits it on validation)
 DIR/report/                            report.md, CSV, JSON, PNG
 ```
 Written by stages outside this class (their paths are built where they are written):
-`DIR/generalist.onnx` and `generalist.int8.onnx` (`export onnx`, `inference.edge.onnx_path`),
 `DIR/testbed/` (`askexpert testbed`), the extracted data of a folder source under its
 `root`, and the benchmarks' files under `DIR/report/`.
 Experts live one folder per schedule so static and progressive sets sit side
@@ -96,8 +97,16 @@ class SystemDir:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
 
+    def experts_dir(self, schedule: str) -> Path:
+        """One folder per schedule, so static and progressive sets sit side by side."""
+        return self.root / "experts" / schedule
+
     def expert_path(self, schedule: str, expert_id: str) -> Path:
-        return self.root / "experts" / schedule / f"{expert_id}.safetensors"
+        return self.experts_dir(schedule) / f"{expert_id}.safetensors"
+
+    def onnx_path(self, runtime: str = "onnx") -> Path:
+        """The exported generalist: `onnx` (float32) or `onnx-int8` (dynamic INT8)."""
+        return self.root / ("generalist.int8.onnx" if runtime == "onnx-int8" else "generalist.onnx")
 
     @property
     def deferral_gate_path(self) -> Path:

@@ -1,5 +1,6 @@
 """Data sources behind one interface: `load_splits(config, system_dir)`.
 
+Importing this package costs no torch (the edge reads images through `folder`).
 Sources: `synth` (generated, the default), `cifar100` (local root, explicit
 download only) and `folder` (an image-folder tree). Every source yields
 `LabeledImages`; the validation split is carved from train by a seeded,
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from askexpert.config import DataConfig
-from askexpert.data import cifar100, folder, synth
+from askexpert.data import cifar100, folder
 from askexpert.data.base import LabeledImages, stratified_split
 from askexpert.errors import DataError
 
@@ -38,6 +39,8 @@ def data_root(cfg: DataConfig, system_dir: str | Path) -> Path:
 
 def _load_raw(cfg: DataConfig, root: Path) -> tuple[LabeledImages, LabeledImages]:
     if cfg.source == "synth":
+        from askexpert.data import synth  # generates with torch: the edge never loads a split
+
         stored = synth.stored_config(root)
         if stored is None:
             synth.write(cfg.synth, root)

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from askexpert.data import Splits, load_splits
 from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
-from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.progress import progress
+from askexpert.protocol import softmax
+from askexpert.protocol.backend import reply_from_logits
 from askexpert.system import SystemDir
 
 
@@ -101,7 +102,7 @@ def build_cache(
     generalist, _ = load_checkpoint(system.generalist_path, device)
     arrays = {"labels": test.labels, "gen_logits": predict_logits(generalist, test.images, device, desc="generalist")}
     for schedule in schedules:
-        backend = LocalExpertBackend.from_dir(system.root / "experts" / schedule, partition, device)
+        backend = LocalExpertBackend.from_dir(system.experts_dir(schedule), partition, device)
         for eid in progress(partition.expert_ids, desc=f"{schedule} experts", leave=False):
             arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
     system.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -113,10 +114,10 @@ def build_cache(
 
 def load_cache(path: Path, partition: Partition, schedules: list[str], key: str) -> LogitCache:
     with np.load(path) as data:
-        gen_logits = torch.from_numpy(data["gen_logits"])
+        gen_logits = data["gen_logits"]
         outputs = {
             s: _schedule_outputs({e: data[f"{s}/{e}"] for e in partition.expert_ids}, partition) for s in schedules
         }
         labels = data["labels"]
-    probs = gen_logits.softmax(dim=1).numpy()
+    probs = softmax(gen_logits)  # the live edge's softmax: cached and live decisions agree to the bit
     return LogitCache(labels, probs, partition, outputs, key)

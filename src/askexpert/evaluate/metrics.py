@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from askexpert.config import RoutingConfig
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
@@ -97,8 +96,7 @@ def outcomes(
 
 
 def routed_experts(cache: LogitCache, k: int, scoring: str) -> np.ndarray:
-    membership = torch.from_numpy(cache.partition.membership())
-    return choose_expert(torch.from_numpy(cache.gen_probs), membership, k, scoring).numpy()
+    return choose_expert(cache.gen_probs, cache.partition.membership(), k, scoring)
 
 
 def oracle_experts(cache: LogitCache) -> np.ndarray:
@@ -107,7 +105,7 @@ def oracle_experts(cache: LogitCache) -> np.ndarray:
 
 
 def gate_statistic(cache: LogitCache, gate: str) -> np.ndarray:
-    return uncertainty(torch.from_numpy(cache.gen_probs), gate).numpy()
+    return uncertainty(cache.gen_probs, gate)
 
 
 @dataclass

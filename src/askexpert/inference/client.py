@@ -29,12 +29,12 @@ from PIL import Image
 from askexpert.data import input_size
 from askexpert.data.folder import load_image
 from askexpert.errors import ConfigError
-from askexpert.inference.backend import BackendError, ExpertBackend, LocalExpertBackend, RefusingBackend
 from askexpert.inference.collaborative import CollaborativeClassifier
 from askexpert.inference.edge import connect, edge_classifier
 from askexpert.inference.http_backend import HttpExpertBackend
-from askexpert.models import read_meta
+from askexpert.models.meta import read_meta
 from askexpert.partition import Partition
+from askexpert.protocol.backend import BackendError, ExpertBackend, RefusingBackend
 from askexpert.system import SystemDir
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -84,7 +84,7 @@ class EdgeClient:
         token: str | None = None,
         on_mismatch: str = "fail",
         local_experts: bool = False,
-        runtime: str = "torch",
+        runtime: str = "auto",
         threads: int = 0,
         ca_file: str | Path | None = None,
     ) -> EdgeClient:
@@ -98,8 +98,15 @@ class EdgeClient:
         if server:
             backend, closer = connect(system, server, token, on_mismatch, ca_file)
         elif local_experts:
+            try:
+                from askexpert.models.local_experts import LocalExpertBackend
+            except ImportError as exc:
+                raise ConfigError(
+                    f"local experts run in torch ({exc.name} is not installed): pip install 'askexpert[train]', "
+                    "or ask a server (--server)"
+                ) from None
             part = Partition.from_json(system.partition_path)
-            backend = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+            backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
         else:
             backend = RefusingBackend(_NoServer("no expert server given: the edge answers alone"))
         classifier = edge_classifier(system, backend, runtime=runtime, threads=threads)

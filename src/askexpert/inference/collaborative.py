@@ -4,25 +4,34 @@ Per sample it returns the label, where it came from (`edge`, `expert`,
 `fallback`), the chosen expert, the generalist's Top-k, and the expert's
 confidence. When the expert answers "other" or cannot be reached, the
 generalist's label stands (source `fallback`, with the reason).
+
+The generalist is anything with `num_outputs` that maps a uint8 batch to logits:
+`models.onnx_runtime.OnnxGeneralist` on a torch-free edge, or
+`models.TorchGeneralist` where the training stack is installed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, check_images, reply_answers
-from askexpert.models import ImageClassifier, predict_logits, resolve_device
-from askexpert.models.onnx_export import OnnxGeneralist
 from askexpert.partition import Partition
-from askexpert.protocol import final_labels
+from askexpert.protocol import final_labels, softmax
+from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, check_images, reply_answers
 from askexpert.routing import Router
 
 EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
+
+
+class Generalist(Protocol):
+    """The edge model in any runtime: uint8 NHWC images in, logits (N, num_outputs) out."""
+
+    num_outputs: int
+
+    def __call__(self, images: np.ndarray, batch_size: int = ...) -> np.ndarray: ...
 
 
 @dataclass
@@ -72,11 +81,10 @@ def _check_reply(reply: ExpertReply, classes: np.ndarray, n: int) -> str:
 class CollaborativeClassifier:
     def __init__(
         self,
-        generalist: ImageClassifier | OnnxGeneralist,
+        generalist: Generalist,
         router: Router,
         partition: Partition,
         backend: ExpertBackend,
-        device: str | torch.device = "cpu",
         batch_size: int = 512,
     ) -> None:
         """`router` carries the operating point (its RoutingConfig): the gate, τ, k and the combination rule."""
@@ -90,16 +98,11 @@ class CollaborativeClassifier:
         self.router = router
         self.partition = partition
         self.backend = backend
-        self.device = resolve_device(device)
         self.batch_size = batch_size
         self._classes = partition.output_classes()
 
-    def edge_probs(self, images: np.ndarray) -> torch.Tensor:
-        if isinstance(self.generalist, OnnxGeneralist):
-            logits = self.generalist(images, self.batch_size)
-        else:
-            logits = predict_logits(self.generalist, images, self.device, self.batch_size)
-        return torch.from_numpy(logits).softmax(dim=1)
+    def edge_probs(self, images: np.ndarray) -> np.ndarray:
+        return softmax(self.generalist(images, self.batch_size))
 
     def __call__(self, images: np.ndarray) -> Predictions:
         check_images(images)
@@ -107,7 +110,7 @@ class CollaborativeClassifier:
         probs = self.edge_probs(images)
         decision = self.router(probs)
         edge_ms = (time.perf_counter() - start) * 1e3
-        gen_labels = probs.argmax(dim=1).numpy().astype(np.int64)
+        gen_labels = probs.argmax(axis=1).astype(np.int64)
         n = len(images)
         labels = gen_labels.copy()
         source = np.full(n, EDGE, dtype=object)
@@ -115,8 +118,8 @@ class CollaborativeClassifier:
         reason = np.full(n, "", dtype=object)
         confidence = np.full(n, np.nan, dtype=np.float32)
         info: list[dict[str, float]] = [{} for _ in range(n)]
-        offload = decision.offload.numpy()
-        chosen = decision.expert.numpy()
+        offload = decision.offload
+        chosen = decision.expert
         for e in np.unique(chosen[offload]):
             idx = np.flatnonzero(offload & (chosen == e))
             eid = self.partition.expert_ids[int(e)]
@@ -137,9 +140,7 @@ class CollaborativeClassifier:
                     info[i] = share
             try:
                 point = self.router.point
-                answers = reply_answers(
-                    reply, self._classes[int(e)], probs.numpy()[idx], point.combine, point.mix_weight
-                )
+                answers = reply_answers(reply, self._classes[int(e)], probs[idx], point.combine, point.mix_weight)
             except BackendError as exc:
                 source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {exc}"
                 continue
@@ -154,8 +155,8 @@ class CollaborativeClassifier:
             expert.astype(str),
             reason.astype(str),
             gen_labels,
-            decision.topk_classes.numpy().astype(np.int64),
-            decision.topk_probs.numpy().astype(np.float32),
+            decision.topk_classes,
+            decision.topk_probs.astype(np.float32),
             confidence,
             info,
             edge_ms,

@@ -16,27 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from askexpert.data import LabeledImages, input_size
 from askexpert.deferral import DeferralGate
-from askexpert.errors import ConfigError
+from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
-from askexpert.inference.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
-from askexpert.inference.collaborative import CollaborativeClassifier
+from askexpert.inference.collaborative import CollaborativeClassifier, Generalist
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
-from askexpert.models import ImageClassifier, load_checkpoint, read_meta
-from askexpert.models.onnx_export import OnnxGeneralist
+from askexpert.models.meta import read_meta
+from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from
 from askexpert.partition import Partition
 from askexpert.progress import progress
+from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
 from askexpert.routing import LEARNED, Router
 from askexpert.system import SystemDir
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
-
-
-def onnx_path(system: SystemDir, runtime: str) -> Path:
-    return system.root / ("generalist.int8.onnx" if runtime == "onnx-int8" else "generalist.onnx")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
 
 def connect(
@@ -134,27 +129,53 @@ def system_router(system: SystemDir, part: Partition | None = None) -> Router:
     return Router(part.membership(), rc, deferral)
 
 
+def edge_runtime(system: SystemDir, runtime: str = "auto") -> str:
+    """`auto`: the exported ONNX generalist when the system has a current one, else the checkpoint in torch."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    path = system.onnx_path("onnx")
+    current = path.is_file() and exported_from(path) == read_meta(system.generalist_path).sha256
+    return "onnx" if current else "torch"
+
+
+def load_generalist(system: SystemDir, runtime: str = "auto", device: str = "cpu", threads: int = 0) -> Generalist:
+    """The system's generalist in an edge runtime; an ONNX export older than the checkpoint is refused."""
+    if threads < 0:
+        raise ConfigError(f"threads must be ≥ 0, got {threads}")
+    runtime = edge_runtime(system, runtime)
+    if runtime == "torch":
+        try:
+            from askexpert.models import TorchGeneralist, load_checkpoint
+        except ImportError as exc:
+            raise ConfigError(
+                f"the torch runtime needs the training stack ({exc.name} is not installed): "
+                "pip install 'askexpert[train]', or run the exported generalist (`askexpert export onnx`)"
+            ) from None
+        model, _ = load_checkpoint(system.generalist_path, device)
+        return TorchGeneralist(model, device, threads)
+    path = system.onnx_path(runtime)
+    made_from, now = exported_from(path), read_meta(system.generalist_path).sha256
+    if path.is_file() and made_from != now:
+        raise CheckpointError(
+            f"{path}: exported from another generalist than {system.generalist_path.name} "
+            f"({(made_from or 'unknown')[:12]}, now {now[:12]}); re-export it with `askexpert export onnx`"
+        )
+    return OnnxGeneralist(path, threads)
+
+
 def edge_classifier(
-    system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "torch", threads: int = 0
+    system: SystemDir, backend: ExpertBackend, device: str = "cpu", runtime: str = "auto", threads: int = 0
 ) -> CollaborativeClassifier:
     """The generalist (in the chosen runtime), router and partition of a system, wired to `backend`.
 
     `threads` > 0 limits the generalist's compute threads, to behave like an edge
     board with that many cores (0: the runtime's default).
     """
-    if threads < 0:
-        raise ConfigError(f"threads must be ≥ 0, got {threads}")
+    generalist = load_generalist(system, runtime, device, threads)
     part = Partition.from_json(system.partition_path)
-    generalist: ImageClassifier | OnnxGeneralist
-    if runtime == "torch":
-        if threads:
-            torch.set_num_threads(threads)
-        generalist, _ = load_checkpoint(system.generalist_path, device)
-    elif runtime in RUNTIMES:
-        generalist = OnnxGeneralist(onnx_path(system, runtime), threads)
-    else:
-        raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    return CollaborativeClassifier(generalist, system_router(system, part), part, backend, device)
+    return CollaborativeClassifier(generalist, system_router(system, part), part, backend)
 
 
 def run_edge(

@@ -20,8 +20,8 @@ import numpy as np
 
 from askexpert.config import ServingConfig
 from askexpert.errors import ConfigError
-from askexpert.inference.backend import BackendError, ExpertReply, check_images
 from askexpert.partition import Partition
+from askexpert.protocol.backend import BackendError, ExpertReply, check_images
 from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, encode_images
 
 

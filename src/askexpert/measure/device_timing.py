@@ -86,7 +86,8 @@ def batch1_latency(preset_name: str, repeats: int = 30, onnx: bool = True) -> di
     per-op overhead, not arithmetic, so a bigger edge model must not slow the edge unnoticed.
     """
     from askexpert.models import create_model, get_preset
-    from askexpert.models.onnx_export import OnnxGeneralist, export_onnx
+    from askexpert.models.onnx_export import export_onnx
+    from askexpert.models.onnx_runtime import OnnxGeneralist
 
     preset = get_preset(preset_name)
     model = create_model(preset_name, 100).eval()

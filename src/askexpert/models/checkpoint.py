@@ -1,4 +1,4 @@
-"""Checkpoints: weights as safetensors (no pickle), facts as a JSON sidecar.
+"""Checkpoints: weights as safetensors (no pickle), facts as a JSON sidecar (`models.meta`).
 
 `<name>.safetensors` holds the backbone's state dict; `<name>.json` holds what
 the weights mean: the preset, the global class id behind each output (an
@@ -9,12 +9,9 @@ truncated or swapped file is caught on load with a message naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import timm
@@ -22,51 +19,9 @@ import torch
 from safetensors import SafetensorError
 
 from askexpert import __version__
-from askexpert.errors import CheckpointError, CheckpointVersionWarning
+from askexpert.errors import CheckpointError
+from askexpert.models.meta import FORMAT, CheckpointMeta, file_sha256, meta_path, read_meta
 from askexpert.models.registry import ImageClassifier, create_model
-
-FORMAT = "askexpert.checkpoint/1"
-
-
-def _major_minor(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-@dataclass
-class CheckpointMeta:
-    """What a weights file means. `classes[i]` is the global class of output i (-1: "other")."""
-
-    role: str
-    preset: str
-    classes: list[int]
-    expert_id: str | None = None
-    schedule: str | None = None
-    seed: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    sha256: str = ""
-    format: str = FORMAT
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.classes)
-
-
-def meta_path(weights: str | Path) -> Path:
-    return Path(weights).with_suffix(".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(model: ImageClassifier, path: str | Path, meta: CheckpointMeta) -> CheckpointMeta:
@@ -88,47 +43,6 @@ def save_checkpoint(model: ImageClassifier, path: str | Path, meta: CheckpointMe
     side.with_suffix(".json.tmp").write_text(json.dumps(asdict(meta), indent=1))
     side.with_suffix(".json.tmp").replace(side)
     return meta
-
-
-def read_meta(path: str | Path) -> CheckpointMeta:
-    side = meta_path(path)
-    if not side.is_file():
-        raise CheckpointError(f"{side}: checkpoint metadata missing (expected beside {Path(path).name})")
-    try:
-        raw = json.loads(side.read_text())
-        meta = CheckpointMeta(**raw)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{side}: malformed checkpoint metadata: {exc}") from None
-    if meta.format != FORMAT:
-        raise CheckpointError(f"{side}: format {meta.format!r}, expected {FORMAT!r}")
-    check_versions(side, meta)
-    return meta
-
-
-def check_versions(side: Path, meta: CheckpointMeta) -> None:
-    """A newer askexpert's checkpoint is refused; another torch/timm release only warns.
-
-    Shapes are checked on load either way, but a model definition that changed
-    between timm releases can load cleanly and compute something else, so the
-    user is told which releases differ.
-    """
-    written = meta.versions.get("askexpert")
-    if written and _major_minor(written) > _major_minor(__version__):
-        raise CheckpointError(
-            f"{side}: written by askexpert {written}, newer than this askexpert {__version__}; upgrade askexpert"
-        )
-    installed = {"torch": torch.__version__, "timm": timm.__version__}
-    differ = [
-        f"{lib} {meta.versions[lib]} (now {now})"
-        for lib, now in installed.items()
-        if lib in meta.versions and _major_minor(meta.versions[lib]) != _major_minor(now)
-    ]
-    if differ:
-        warnings.warn(
-            f"{side}: written under {', '.join(differ)}; shapes match, but check accuracy before trusting it",
-            CheckpointVersionWarning,
-            stacklevel=3,
-        )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, CheckpointMeta]:

@@ -1,4 +1,4 @@
-"""The generalist as ONNX for an edge runtime (ONNX Runtime), optionally INT8.
+"""Export the generalist as ONNX for an edge runtime (ONNX Runtime), optionally INT8.
 
 The exported graph takes the same uint8 NHWC batch as `ImageClassifier` (the
 resize/normalise is inside), with a dynamic batch dimension. INT8 uses ONNX
@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.errors import CheckpointError
 from askexpert.models.registry import ImageClassifier
 
 
@@ -49,33 +48,6 @@ def quantize_int8(source: str | Path, target: str | Path) -> Path:
     finally:
         root.setLevel(level)
     return Path(target)
-
-
-class OnnxGeneralist:
-    """An edge model run by ONNX Runtime; call it with uint8 NHWC images, get logits."""
-
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: ONNX model not found; create it with `askexpert export onnx`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise CheckpointError(f"{path}: not a loadable ONNX model: {exc}") from None
-        self.path = path
-        self.num_outputs = int(self.session.get_outputs()[0].shape[-1])
-
-    def __call__(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        outs = [
-            self.session.run(["logits"], {"images": np.ascontiguousarray(images[i : i + batch_size])})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(outs).astype(np.float32)
 
 
 def compare_runtimes(

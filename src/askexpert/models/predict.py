@@ -54,3 +54,20 @@ def predict_logits(
             logits = model(batch)
         out[start : start + len(batch)] = logits.float().cpu().numpy()
     return out
+
+
+class TorchGeneralist:
+    """A checkpoint's model behind the edge's generalist interface (`num_outputs`, images → logits).
+
+    The edge's other runtime is `models.onnx_runtime.OnnxGeneralist`; the classifier takes either.
+    """
+
+    def __init__(self, model: ImageClassifier, device: str | torch.device = "cpu", threads: int = 0) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model
+        self.device = resolve_device(device)
+        self.num_outputs = model.num_outputs
+
+    def __call__(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return predict_logits(self.model, images, self.device, batch_size)

@@ -36,11 +36,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from askexpert.config import ServingConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError
-from askexpert.inference.backend import LocalExpertBackend, reply_from_logits
 from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.models import CheckpointMeta, resolve_device
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
+from askexpert.protocol.backend import reply_from_logits
 from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, WireError, decode_images
 from askexpert.serving.admission import Admission, Refused, Ticket
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
@@ -191,9 +192,7 @@ class ExpertService(ServiceBase):
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
         part = Partition.from_json(system.partition_path)
-        backend = LocalExpertBackend.from_dir(
-            system.root / "experts" / (schedule or cfg.serving.schedule), part, device
-        )
+        backend = LocalExpertBackend.from_dir(system.experts_dir(schedule or cfg.serving.schedule), part, device)
         service = cls(backend, part, input_size(cfg.data), cfg.serving)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         return service

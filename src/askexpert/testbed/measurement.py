@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from askexpert.data import Splits, load_splits
-from askexpert.inference.backend import BackendError, LocalExpertBackend, reply_answers
 from askexpert.inference.edge import system_router
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
+from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.progress import progress
-from askexpert.protocol import OTHER
+from askexpert.protocol import OTHER, softmax
+from askexpert.protocol.backend import BackendError, reply_answers
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
 from askexpert.testbed.spec import EDGE_REPEATS, SampleMeasurement, TestbedSpec
@@ -65,7 +66,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
-    local = LocalExpertBackend.from_dir(system.root / "experts" / cfg.serving.schedule, part)
+    local = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
     remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -81,12 +82,12 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
         for i in progress(range(len(images)), desc="testbed", unit="sample", leave=False):
             img = images[i : i + 1]
             gen_s, logits = _best_of(EDGE_REPEATS, predict_logits, generalist, img)
-            probs = torch.from_numpy(logits).softmax(dim=1)
+            probs = softmax(logits)
             route_s, decision = _best_of(EDGE_REPEATS, router, probs)
             gen_s += route_s
             eid = part.expert_ids[int(decision.expert[0])]
             local_s, local_reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
-            gen_probs = probs.numpy()
+            gen_probs = probs
             local_label = int(reply_answers(local_reply, classes[eid], gen_probs, rc.combine, rc.mix_weight)[0])
             t0 = time.perf_counter()
             error, info = None, {}

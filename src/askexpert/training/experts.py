@@ -36,7 +36,7 @@ from askexpert.models import (
 )
 from askexpert.models.checkpoint import file_sha256
 from askexpert.partition import Partition
-from askexpert.protocol import OTHER
+from askexpert.protocol import OTHER, softmax
 from askexpert.routing import choose_expert
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
@@ -143,13 +143,13 @@ def routing_pools(
             f"{system.generalist_path}: this schedule routes with the generalist; run `askexpert train generalist`"
         )
     model, meta = load_checkpoint(system.generalist_path, device)
-    membership = torch.from_numpy(part.membership())
+    membership = part.membership()
     k = min(cfg.routing.top_k, part.num_classes)
     routed, deployed = [], []
     chosen = {}
     for name, split in (("train", train), ("val", val)):
-        probs = torch.from_numpy(predict_logits(model, split.images, device, desc=f"routing {name}")).softmax(1)
-        chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring).numpy()
+        probs = softmax(predict_logits(model, split.images, device, desc=f"routing {name}"))
+        chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring)
     for e, subset in enumerate(part.subsets):
         outside_train = ~np.isin(train.labels, subset)
         routed.append(np.flatnonzero((chosen["train"] == e) & outside_train))

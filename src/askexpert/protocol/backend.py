@@ -1,24 +1,22 @@
 """ExpertBackend: how the edge asks an expert, wherever the expert runs.
 
-The classifier only needs `predict(expert_id, images) -> ExpertReply`; the
-in-process backend below runs the experts' checkpoints directly, and
-`HttpExpertBackend` asks a server over HTTP (whichever engine, plain or Ray
-Serve, answers behind it).
+The classifier only needs `predict(expert_id, images) -> ExpertReply`.
+`models.local_experts.LocalExpertBackend` runs the experts' checkpoints in the
+calling process (the server, the evaluation, `classify --local-experts`), and
+`inference.http_backend.HttpExpertBackend` asks a server over HTTP (whichever
+engine, plain or Ray Serve, answers behind it). This module is the contract
+between them and imports neither torch nor either side.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from askexpert.errors import AskExpertError, CheckpointError, RoutingError
-from askexpert.models import CheckpointMeta, ImageClassifier, load_checkpoint, predict_logits, resolve_device
-from askexpert.partition import Partition
-from askexpert.protocol import OTHER, expert_answer, softmax
+from askexpert.errors import AskExpertError, RoutingError
+from askexpert.protocol.answers import expert_answer, softmax
 
 
 class BackendError(AskExpertError):
@@ -86,42 +84,3 @@ def check_images(images: np.ndarray, size: int | None = None) -> None:
         )
     if size is not None and images.shape[1:3] != (size, size):
         raise RoutingError(f"images are {images.shape[1]}×{images.shape[2]}, the models expect {size}×{size}")
-
-
-class LocalExpertBackend:
-    """Experts loaded in this process (the near-edge server uses this too)."""
-
-    def __init__(self, experts: dict[str, tuple[ImageClassifier, CheckpointMeta]], device: str | torch.device = "cpu"):
-        self.experts = experts
-        self.device = resolve_device(device)
-        self._classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in experts.items()}
-
-    @classmethod
-    def from_dir(
-        cls, folder: str | Path, partition: Partition, device: str | torch.device = "cpu"
-    ) -> LocalExpertBackend:
-        """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree."""
-        folder = Path(folder)
-        experts = {}
-        for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
-            model, meta = load_checkpoint(folder / f"{eid}.safetensors", device)
-            if tuple(meta.classes[:-1]) != subset or meta.classes[-1] != OTHER:
-                raise CheckpointError(
-                    f"{folder / eid}.safetensors: trained for classes {meta.classes[:-1]}, "
-                    f"but the partition gives expert {eid!r} {list(subset)}; retrain the experts"
-                )
-            experts[eid] = (model, meta)
-        return cls(experts, device)
-
-    @property
-    def expert_ids(self) -> tuple[str, ...]:
-        return tuple(self.experts)
-
-    def logits(self, expert_id: str, images: np.ndarray) -> np.ndarray:
-        if expert_id not in self.experts:
-            raise RoutingError(f"unknown expert {expert_id!r}; known: {', '.join(self.experts)}")
-        check_images(images)
-        return predict_logits(self.experts[expert_id][0], images, self.device)
-
-    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
-        return reply_from_logits(self.logits(expert_id, images), self._classes[expert_id])

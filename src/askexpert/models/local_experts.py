@@ -1,0 +1,56 @@
+"""Experts run in this process: the server's engines, the evaluation and `classify --local-experts`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from askexpert.errors import CheckpointError, RoutingError
+from askexpert.models.checkpoint import load_checkpoint
+from askexpert.models.meta import CheckpointMeta
+from askexpert.models.predict import predict_logits, resolve_device
+from askexpert.models.registry import ImageClassifier
+from askexpert.partition import Partition
+from askexpert.protocol.answers import OTHER
+from askexpert.protocol.backend import ExpertReply, check_images, reply_from_logits
+
+
+class LocalExpertBackend:
+    """Experts loaded in this process (the near-edge server uses this too)."""
+
+    def __init__(self, experts: dict[str, tuple[ImageClassifier, CheckpointMeta]], device: str | torch.device = "cpu"):
+        self.experts = experts
+        self.device = resolve_device(device)
+        self._classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, (_, meta) in experts.items()}
+
+    @classmethod
+    def from_dir(
+        cls, folder: str | Path, partition: Partition, device: str | torch.device = "cpu"
+    ) -> LocalExpertBackend:
+        """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree."""
+        folder = Path(folder)
+        experts = {}
+        for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
+            model, meta = load_checkpoint(folder / f"{eid}.safetensors", device)
+            if tuple(meta.classes[:-1]) != subset or meta.classes[-1] != OTHER:
+                raise CheckpointError(
+                    f"{folder / eid}.safetensors: trained for classes {meta.classes[:-1]}, "
+                    f"but the partition gives expert {eid!r} {list(subset)}; retrain the experts"
+                )
+            experts[eid] = (model, meta)
+        return cls(experts, device)
+
+    @property
+    def expert_ids(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+    def logits(self, expert_id: str, images: np.ndarray) -> np.ndarray:
+        if expert_id not in self.experts:
+            raise RoutingError(f"unknown expert {expert_id!r}; known: {', '.join(self.experts)}")
+        check_images(images)
+        return predict_logits(self.experts[expert_id][0], images, self.device)
+
+    def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
+        return reply_from_logits(self.logits(expert_id, images), self._classes[expert_id])

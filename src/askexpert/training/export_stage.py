@@ -1,0 +1,34 @@
+"""Leave the generalist in the system directory as ONNX, for the torch-free edge (`askexpert export onnx`).
+
+Each file gets a sidecar naming the checkpoint it came from; a current export
+is kept, so the demo's rerun costs nothing and an edge never runs a stale one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from askexpert.data import input_size
+from askexpert.models import load_checkpoint, read_meta
+from askexpert.models.onnx_export import export_onnx, quantize_int8
+from askexpert.models.onnx_runtime import exported_from, source_path
+from askexpert.system import SystemDir
+
+
+def export_generalist(system: SystemDir, int8: bool = True, force: bool = False) -> list[Path]:
+    """The generalist as `generalist.onnx` (and `generalist.int8.onnx`); returns the paths written or kept."""
+    sha = read_meta(system.generalist_path).sha256
+    runtimes = ["onnx", "onnx-int8"] if int8 else ["onnx"]
+    paths = [system.onnx_path(r) for r in runtimes]
+    if not force and all(p.is_file() and exported_from(p) == sha for p in paths):
+        return paths
+    model, _ = load_checkpoint(system.generalist_path)
+    fp32 = export_onnx(model, paths[0], input_size(system.config().data))
+    if int8:
+        quantize_int8(fp32, paths[1])
+    for path in paths:  # the sidecars last: a crash before them leaves an export the edge refuses
+        tmp = source_path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"generalist_sha256": sha, "source": system.generalist_path.name}, indent=1))
+        tmp.replace(source_path(path))
+    return paths
