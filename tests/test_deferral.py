@@ -128,8 +128,9 @@ def learned_system(trained_system: Path, tmp_path_factory: pytest.TempPathFactor
 def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(learned_system: Path) -> None:
     from askexpert.data import load_splits
     from askexpert.evaluate.run import evaluate_system
-    from askexpert.inference.edge import edge_classifier, system_router
+    from askexpert.inference.edge import edge_classifier
     from askexpert.models.local_experts import LocalExpertBackend
+    from askexpert.routing import system_router
     from askexpert.system import SystemDir
 
     system = SystemDir.open(learned_system)

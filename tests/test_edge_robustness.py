@@ -13,6 +13,7 @@ from askexpert.config import ServingConfig
 from askexpert.inference.http_backend import CircuitBreaker, HandshakeError, HttpExpertBackend, _reply
 from askexpert.partition import Partition
 from askexpert.protocol.backend import BackendError, ExpertReply
+from askexpert.protocol.http import API_VERSION, EXPERTS_PATH, ExpertInfo, Handshake
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 from conftest import ServerProcess
@@ -38,22 +39,67 @@ def test_circuit_breaker_opens_half_opens_and_closes(monkeypatch: pytest.MonkeyP
     assert breaker.allow() and breaker.failures == 0 and breaker.opened_at is None
 
 
+_GOOD_REPLY = {
+    "expert": "e0",
+    "labels": [1],
+    "other": [False],
+    "confidence": [0.5],
+    "probs": [[0.5, 0.5]],
+    "timing": {"queue_ms": 1.0, "compute_ms": 2.0, "batch_size": 4},
+}
+
+
 @pytest.mark.parametrize(
-    ("doc", "fragment"),
+    ("change", "fragment"),
     [
-        ({"labels": 5, "confidence": [0.5]}, "malformed server reply"),
-        ({"labels": [1, 2], "confidence": [0.5]}, "malformed server reply"),
-        ({"confidence": [0.5]}, "malformed server reply"),
-        ({"labels": [1], "confidence": [0.5], "timing": "soon"}, "malformed server reply"),
-        ({"labels": [1], "confidence": [0.5], "probs": [1, 2]}, "probs of shape"),
-        ("not json", "malformed server reply"),
+        ({"labels": 5}, r"labels: Input should be a valid (list|array)"),
+        ({"labels": [1, 2]}, r"labels \(2,\), confidence \(1,\) for 1 images"),
+        ({"labels": None}, r"labels: Input should be a valid (list|array)"),
+        ({"timing": "soon"}, r"timing: Input should be an object"),
+        ({"timing": {"queue_ms": 1.0}}, r"timing.compute_ms: Field required \(1 more\)"),
+        ({"probs": [1, 2]}, r"probs.0: Input should be a valid (list|array)"),
+        ({"probs": [[0.5, 0.5], [0.5, 0.5]]}, r"probs of shape \(2, 2\) for 1 images"),
+        ({"probs": [[0.5, 0.5, 0.1], [0.5]]}, r"probs rows differ in length"),
+        ("not json", r"malformed server reply: \(the body\): Invalid JSON"),
     ],
 )
-def test_malformed_replies_are_backend_errors(doc: object, fragment: str) -> None:
-    content = doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()
-    response = httpx.Response(200, content=content)
+def test_malformed_replies_are_backend_errors(change: object, fragment: str) -> None:
+    """Every defect is refused with the field named; the untouched reply parses (the cases can fail)."""
+    good = _reply(httpx.Response(200, content=json.dumps(_GOOD_REPLY).encode()), 1, 100, 0.0, 1.0, 0)
+    assert good.labels.tolist() == [1] and good.info["compute_ms"] == 2.0 and good.info["batch_size"] == 4
+    content = change.encode() if isinstance(change, str) else json.dumps(_GOOD_REPLY | change).encode()  # type: ignore[operator]
     with pytest.raises(BackendError, match=fragment):
-        _reply(response, 1, 100, 0.0, 1.0, 0)
+        _reply(httpx.Response(200, content=content), 1, 100, 0.0, 1.0, 0)
+
+
+def test_a_server_of_another_api_version_or_shape_is_refused() -> None:
+    part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
+    doc = Handshake(
+        api="v2", image_size=32, experts=[ExpertInfo(id="e0", classes=[0, 1]), ExpertInfo(id="e1", classes=[2, 3])]
+    )
+    asked: list[str] = []
+
+    def answer(body: bytes) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            asked.append(request.url.path)
+            return httpx.Response(200, content=body)
+
+        return httpx.MockTransport(handler)
+
+    backend = HttpExpertBackend("http://edge.invalid", ServingConfig())
+    backend.client = httpx.Client(transport=answer(doc.model_dump_json().encode()))
+    with pytest.raises(HandshakeError, match=f"speaks API 'v2', this edge '{API_VERSION}'"):
+        backend.handshake(part, 32)
+    backend.client = httpx.Client(
+        transport=answer(doc.model_copy(update={"api": API_VERSION}).model_dump_json().encode())
+    )
+    assert backend.handshake(part, 32).experts[1].classes == [2, 3]  # the same message, one version: accepted
+    backend.client = httpx.Client(transport=answer(b'{"api": "v1", "image_size": "big", "experts": []}'))
+    with pytest.raises(
+        HandshakeError, match="malformed /v1/experts reply: image_size: Input should be a valid integer"
+    ):
+        backend.handshake(part, 32)
+    assert asked == [EXPERTS_PATH] * 3
 
 
 class _Liar:

@@ -144,10 +144,10 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
 def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: Path, schedule: str) -> None:
     summary = json.loads((trained_system / "report" / "summary.json").read_text())
     from askexpert.config import RoutingConfig
+    from askexpert.deferral import gate_fingerprint
     from askexpert.evaluate.cache import build_cache
     from askexpert.evaluate.gates import fit_gate
     from askexpert.inference.collaborative import CollaborativeClassifier
-    from askexpert.inference.edge import gate_fingerprint
     from askexpert.routing import Router
 
     point = RoutingConfig(**summary["chosen_on_validation"][schedule])

@@ -14,6 +14,7 @@ from askexpert.inference.edge import edge_classifier, run_edge
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
+from askexpert.protocol.http import API_VERSION, Handshake
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.system import SystemDir
 from conftest import ServerProcess, StepMeter
@@ -25,6 +26,7 @@ def _test_split(root: Path):
 
 def test_lists_experts_and_health(server: ServerProcess, trained_system: Path) -> None:
     doc = httpx.get(f"{server.url}/v1/experts").json()
+    assert Handshake.model_validate(doc).api == API_VERSION  # the server sends the protocol's own message
     part = Partition.from_json(trained_system / "partition.json")
     assert [e["id"] for e in doc["experts"]] == list(part.expert_ids)
     assert [tuple(e["classes"]) for e in doc["experts"]] == list(part.subsets)

@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 
 from askexpert.errors import CheckpointError, RoutingError
+from askexpert.fingerprint import fingerprint
+from askexpert.models.meta import read_meta
+from askexpert.partition import Partition
 from askexpert.protocol import final_labels
+from askexpert.system import SystemDir
 
 FORMAT = "askexpert-deferral-gate/1"
 BREAK, SAME, FIX = 0, 1, 2
@@ -80,7 +84,7 @@ class DeferralGate:
 
     k: int
     scoring: str
-    fitted_on: str  # fingerprint of the generalist, partition and expert set (`inference.edge.gate_fingerprint`)
+    fitted_on: str  # fingerprint of the generalist, partition and expert set (`gate_fingerprint`)
     mean: np.ndarray  # (F,)
     scale: np.ndarray  # (F,)
     coef: np.ndarray  # (O, F), one row per outcome in `outcomes` (one row when fewer than 3 were seen)
@@ -176,3 +180,11 @@ class DeferralGate:
             )
         except (ValueError, KeyError, TypeError, AttributeError, RoutingError) as exc:
             raise CheckpointError(f"{path}: not a deferral gate file: {exc}") from None
+
+
+def gate_fingerprint(system: SystemDir, schedule: str) -> str:
+    """What a deferral gate depends on: the generalist, the partition and the served schedule's experts."""
+    part = Partition.from_json(system.partition_path)
+    shas = [read_meta(system.generalist_path).sha256]
+    shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
+    return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])

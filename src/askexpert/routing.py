@@ -28,8 +28,10 @@ from typing import Literal, cast
 import numpy as np
 
 from askexpert.config import RoutingConfig
-from askexpert.deferral import DeferralGate
+from askexpert.deferral import DeferralGate, gate_fingerprint
 from askexpert.errors import RoutingError
+from askexpert.partition import Partition
+from askexpert.system import SystemDir
 
 Gate = Literal["max_prob", "margin", "entropy", "learned"]
 Scoring = Literal["weighted", "count"]
@@ -206,3 +208,16 @@ class Router:
         offload = gate_offloads(stat, self.gate, self.tau)
         top_p, top_c = top_k(p, self.k)
         return RouteDecision(offload, expert, top_c, top_p, stat)
+
+
+def system_router(system: SystemDir, part: Partition | None = None) -> Router:
+    """The config's operating point as a Router; `gate: learned` loads the fitted gate and refuses a stale one."""
+    cfg = system.config()
+    rc = cfg.routing
+    part = part or Partition.from_json(system.partition_path)
+    deferral = None
+    if rc.gate == LEARNED:
+        path = system.deferral_gate_path
+        deferral = DeferralGate.from_json(path)
+        deferral.check(gate_fingerprint(system, cfg.serving.schedule), rc.top_k, rc.scoring, origin=str(path))
+    return Router(part.membership(), rc, deferral)

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from askexpert.deferral import DeferralGate, edge_features, outcome_labels
+from askexpert.deferral import DeferralGate, edge_features, gate_fingerprint, outcome_labels
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
 from askexpert.evaluate.metrics import GateStats, routed_experts
-from askexpert.inference.edge import gate_fingerprint
 from askexpert.system import SystemDir
 
 FOLDS = 5

@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 
 from askexpert.data import LabeledImages, input_size
-from askexpert.deferral import DeferralGate
 from askexpert.errors import CheckpointError, ConfigError
-from askexpert.fingerprint import fingerprint
 from askexpert.inference.collaborative import CollaborativeClassifier, Generalist
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
 from askexpert.models.meta import read_meta
@@ -28,7 +26,7 @@ from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from
 from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
-from askexpert.routing import LEARNED, Router
+from askexpert.routing import system_router
 from askexpert.system import SystemDir
 
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
@@ -106,27 +104,6 @@ class PendingHandshake:
                 raise self.error
             raise ServerUnreachable(f"{self.error}; retrying the handshake every {self.retry_s:g} s")
         return self.http.predict(expert_id, images)
-
-
-def gate_fingerprint(system: SystemDir, schedule: str) -> str:
-    """What a deferral gate depends on: the generalist, the partition and the served schedule's experts."""
-    part = Partition.from_json(system.partition_path)
-    shas = [read_meta(system.generalist_path).sha256]
-    shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
-    return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])
-
-
-def system_router(system: SystemDir, part: Partition | None = None) -> Router:
-    """The config's operating point as a Router; `gate: learned` loads the fitted gate and refuses a stale one."""
-    cfg = system.config()
-    rc = cfg.routing
-    part = part or Partition.from_json(system.partition_path)
-    deferral = None
-    if rc.gate == LEARNED:
-        path = system.deferral_gate_path
-        deferral = DeferralGate.from_json(path)
-        deferral.check(gate_fingerprint(system, cfg.serving.schedule), rc.top_k, rc.scoring, origin=str(path))
-    return Router(part.membership(), rc, deferral)
 
 
 def edge_runtime(system: SystemDir, runtime: str = "auto") -> str:

@@ -13,16 +13,25 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from askexpert.config import ServingConfig
 from askexpert.errors import ConfigError
 from askexpert.partition import Partition
 from askexpert.protocol.backend import BackendError, ExpertReply, check_images
-from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, encode_images
+from askexpert.protocol.http import (
+    API_VERSION,
+    BUDGET_HEADER,
+    EXPERTS_PATH,
+    ErrorReply,
+    Handshake,
+    PredictReply,
+    predict_path,
+)
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 
 
 @dataclass
@@ -97,7 +106,7 @@ class HttpExpertBackend:
     def close(self) -> None:
         self.client.close()
 
-    def handshake(self, partition: Partition, image_size: int, sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    def handshake(self, partition: Partition, image_size: int, sha256: dict[str, str] | None = None) -> Handshake:
         """Check that the server holds this edge's experts: ids, class subsets, image size, and weights.
 
         Raises `HandshakeError` listing every difference, so a server with retrained or
@@ -106,20 +115,22 @@ class HttpExpertBackend:
         also pins the exact weights.
         """
         try:
-            response = self.client.get(f"{self.url}/v1/experts")
+            response = self.client.get(f"{self.url}{EXPERTS_PATH}")
         except httpx.HTTPError as exc:
             detail = f": {str(exc)[:160]}" if str(exc) else ""
             raise ServerUnreachable(f"handshake: {self.url} unreachable: {type(exc).__name__}{detail}") from None
         if response.status_code != 200:
             raise BackendError(
-                f"handshake: {self.url}/v1/experts answered {response.status_code}: {_message(response)}"
+                f"handshake: {self.url}{EXPERTS_PATH} answered {response.status_code}: {_message(response)}"
             )
         try:
-            doc = response.json()
-            served = {str(e["id"]): e for e in doc["experts"]}
-            size = int(doc["image_size"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HandshakeError(f"handshake: malformed /v1/experts reply: {exc}") from None
+            doc = Handshake.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise HandshakeError(f"handshake: malformed {EXPERTS_PATH} reply: {_first_problem(exc)}") from None
+        if doc.api != API_VERSION:
+            raise HandshakeError(f"handshake: {self.url} speaks API {doc.api!r}, this edge {API_VERSION!r}")
+        served = {e.id: e for e in doc.experts}
+        size = doc.image_size
         problems = []
         if size != image_size:
             problems.append(f"server expects {size}×{size} images, this edge sends {image_size}×{image_size}")
@@ -128,18 +139,17 @@ class HttpExpertBackend:
         if missing or extra:
             problems.append(f"experts differ: the server lacks {missing}, has extra {extra}")
         for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
-            if eid in served and [int(c) for c in served[eid].get("classes", [])] != list(subset):
+            if eid in served and served[eid].classes != list(subset):
                 problems.append(
-                    f"expert {eid} serves classes {served[eid].get('classes')}, partition.json says {list(subset)}"
+                    f"expert {eid} serves classes {served[eid].classes}, partition.json says {list(subset)}"
                 )
-            if sha256 and eid in served and eid in sha256 and served[eid].get("sha256") != sha256[eid]:
+            if sha256 and eid in served and eid in sha256 and served[eid].sha256 != sha256[eid]:
                 problems.append(
-                    f"expert {eid} weights differ "
-                    f"(server {str(served[eid].get('sha256'))[:12]}, edge {sha256[eid][:12]})"
+                    f"expert {eid} weights differ (server {served[eid].sha256[:12]}, edge {sha256[eid][:12]})"
                 )
         if problems:
             raise HandshakeError(f"handshake with {self.url} failed: " + "; ".join(problems))
-        return dict(doc)
+        return doc
 
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
         """Ask `expert_id`, in requests of at most `serving.max_batch_size` images (the server's limit)."""
@@ -167,7 +177,7 @@ class HttpExpertBackend:
             start = time.perf_counter()
             budget = {BUDGET_HEADER: f"{self.cfg.timeout_s * 1e3:.0f}"}  # past it, the server drops the work
             try:
-                response = self.client.post(f"{self.url}/v1/experts/{expert_id}/predict", content=body, headers=budget)
+                response = self.client.post(f"{self.url}{predict_path(expert_id)}", content=body, headers=budget)
             except httpx.TimeoutException:
                 last = f"timeout after {self.cfg.timeout_s:g} s"
                 continue
@@ -194,43 +204,48 @@ class HttpExpertBackend:
         raise BackendError(f"{last} ({self.cfg.retries + 1} attempts)")
 
 
+def _first_problem(exc: ValidationError) -> str:
+    """The first field a message got wrong, in one line: `labels.3: Input should be a valid integer`."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(the body)"
+    return f"{where}: {first['msg']}" + (f" ({exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
+
+
 def _message(response: httpx.Response) -> str:
     try:
-        return str(response.json().get("error", response.text))
-    except ValueError:
+        return ErrorReply.model_validate_json(response.content).error
+    except ValidationError:
         return response.text[:200]
 
 
 def _reply(response: httpx.Response, n: int, sent: int, encode_ms: float, rtt_ms: float, retries: int) -> ExpertReply:
     try:
-        doc = response.json()
-        labels = np.asarray(doc["labels"], dtype=np.int64)
-        confidence = np.asarray(doc["confidence"], dtype=np.float32)
-        probs = None if doc.get("probs") is None else np.asarray(doc["probs"], dtype=np.float32)
-        timing = doc.get("timing", {})
-        if not isinstance(timing, dict):
-            raise TypeError(f"timing is {type(timing).__name__}, not an object")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BackendError(f"malformed server reply: {exc}") from None
+        doc = PredictReply.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise BackendError(f"malformed server reply: {_first_problem(exc)}") from None
+    labels = np.asarray(doc.labels, dtype=np.int64)
+    confidence = np.asarray(doc.confidence, dtype=np.float32)
+    try:
+        probs = None if doc.probs is None else np.asarray(doc.probs, dtype=np.float32)
+    except ValueError:  # rows of different lengths
+        raise BackendError("malformed server reply: probs rows differ in length") from None
     if labels.shape != (n,) or confidence.shape != (n,):
         raise BackendError(
             f"malformed server reply: labels {labels.shape}, confidence {confidence.shape} for {n} images"
         )
     if probs is not None and (probs.ndim != 2 or probs.shape[0] != n):
         raise BackendError(f"malformed server reply: probs of shape {probs.shape} for {n} images")
+    timing = doc.timing
     info = {
         "bytes_sent": float(sent),
         "bytes_received": float(len(response.content)),
         "encode_ms": encode_ms,
         "rtt_ms": rtt_ms,
-        "queue_ms": float(timing.get("queue_ms", float("nan"))),
-        "compute_ms": float(timing.get("compute_ms", float("nan"))),
-        "batch_size": float(timing.get("batch_size", n)),  # images in the server's merged batch
+        "queue_ms": timing.queue_ms,
+        "compute_ms": timing.compute_ms,
+        "batch_size": float(timing.batch_size),  # images in the server's merged batch
         "retries": float(retries),
     }
-    if "energy_j" in timing:  # the server metered its model call: this request's share of the batch's joules
-        try:
-            info["server_energy_j"] = float(timing["energy_j"])
-        except (TypeError, ValueError):
-            raise BackendError(f"malformed server reply: energy_j {timing['energy_j']!r:.40}") from None
+    if timing.energy_j is not None:  # the server metered its model call: this request's share of the batch's joules
+        info["server_energy_j"] = timing.energy_j
     return ExpertReply(labels, confidence, info, probs)

@@ -2,9 +2,11 @@
 
 `answers`: the "other" sentinel, the combination rules and abstain → fallback.
 `wire`: the binary image format of a predict request.
-Both sides (and the cached evaluation and the testbed) import these. The edge
-imports nothing from `serving`; the server still imports the in-process expert
-backend from `inference.backend` (LocalExpertBackend, reply_from_logits).
+`http`: the HTTP API: paths, headers, the handshake, the reply and the error messages.
+`backend`: how a caller asks an expert (`ExpertBackend`, `ExpertReply`), wherever it runs.
+Both sides (and the cached evaluation and the testbed) import these; the edge
+imports nothing from `serving`, and the server and the evaluation nothing from
+`inference`. Nothing here imports torch.
 """
 
 from askexpert.protocol.answers import (

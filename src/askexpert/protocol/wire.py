@@ -23,7 +23,6 @@ from askexpert.errors import AskExpertError
 
 MAGIC = b"AXI1"
 MEDIA_TYPE = "application/x-askexpert-images"
-BUDGET_HEADER = "x-askexpert-budget-ms"  # the caller's remaining time: the server drops queued work past it
 _HEADER = struct.Struct("<4sB3sIIII")
 HEADER_SIZE = _HEADER.size  # 24
 _DTYPES = {1: np.uint8}

@@ -27,6 +27,7 @@ from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.partition import Partition
+from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, metered
 from askexpert.serving.server import ServiceBase, create_app
 from askexpert.system import SystemDir
@@ -97,7 +98,7 @@ class RayExpertService(ServiceBase):
         super().__init__(metas, input_size(cfg.data), cfg.serving)
         self.handles = handles
 
-    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         now = time.time()
         # the deadline arrives on this process's perf_counter clock; the replica compares wall-clock times
         wall_deadline = None if deadline is None else now + (deadline - time.perf_counter())

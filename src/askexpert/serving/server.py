@@ -1,12 +1,7 @@
 """The near-edge ExpertServer: every expert of a system directory behind one HTTP API.
 
-```
-GET  /healthz                       alive
-GET  /readyz                        experts loaded (503 until then)
-GET  /metrics                       Prometheus text
-GET  /v1/experts                    ids, class subsets, checkpoint SHA-256s, the energy meter read
-POST /v1/experts/{id}/predict       body: wire format (askexpert.protocol.wire)
-```
+The API (paths, headers, every message) is `askexpert.protocol.http`: this
+module builds its messages, the edge's `HttpExpertBackend` parses them.
 `ExpertService` is the unit of serving (a small class with an async
 `__call__`); batching is the `dynamic_batch` decorator on its `run` method.
 `serving.ray_app` runs the same HTTP app over Ray Serve deployments instead.
@@ -19,16 +14,14 @@ that names the problem.
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -42,12 +35,25 @@ from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
 from askexpert.protocol.backend import reply_from_logits
-from askexpert.protocol.wire import BUDGET_HEADER, MEDIA_TYPE, WireError, decode_images
+from askexpert.protocol.http import (
+    API_VERSION,
+    BUDGET_HEADER,
+    EXPERTS_PATH,
+    HEALTH_PATH,
+    METRICS_PATH,
+    PREDICT_PATH,
+    READY_PATH,
+    ErrorReply,
+    ExpertInfo,
+    Handshake,
+    PredictReply,
+    Readiness,
+    Timing,
+)
+from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.serving.admission import Admission, Refused, Ticket
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
 from askexpert.system import SystemDir
-
-API_VERSION = "v1"
 
 
 class ServiceMetrics:
@@ -123,20 +129,20 @@ class ServiceBase:
     def ready(self) -> bool:
         return bool(self.metas)
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[ExpertInfo]:
         return [
-            {
-                "id": eid,
-                "classes": [int(c) for c in meta.classes[:-1]],
-                "other_output": True,
-                "preset": meta.preset,
-                "schedule": meta.schedule,
-                "sha256": meta.sha256,
-            }
+            ExpertInfo(
+                id=eid,
+                classes=[int(c) for c in meta.classes[:-1]],
+                other_output=True,
+                preset=meta.preset,
+                schedule=meta.schedule,
+                sha256=meta.sha256,
+            )
             for eid, meta in self.metas.items()
         ]
 
-    def reply(self, expert_id: str, result: BatchResult) -> dict[str, Any]:
+    def reply(self, expert_id: str, result: BatchResult) -> PredictReply:
         """Record the call's metrics (per-batch ones once per batch) and map logits to global labels."""
         m = self.metrics
         if result.first_in_batch:
@@ -148,27 +154,25 @@ class ServiceBase:
         m.queue.labels(expert_id).observe(result.queue_s)
         m.images.labels(expert_id).inc(len(result.rows))
         answer = reply_from_logits(result.rows, self.classes[expert_id])
-        timing: dict[str, Any] = {
-            "queue_ms": result.queue_s * 1e3,
-            "compute_ms": result.compute_s * 1e3,
-            "batch_size": result.batch_size,
-        }
-        if result.energy_j is not None:
-            timing |= {
-                "energy_j": result.energy_j,  # this request's share: its images / the batch's
-                "batch_energy_j": result.batch_energy_j,
-                "energy_meter": result.energy_meter,
-            }
-        return {
-            "expert": expert_id,
-            "labels": answer.labels.tolist(),
-            "other": (answer.labels == OTHER).tolist(),
-            "confidence": [round(float(c), 6) for c in answer.confidence],
-            "probs": np.round(answer.probs, 6).tolist() if answer.probs is not None else None,
-            "timing": timing,
-        }
+        metered = result.energy_j is not None
+        timing = Timing(
+            queue_ms=result.queue_s * 1e3,
+            compute_ms=result.compute_s * 1e3,
+            batch_size=result.batch_size,
+            energy_j=result.energy_j,  # this request's share: its images / the batch's
+            batch_energy_j=result.batch_energy_j if metered else None,
+            energy_meter=result.energy_meter if metered else None,
+        )
+        return PredictReply(
+            expert=expert_id,
+            labels=answer.labels.tolist(),
+            other=(answer.labels == OTHER).tolist(),
+            confidence=np.round(answer.confidence.astype(np.float64), 6).tolist(),
+            probs=np.round(answer.probs.astype(np.float64), 6).tolist() if answer.probs is not None else None,
+            timing=timing,
+        )
 
-    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         raise NotImplementedError
 
 
@@ -201,11 +205,10 @@ class ExpertService(ServiceBase):
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
         return self.backend.logits(expert_id, images)
 
-    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> dict[str, Any]:
+    async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         return self.reply(expert_id, await self.run(expert_id, images, deadline))
 
 
-PREDICT_PATH = "/v1/experts/{expert_id}/predict"
 _PREFIX, _SUFFIX = PREDICT_PATH.split("{expert_id}")
 
 
@@ -275,7 +278,7 @@ class AdmissionMiddleware:
 
 async def _send_error(send: Send, status: int, message: str, retry_after: str | None = None) -> None:
     """A JSON error straight onto the ASGI channel (the same body as `_error`)."""
-    body = json.dumps({"error": message, "status": status}).encode()
+    body = ErrorReply(error=message, status=status).model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", retry_after.encode()))
@@ -283,8 +286,12 @@ async def _send_error(send: Send, status: int, message: str, retry_after: str | 
     await send({"type": "http.response.body", "body": body})
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+def _json(message: ErrorReply | Handshake | PredictReply | Readiness, status: int = 200) -> Response:
+    return Response(message.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json(ErrorReply(error=message, status=status), status)
 
 
 def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
@@ -293,7 +300,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     limits = service.cfg
     expected_auth = _bearer(token)
 
-    def reject(label: str, status: int, kind: str, message: str, retry_after: str | None = None) -> JSONResponse:
+    def reject(label: str, status: int, kind: str, message: str, retry_after: str | None = None) -> Response:
         """Count a refused predict request and answer it with a JSON error (and Retry-After, where known)."""
         service.metrics.refused(label, status, kind)
         response = _error(status, message)
@@ -301,29 +308,29 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             response.headers["Retry-After"] = retry_after
         return response
 
-    @app.get("/healthz")
+    @app.get(HEALTH_PATH)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(READY_PATH)
     async def readyz() -> Response:
         ready = service.ready
-        return JSONResponse({"ready": ready, "experts": len(service.metas)}, status_code=200 if ready else 503)
+        return _json(Readiness(ready=ready, experts=len(service.metas)), 200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def metrics() -> Response:
         for eid in service.classes:
             service.metrics.admitted.labels(eid).set(service.admission.admitted.get(eid, 0))
             service.metrics.throughput.labels(eid).set(service.admission.rate(eid) or 0.0)
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/experts")
+    @app.get(EXPERTS_PATH)
     async def experts(request: Request) -> Response:
         if not _authorised(request.headers.get("authorization", "").encode(), expected_auth):
             return _error(401, "missing or wrong bearer token")
         meter = service.energy_meter.source if service.energy_meter is not None else None
-        return JSONResponse(
-            {"api": API_VERSION, "image_size": service.image_size, "energy_meter": meter, "experts": service.describe()}
+        return _json(
+            Handshake(api=API_VERSION, image_size=service.image_size, energy_meter=meter, experts=service.describe())
         )
 
     @app.post(PREDICT_PATH)
@@ -364,7 +371,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             return reject(expert_id, 500, "internal", f"expert {expert_id} failed: {type(exc).__name__}: {exc}")
         service.admission.answered(ticket)
         m.requests.labels(expert_id, "200").inc()
-        reply["timing"]["server_ms"] = (time.perf_counter() - start) * 1e3
-        return JSONResponse(reply)
+        server_ms = (time.perf_counter() - start) * 1e3
+        return _json(reply.model_copy(update={"timing": reply.timing.model_copy(update={"server_ms": server_ms})}))
 
     return app

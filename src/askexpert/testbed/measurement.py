@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from askexpert.data import Splits, load_splits
-from askexpert.inference.edge import system_router
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
@@ -27,6 +26,7 @@ from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import OTHER, softmax
 from askexpert.protocol.backend import BackendError, reply_answers
+from askexpert.routing import system_router
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
 from askexpert.testbed.spec import EDGE_REPEATS, SampleMeasurement, TestbedSpec

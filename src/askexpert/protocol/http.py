@@ -1,0 +1,92 @@
+"""The HTTP contract between the edge and the expert server: paths, headers and every message, once.
+
+```
+GET  /healthz                       {"status": "ok"}
+GET  /readyz                        Readiness (503 until the experts are loaded)
+GET  /metrics                       Prometheus text
+GET  /v1/experts                    Handshake: api version, image size, the experts and their weights
+POST /v1/experts/{id}/predict       body: image batch (`protocol.wire`); reply: PredictReply
+any error                           ErrorReply, with Retry-After on 429
+```
+The server builds these models and the edge parses them (pydantic, so a reply
+that is not what it claims is refused with the field named). Both import this
+module; neither imports the other.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+API_VERSION = "v1"
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+EXPERTS_PATH = f"/{API_VERSION}/experts"
+PREDICT_PATH = f"{EXPERTS_PATH}/{{expert_id}}/predict"
+BUDGET_HEADER = "x-askexpert-budget-ms"  # the caller's remaining time: the server drops queued work past it
+
+
+def predict_path(expert_id: str) -> str:
+    return PREDICT_PATH.format(expert_id=expert_id)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)  # a newer server may add fields; old edges ignore them
+
+
+class ExpertInfo(_Message):
+    """One served expert: its class subset (its last output is "other") and the SHA-256 of its weights."""
+
+    id: str
+    classes: list[int]
+    other_output: bool = True
+    preset: str = ""
+    schedule: str | None = None
+    sha256: str = ""
+
+
+class Handshake(_Message):
+    """`GET /v1/experts`: what the edge checks before it offloads anything."""
+
+    api: str
+    image_size: int
+    energy_meter: str | None = None  # what the server's `energy_j` figures come from, None when unmetered
+    experts: list[ExpertInfo]
+
+
+class Timing(_Message):
+    """What the server measured for one request; `energy_j` is this request's share of its batch's joules."""
+
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    server_ms: float | None = None
+    energy_j: float | None = None
+    batch_energy_j: float | None = None
+    energy_meter: str | None = None
+
+
+class PredictReply(_Message):
+    """An expert's answers in global class ids (`OTHER`, -1, where it abstains), one per image, in request order.
+
+    `probs` is its softmax over its outputs ("other" last), for combination rules that use both answers.
+    """
+
+    expert: str
+    labels: list[int]
+    other: list[bool]
+    confidence: list[float]
+    probs: list[list[float]] | None = None
+    timing: Timing
+
+
+class ErrorReply(_Message):
+    """Every refusal and failure: the message names the problem."""
+
+    error: str
+    status: int
+
+
+class Readiness(_Message):
+    ready: bool
+    experts: int
