@@ -28,9 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from askexpert.config import LEGACY_PROGRESSIVE, ExpertTrainConfig
-from askexpert.data import load_splits
 from askexpert.models import load_checkpoint, resolve_device
-from askexpert.partition import Partition
 from askexpert.system import SystemDir
 from askexpert.training.experts import routing_pools, train_expert
 from askexpert.training.shared import pretrained_for, train_shared_stage
@@ -78,8 +76,8 @@ def main() -> None:
     tc = sweep_training(cfg.expert_training, args.schedules, args.epochs)
     sweep_cfg = cfg.model_copy(update={"expert_training": tc})
     epochs = tc.epochs
-    part = Partition.from_json(system.partition_path)
-    splits = load_splits(cfg.data, system.root)
+    part = system.partition()
+    splits = system.splits()
     train, val = splits.train, splits.val
     device = resolve_device(cfg.device)
     schedules = tc.schedules

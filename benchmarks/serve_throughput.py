@@ -23,7 +23,6 @@ import numpy as np
 
 from askexpert.data import input_size
 from askexpert.models.local_experts import LocalExpertBackend
-from askexpert.partition import Partition
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -110,7 +109,7 @@ def main() -> None:
     system = SystemDir.open(args.system)
     cfg = system.config()
     size = input_size(cfg.data)
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
     bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
     server = ServerProcess(args.system, "--engine", args.engine)

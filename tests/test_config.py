@@ -49,3 +49,33 @@ def test_paper_config_is_valid() -> None:
     cfg = SystemConfig.from_yaml(Path(__file__).parents[1] / "configs" / "paper-cifar100.yaml")
     assert cfg.data.source == "cifar100" and cfg.generalist.preset == "deit-tiny"
     assert cfg.expert.preset == "deit-small"
+
+
+def test_a_system_directory_parses_its_files_once_and_again_when_they_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from askexpert.partition import Partition, random_partition
+    from askexpert.system import SystemDir
+
+    system = SystemDir.create(tmp_path / "s", SystemConfig())
+    parses = {"config": 0, "partition": 0}
+    real_yaml, real_json = SystemConfig.from_yaml, Partition.from_json
+
+    def count_yaml(path: Path) -> SystemConfig:
+        parses["config"] += 1
+        return real_yaml(path)
+
+    def count_json(path: Path) -> Partition:
+        parses["partition"] += 1
+        return real_json(path)
+
+    monkeypatch.setattr(SystemConfig, "from_yaml", staticmethod(count_yaml))
+    monkeypatch.setattr(Partition, "from_json", staticmethod(count_json))
+    assert len({system.config().routing.tau for _ in range(5)}) == 1 and parses["config"] == 1
+    tau = system.config().routing.tau
+    system.update_config("test", routing={"tau": round(1 - tau, 3)})  # same size on disk: the bytes tell it changed
+    assert system.config().routing.tau == round(1 - tau, 3) and parses["config"] == 2
+    random_partition(10, 2).to_json(system.partition_path)
+    assert system.partition().subsets == system.partition().subsets and parses["partition"] == 1
+    random_partition(10, 2, seed=1).to_json(system.partition_path)  # a stage rewrote it
+    assert system.partition().subsets == real_json(system.partition_path).subsets and parses["partition"] == 2

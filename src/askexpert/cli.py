@@ -415,7 +415,6 @@ def edge(
     on_mismatch: MismatchOpt = Mismatch.fail,
 ) -> None:
     """Run the edge on the test split: generalist here, unsure samples to the server; records every sample."""
-    from askexpert.data import load_splits
     from askexpert.inference.edge import connect, edge_classifier, run_edge, summarise_records
 
     sysdir = _system(system)
@@ -431,7 +430,7 @@ def edge(
             f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
         )
     backend, http = connect(sysdir, server, _read_token(token_file), on_mismatch.value, ca_file)
-    data = load_splits(cfg.data, sysdir.root).test
+    data = sysdir.splits().test
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     try:
@@ -639,7 +638,6 @@ def export_onnx_cmd(
     """Export the generalist to ONNX (and INT8) for the edge; compare accuracy and latency with PyTorch (test split)."""
     import json
 
-    from askexpert.data import load_splits
     from askexpert.evaluate.report import write_csv
     from askexpert.models import load_checkpoint, predict_logits
     from askexpert.models.onnx_export import compare_runtimes
@@ -651,7 +649,7 @@ def export_onnx_cmd(
     model, _ = load_checkpoint(sysdir.generalist_path)
     runtimes: dict[str, Any] = {"torch": lambda x: predict_logits(model, x)}
     runtimes |= {name: OnnxGeneralist(path) for name, path in zip(("onnx", "onnx-int8"), paths, strict=False)}
-    test = load_splits(sysdir.config().data, sysdir.root).test
+    test = sysdir.splits().test
     rows = compare_runtimes(runtimes, test.images, test.labels)
     sysdir.report_dir.mkdir(parents=True, exist_ok=True)
     write_csv(sysdir.report_dir / "edge_runtimes.csv", rows)

@@ -26,7 +26,6 @@ import numpy as np
 from askexpert.errors import CheckpointError, RoutingError
 from askexpert.fingerprint import fingerprint
 from askexpert.models.meta import read_meta
-from askexpert.partition import Partition
 from askexpert.protocol import final_labels
 from askexpert.system import SystemDir
 
@@ -184,7 +183,7 @@ class DeferralGate:
 
 def gate_fingerprint(system: SystemDir, schedule: str) -> str:
     """What a deferral gate depends on: the generalist, the partition and the served schedule's experts."""
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     shas = [read_meta(system.generalist_path).sha256]
     shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
     return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from askexpert.config import SystemConfig
-from askexpert.data import load_splits
 from askexpert.evaluate.run import evaluate_system
 from askexpert.system import SystemDir
 from askexpert.training.experts import train_experts
@@ -42,7 +41,7 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
         timings[name] = time.perf_counter() - start
         log(f"askexpert: {name}: done in {timings[name]:.1f} s")
 
-    stage("data", lambda: load_splits(cfg.data, system.root))
+    stage("data", lambda: system.splits())
     if cfg.backbone.data is not None:
         stage("pretrain backbones", lambda: train_backbones(system))
     stage1 = "train stage 1 (all classes, shared by the experts)"

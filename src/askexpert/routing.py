@@ -214,7 +214,7 @@ def system_router(system: SystemDir, part: Partition | None = None) -> Router:
     """The config's operating point as a Router; `gate: learned` loads the fitted gate and refuses a stale one."""
     cfg = system.config()
     rc = cfg.routing
-    part = part or Partition.from_json(system.partition_path)
+    part = part or system.partition()
     deferral = None
     if rc.gate == LEARNED:
         path = system.deferral_gate_path

@@ -19,21 +19,38 @@ Written by stages outside this class (their paths are built where they are writt
 `root`, and the benchmarks' files under `DIR/report/`.
 Experts live one folder per schedule so static and progressive sets sit side
 by side for comparison.
+
+A command opens its directory once and hands the `SystemDir` down: it parses
+config.yaml and partition.json once (again only if their bytes change, as
+when a stage writes them) and loads the data splits once per data config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from askexpert.config import SystemConfig
+from askexpert.config import DataConfig, SystemConfig
 from askexpert.errors import ConfigError
+from askexpert.partition import Partition
+
+if TYPE_CHECKING:
+    from askexpert.data import Splits
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class SystemDir:
     root: Path
+    _loaded: dict[str, tuple[object, Any]] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def of(cls, system: str | Path | SystemDir) -> SystemDir:
+        """An open system as is, or a path opened."""
+        return system if isinstance(system, SystemDir) else cls.open(system)
 
     @classmethod
     def open(cls, root: str | Path) -> SystemDir:
@@ -53,8 +70,36 @@ class SystemDir:
         config.to_yaml(path / "config.yaml")
         return cls(path)
 
+    def _cached(self, name: str, key: object, load: Callable[[], T]) -> T:
+        hit = self._loaded.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = load()
+        self._loaded[name] = (key, value)
+        return value
+
+    def _bytes(self, path: Path, missing: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: {missing}") from None
+
     def config(self) -> SystemConfig:
-        return SystemConfig.from_yaml(self.config_path)
+        """The parsed, validated config.yaml (parsed again only when the file's bytes change)."""
+        raw = self._bytes(self.config_path, "not found; create the system with `askexpert init`")
+        return self._cached("config", raw, lambda: SystemConfig.from_yaml(self.config_path))
+
+    def partition(self) -> Partition:
+        """partition.json, parsed once (and again only when a stage rewrites it)."""
+        raw = self.partition_path.read_bytes() if self.partition_path.is_file() else None  # None: from_json says so
+        return self._cached("partition", raw, lambda: Partition.from_json(self.partition_path))
+
+    def splits(self, data: DataConfig | None = None) -> Splits:
+        """Train / validation / test of `data` (default: the config's), loaded once per data config."""
+        from askexpert.data import load_splits  # the edge never loads a split
+
+        data = data or self.config().data
+        return self._cached(f"splits/{data.model_dump_json()}", True, lambda: load_splits(data, self.root))
 
     def update_config(self, origin: str, **sections: dict[str, Any]) -> SystemConfig:
         """Merge settings into config.yaml (validated like the file itself), so later stages and reruns keep them."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from askexpert.data import Splits, load_splits
 from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
@@ -77,22 +76,19 @@ def cache_key(
     return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)
 
 
-def build_cache(
-    system: SystemDir, schedules: list[str] | None = None, split: str = "test", splits: Splits | None = None
-) -> LogitCache:
+def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:
     """Load the cache for the current checkpoints, computing (and storing) it if absent.
 
     `split="val"` caches the held-out validation split, for choices (see `calibrate`).
-    `splits`: the system's data when the caller has already read it (else read here).
     """
     cfg = system.config()
-    partition = Partition.from_json(system.partition_path)
+    partition = system.partition()
     if not system.generalist_path.is_file():
         raise CheckpointError(f"{system.generalist_path}: no generalist; run `askexpert train generalist`")
     schedules = available_schedules(system, partition) if schedules is None else schedules
     if not schedules:
         raise CheckpointError(f"{system.root / 'experts'}: no complete expert set; run `askexpert train experts`")
-    splits = splits or load_splits(cfg.data, system.root)
+    splits = system.splits()
     test = splits.val if split == "val" else splits.test
     key = cache_key(system, partition, schedules, test.labels, test.images)
     path = system.cache_dir / f"logits-{key}.npz"

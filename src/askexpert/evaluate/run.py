@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from askexpert.config import RoutingConfig
-from askexpert.data import load_splits
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.gates import learned_stats
@@ -253,13 +252,8 @@ def apply_choice(system: SystemDir, summary: dict[str, Any]) -> dict[str, Any]:
 def evaluate_system(system: SystemDir) -> dict[str, Any]:
     """Build/reuse the caches, choose on validation, compute every table, write `report/`."""
     cfg = system.config()
-    splits = load_splits(cfg.data, system.root)  # read once for both caches
-    cache = build_cache(system, splits=splits)
-    val = (
-        build_cache(system, list(cache.schedules), split="val", splits=splits)
-        if cfg.evaluate.choose_on_validation
-        else None
-    )
+    cache = build_cache(system)
+    val = build_cache(system, list(cache.schedules), split="val") if cfg.evaluate.choose_on_validation else None
     stats = None
     if val is not None:
         ks = evaluated_ks(system, cache)

@@ -33,7 +33,6 @@ from askexpert.inference.collaborative import CollaborativeClassifier
 from askexpert.inference.edge import connect, edge_classifier
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.models.meta import read_meta
-from askexpert.partition import Partition
 from askexpert.protocol.backend import BackendError, ExpertBackend, RefusingBackend
 from askexpert.system import SystemDir
 
@@ -79,7 +78,7 @@ class EdgeClient:
     @classmethod
     def from_system(
         cls,
-        system_dir: str | Path,
+        system_dir: str | Path | SystemDir,
         server: str | None = None,
         token: str | None = None,
         on_mismatch: str = "fail",
@@ -89,7 +88,7 @@ class EdgeClient:
         ca_file: str | Path | None = None,
     ) -> EdgeClient:
         """Open a trained system; `server` checks the handshake first (see `edge.connect`)."""
-        system = SystemDir.open(system_dir)
+        system = SystemDir.of(system_dir)
         cfg = system.config()
         if server and local_experts:
             raise ConfigError("give either a server or local_experts, not both")
@@ -105,7 +104,7 @@ class EdgeClient:
                     f"local experts run in torch ({exc.name} is not installed): pip install 'askexpert[train]', "
                     "or ask a server (--server)"
                 ) from None
-            part = Partition.from_json(system.partition_path)
+            part = system.partition()
             backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
         else:
             backend = RefusingBackend(_NoServer("no expert server given: the edge answers alone"))

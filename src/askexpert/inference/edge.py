@@ -23,7 +23,6 @@ from askexpert.inference.collaborative import CollaborativeClassifier, Generalis
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
 from askexpert.models.meta import read_meta
 from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from
-from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
 from askexpert.routing import system_router
@@ -48,7 +47,7 @@ def connect(
         raise ConfigError(f"on_mismatch must be 'fail' or 'edge-only', got {on_mismatch!r}")
     cfg = system.config()
     http = HttpExpertBackend(server, cfg.serving, token, ca_file)
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     shas = {}
     for eid in part.expert_ids:  # pin the weights too when this edge has the experts' metadata
         side = system.expert_path(cfg.serving.schedule, eid).with_suffix(".json")
@@ -151,7 +150,7 @@ def edge_classifier(
     board with that many cores (0: the runtime's default).
     """
     generalist = load_generalist(system, runtime, device, threads)
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     return CollaborativeClassifier(generalist, system_router(system, part), part, backend)
 
 

@@ -27,7 +27,6 @@ from askexpert.errors import ConfigError
 from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.measure.profiles import DeviceProfile, MeasuredTimes
 from askexpert.models import ImageClassifier, load_checkpoint, predict_logits, resolve_device
-from askexpert.partition import Partition
 from askexpert.system import SystemDir
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -120,7 +119,7 @@ def measure_profile(
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     size = input_size(cfg.data)
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     generalist, gmeta = load_checkpoint(system.generalist_path, dev)
     expert, emeta = load_checkpoint(system.expert_path(cfg.serving.schedule, part.expert_ids[0]), dev)
     meter = meter_for(dev.type)

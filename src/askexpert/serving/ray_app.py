@@ -26,7 +26,6 @@ from ray import serve
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
-from askexpert.partition import Partition
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, metered
 from askexpert.serving.server import ServiceBase, create_app
@@ -125,7 +124,7 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
     system = SystemDir.open(root)
     sc = system.config().serving
     schedule = schedule or sc.schedule
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
     # Enough calls admitted per replica to fill one batch while the previous one computes
     # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.

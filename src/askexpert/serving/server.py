@@ -188,14 +188,16 @@ class ExpertService(ServiceBase):
         self.max_queue_images = max(cfg.max_queue_images, cfg.max_batch_size)
 
     @classmethod
-    def from_system(cls, root: str | Path, schedule: str | None = None, device: str | None = None) -> ExpertService:
+    def from_system(
+        cls, root: str | Path | SystemDir, schedule: str | None = None, device: str | None = None
+    ) -> ExpertService:
         """The system's served expert set (default `serving.schedule`) on `device` (default: the config's)."""
-        system = SystemDir.open(root)
+        system = SystemDir.of(root)
         cfg = system.config()
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
-        part = Partition.from_json(system.partition_path)
+        part = system.partition()
         backend = LocalExpertBackend.from_dir(system.experts_dir(schedule or cfg.serving.schedule), part, device)
         service = cls(backend, part, input_size(cfg.data), cfg.serving)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from askexpert.data import Splits
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.gates import cross_fit_scores
@@ -37,10 +36,10 @@ class ValidationView:
     k: int  # the config's k (the learned gate's statistic holds for it alone)
 
     @classmethod
-    def of(cls, system: SystemDir, splits: Splits | None = None) -> ValidationView:
+    def of(cls, system: SystemDir) -> ValidationView:
         cfg = system.config()
         rc, schedule = cfg.routing, cfg.serving.schedule
-        cache = build_cache(system, [schedule], split="val", splits=splits)
+        cache = build_cache(system, [schedule], split="val")
         outputs = cache.schedules[schedule]
         answers = expert_labels(cache, outputs, rc.combine, rc.mix_weight)
         # the learned gate's validation scores are out-of-fold, as `evaluate` chose τ on them

@@ -17,12 +17,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from askexpert.data import Splits, load_splits
 from askexpert.inference.http_backend import HttpExpertBackend
 from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, NamespaceLink, can_emulate
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
-from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import OTHER, softmax
 from askexpert.protocol.backend import BackendError, reply_answers
@@ -61,7 +59,7 @@ def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
 def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: int) -> list[SampleMeasurement]:
     """Per sample: generalist, routing, local expert (edge execution), remote expert (offload)."""
     cfg = system.config()
-    part = Partition.from_json(system.partition_path)
+    part = system.partition()
     rc = cfg.routing
     router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
@@ -121,15 +119,10 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     return rows
 
 
-def measure(
-    system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto", splits: Splits | None = None
-) -> Measurement:
-    """Run the measurement pass; returns per-sample rows and how the link was made.
-
-    `splits`: the system's data when the caller has already read it (else read here).
-    """
+def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "auto") -> Measurement:
+    """Run the measurement pass; returns per-sample rows and how the link was made."""
     cfg = system.config()
-    test = (splits or load_splits(cfg.data, system.root)).test
+    test = system.splits().test
     n = min(samples, len(test))
     images, labels = test.images[:n], test.labels[:n]
     threads = spec.edge.threads_here()

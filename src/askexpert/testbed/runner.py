@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from askexpert.data import load_splits
 from askexpert.system import SystemDir
 from askexpert.testbed.choice import ValidationView, parity_tau
 from askexpert.testbed.costs import TABLE_COLUMNS, compute_sources, headline_ratios, strategies
@@ -45,12 +44,11 @@ def run_testbed(
 ) -> dict[str, Any]:
     """Measure, cost every strategy, and write `DIR/testbed/`; returns the summary."""
     cfg = system.config()
-    splits = load_splits(cfg.data, system.root)  # read once: validation for the choice, test for the measurement
-    view = ValidationView.of(system, splits)  # every choice on the validation split; the test samples only report
+    view = ValidationView.of(system)  # every choice on the validation split; the test samples only report
     choice = parity_tau(view, cfg.routing.top_k)
     grid = taus if taus is not None else view.spanning_taus(DEFAULT_TAU_POINTS).tolist()
     grid = sorted({*grid, choice["tau"]})
-    run = measure(system, spec, samples, emulate, splits)
+    run = measure(system, spec, samples, emulate)
     table, records = strategies(run, spec, grid)
     out = system.root / "testbed"
     return write_testbed_report(

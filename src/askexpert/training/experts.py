@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from askexpert.config import Schedule, SystemConfig
-from askexpert.data import LabeledImages, load_splits
+from askexpert.data import LabeledImages
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.evaluate.metrics import subset_accuracy
 from askexpert.fingerprint import fingerprint
@@ -219,8 +219,8 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
     """Train (or reuse up-to-date) experts for every subset of `partition.json`."""
     cfg = system.config()
     sched = schedule_of(cfg, schedule)
-    part = Partition.from_json(system.partition_path)
-    splits = load_splits(cfg.data, system.root)
+    part = system.partition()
+    splits = system.splits()
     train, val = splits.train, splits.val
     if part.num_classes != train.num_classes:
         raise ConfigError(

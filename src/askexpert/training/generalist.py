@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from askexpert.data import Splits, load_splits
+from askexpert.data import Splits
 from askexpert.fingerprint import fingerprint
 from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, resolve_device
 from askexpert.system import SystemDir
@@ -66,7 +66,7 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     meta = stored_if_current(system.generalist_path, key, force)
     if meta is not None:
         return meta
-    splits = load_splits(cfg.data, system.root)
+    splits = system.splits()
     soft = teacher_logits(system, teacher, splits)
     extra = {
         "fingerprint": key,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from askexpert.data import load_splits
 from askexpert.errors import PartitionError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, resolve_device
@@ -35,10 +34,10 @@ def build_partition(system: SystemDir, force: bool = False) -> Partition:
         else None,
     )
     if not force and system.partition_path.is_file():
-        existing = Partition.from_json(system.partition_path)
+        existing = system.partition()
         if existing.stats.get("fingerprint") == key:
             return existing
-    splits = load_splits(cfg.data, system.root)
+    splits = system.splits()
     num_classes = splits.train.num_classes
     confusion = None
     if system.generalist_path.is_file():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from askexpert.config import DistillConfig, Stage, SystemConfig, TrainConfig
-from askexpert.data import LabeledImages, Splits, load_splits
+from askexpert.data import LabeledImages, Splits
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import (
@@ -138,13 +138,12 @@ def train_backbones(system: SystemDir, presets: list[str] | None = None, force: 
     bc = cfg.backbone
     assert bc.data is not None
     metas = []
-    splits = None
     for preset in presets:
         path = system.backbone_path(preset)
         key = fingerprint("backbone/1", bc.model_dump(), preset, cfg.seed)
         meta = stored_if_current(path, key, force)
         if meta is None:
-            splits = splits or load_splits(bc.data, system.root)
+            splits = system.splits(bc.data)
             extra = {"fingerprint": key, "data": bc.data.model_dump(), "class_names": list(splits.train.class_names)}
             device = resolve_device(cfg.device)
             meta = fit_and_save(
@@ -167,7 +166,7 @@ def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     )
 
 
-def train_shared_stage(system: SystemDir, force: bool = False, splits: Splits | None = None) -> CheckpointMeta:
+def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta:
     """Stage 1 (all classes, full labels, from the expert's pretrained start); trained once, reused."""
     cfg = system.config()
     tc = cfg.expert_training
@@ -182,7 +181,7 @@ def train_shared_stage(system: SystemDir, force: bool = False, splits: Splits | 
             "lr": tc.shared_lr or tc.lr,
         }
     )
-    splits = splits or load_splits(cfg.data, system.root)
+    splits = system.splits()
     init = pretrained_for(system, "expert")
     device = resolve_device(cfg.device)
     extra = {"fingerprint": key}
