@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from askexpert.data import load_splits
-from askexpert.inference.client import EdgeClient, expand_paths
+from askexpert.inference.client import RECORD_FIELDS, EdgeClient, expand_paths
 from askexpert.system import SystemDir
 from conftest import ServerProcess
 
@@ -79,8 +79,13 @@ def test_client_with_a_server_and_csv_stdin_and_glob(
     rows = list(csv.DictReader(out.open()))
     jpgs = sorted((tmp_path / "p" / "a").glob("*.jpg"))
     assert len(rows) == len(jpgs) + 3
-    assert set(rows[0]) == {"path", "label", "class_name", "confidence", "source", "expert", "reason", "latency_ms",
-                            "error"}  # fmt: skip
+    assert list(rows[0]) == list(RECORD_FIELDS)  # the one schema, whatever was classified
+    assert {"path", "label", "class_name", "confidence", "source", "truth", "latency_ms", "rtt_ms", "error"} <= set(
+        rows[0]
+    )
+    asked = [r for r in rows if r["source"] == "expert"]
+    assert all(float(r["rtt_ms"]) > 0 and float(r["bytes_sent"]) >= 3072 for r in asked)
+    assert all(r["truth"] == "" for r in rows)  # user files: no truth known
 
 
 def test_watched_folder_classifies_files_as_they_appear(trained_system: Path, tmp_path: Path) -> None:
@@ -214,3 +219,23 @@ def test_a_killed_watch_restarts_and_records_every_file_exactly_once(trained_sys
     paths = sorted(Path(r["path"]) for r in records)
     assert paths == sorted([*staged, *(inbox / f"new{i}{p.suffix}" for i, p in enumerate(more))])
     assert [r["path"] for r in records].count(torn) == 1 and all(r["label"] is not None for r in records)
+
+
+def test_classify_a_split_records_truth_and_resumes_by_sample(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edge` became `classify --split`: the same records (with `truth`), the same ledger, the same table."""
+    from askexpert.cli import main
+
+    out = tmp_path / "split.jsonl"
+    test = SystemDir.open(trained_system).splits().test
+    main(["classify", "--system", str(trained_system), "--split", "test", "--limit", "10", "--out", str(out)])
+    main(["classify", "--system", str(trained_system), "--split", "test", "--limit", "20", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == [f"test[{i}]" for i in range(20)]  # the first 10 were not redone
+    assert [r["truth"] for r in records] == test.labels[:20].tolist()
+    right = sum(r["label"] == r["truth"] for r in records[10:]) / 10
+    text = capsys.readouterr().out
+    row = [line for line in text.splitlines() if line.startswith("│ all ")][-1]  # the second run's table
+    assert "10 samples already recorded" in text and row.split("│")[2].strip() == "10"
+    assert row.split("│")[3].strip() == f"{right:.4g}"

@@ -86,7 +86,7 @@ def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_p
     [
         (["serve", "--engine", "grpc"], "--engine", ["http", "ray"]),
         (["classify", "x.jpg", "--on-mismatch", "ignore"], "--on-mismatch", ["fail", "edge-only"]),
-        (["edge", "--server", "http://h", "--runtime", "tflite"], "--runtime", ["auto", "torch", "onnx", "onnx-int8"]),
+        (["classify", "--split", "test", "--runtime", "tflite"], "--runtime", ["auto", "torch", "onnx", "onnx-int8"]),
         (["testbed", "--emulate", "maybe"], "--emulate", ["auto", "on", "off"]),
     ],
 )

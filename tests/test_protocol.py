@@ -61,8 +61,8 @@ def test_abstain_falls_back_to_the_generalist() -> None:
 class _FixedBackend:
     """An expert that answers given probabilities, or none (as an old server would)."""
 
-    def __init__(self, probs: np.ndarray | None, labels: np.ndarray) -> None:
-        self.probs, self.labels = probs, labels
+    def __init__(self, probs: np.ndarray | None, labels: np.ndarray | list[int]) -> None:
+        self.probs, self.labels = probs, np.asarray(labels)
 
     def predict(self, expert_id: str, images: np.ndarray):  # noqa: ANN201
         from askexpert.protocol.backend import ExpertReply
@@ -72,36 +72,40 @@ class _FixedBackend:
         return ExpertReply(np.repeat(self.labels, n), np.full(n, 0.9, np.float32), probs=probs)
 
 
-def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities() -> None:
-    import torch
+class _FixedGeneralist:
+    """A generalist whose softmax is the same known vector for every image."""
 
+    num_outputs = 4
+
+    def __init__(self, probs: list[float]) -> None:
+        self.logits = np.log(np.asarray(probs, dtype=np.float32))
+
+    def __call__(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return np.repeat(self.logits[None], len(images), axis=0)
+
+
+def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities() -> None:
     from askexpert.config import RoutingConfig
     from askexpert.inference.collaborative import CollaborativeClassifier
-    from askexpert.models import TorchGeneralist, create_model
     from askexpert.partition import Partition
     from askexpert.routing import Router
 
-    torch.manual_seed(0)
-    gen = TorchGeneralist(create_model("micro-generalist", 4))
+    # The generalist says p = (0.1, 0.2, 0.3, 0.4): top-1 class 3, so expert e1 (classes 2, 3) is asked.
+    gen = _FixedGeneralist([0.1, 0.2, 0.3, 0.4])
     part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
     point = RoutingConfig(gate="max_prob", tau=1.0, top_k=1)  # τ = 1: everything offloaded
-    router = Router(part.membership(), point)
-    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    say_other = np.array([[0.05, 0.05, 0.9]])
-    replace = CollaborativeClassifier(gen, router, part, _FixedBackend(say_other, np.array([OTHER])))
+    images = np.zeros((6, 32, 32, 3), dtype=np.uint8)
+    say_other = np.array([[0.05, 0.05, 0.9]])  # e1: 0.05 on class 2, 0.05 on class 3, 0.9 on "other"
+    replace = CollaborativeClassifier(gen, Router(part.membership(), point), part, _FixedBackend(say_other, [OTHER]))
     out = replace(images)
-    assert (out.source == "fallback").all() and (out.reason == "abstain").all()
-    assert (out.labels == out.generalist_labels).all()
+    assert (out.expert == "e1").all() and (out.source == "fallback").all() and (out.reason == "abstain").all()
+    assert (out.labels == 3).all()  # "other" under replace: the generalist's label stands
+    # mix, by hand: "other"'s 0.9 spread over classes 0, 1 as the generalist weighs them (1:2) gives
+    # (0.3, 0.6, 0.05, 0.05); pooled half-and-half with (0.1, 0.2, 0.3, 0.4): (0.2, 0.4, 0.175, 0.225) → class 1.
     mixing = Router(part.membership(), point.updated(combine="mix"))
-    mix = CollaborativeClassifier(gen, mixing, part, _FixedBackend(say_other, np.array([OTHER])))
-    out = mix(images)
-    assert (out.source == "expert").all()
-    probs = mix.edge_probs(images)
-    for i in range(len(images)):
-        e = part.expert_ids.index(str(out.expert[i]))
-        classes = np.array([*part.subsets[e], OTHER])
-        want = expert_answer(say_other, classes, probs[i : i + 1], "mix", 0.5)
-        assert out.labels[i] == want[0]
-    blind = CollaborativeClassifier(gen, mixing, part, _FixedBackend(None, np.array([0])))
+    out = CollaborativeClassifier(gen, mixing, part, _FixedBackend(say_other, [OTHER]))(images)
+    assert (out.source == "expert").all() and (out.labels == 1).all()
+    blind = CollaborativeClassifier(gen, mixing, part, _FixedBackend(None, np.array([2])))
     out = blind(images)
     assert (out.source == "fallback").all() and all("sent no probabilities" in r for r in out.reason)
+    assert (out.labels == 3).all()

@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from askexpert.data import load_splits
-from askexpert.inference.edge import edge_classifier, run_edge
+from askexpert.inference.client import EdgeClient
+from askexpert.inference.edge import edge_classifier
 from askexpert.inference.http_backend import HttpExpertBackend
+from askexpert.inference.records import RecordWriter
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.partition import Partition
 from askexpert.protocol.http import API_VERSION, Handshake
@@ -36,6 +38,11 @@ def test_lists_experts_and_health(server: ServerProcess, trained_system: Path) -
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
+def _client(system: SystemDir, backend: object, batch_size: int = 16) -> EdgeClient:
+    clf = edge_classifier(system, backend)  # type: ignore[arg-type]
+    return EdgeClient(clf, [str(c) for c in range(clf.partition.num_classes)], 32, batch_size=batch_size)
+
+
 def test_edge_over_http_gives_the_same_labels_as_in_process(
     server: ServerProcess, trained_system: Path, tmp_path: Path
 ) -> None:
@@ -43,22 +50,24 @@ def test_edge_over_http_gives_the_same_labels_as_in_process(
     cfg = system.config()
     test = _test_split(trained_system)
     backend = HttpExpertBackend(server.url, cfg.serving)
-    records = run_edge(edge_classifier(system, backend), test, tmp_path / "r.jsonl", batch_size=16)
+    with RecordWriter(tmp_path / "r.jsonl") as writer:
+        for record in _client(system, backend).classify_split(test):
+            writer.write(record)
     backend.close()
-    part = Partition.from_json(system.partition_path)
     local = edge_classifier(
-        system, LocalExpertBackend.from_dir(trained_system / "experts" / cfg.serving.schedule, part)
+        system, LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part := system.partition())
     )
     ref = local(test.images)
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in records] == [f"test[{i}]" for i in range(len(test))]
     assert [r["label"] for r in records] == ref.labels.tolist()
     assert [r["source"] for r in records] == ref.source.tolist()
-    lines = (tmp_path / "r.jsonl").read_text().splitlines()
-    assert len(lines) == len(test)
-    offloaded = [json.loads(line) for line in lines if json.loads(line)["expert"]]
-    assert offloaded, "the micro system should offload some samples"
+    assert [r["truth"] for r in records] == test.labels.tolist()
+    offloaded = [r for r in records if r["expert"]]
+    assert offloaded and part.num_experts == 2, "the micro system should offload some samples"
     for rec in offloaded:
         assert rec["rtt_ms"] > 0 and rec["compute_ms"] > 0 and rec["bytes_sent"] > 3072 * 0.99
-        assert rec["truth"] == int(test.labels[rec["id"]])
+    assert all(r["rtt_ms"] is None and r["bytes_sent"] == 0 for r in records if r["source"] == "edge")
 
 
 def test_killed_server_turns_into_fallback(trained_system: Path, tmp_path: Path) -> None:
@@ -67,18 +76,16 @@ def test_killed_server_turns_into_fallback(trained_system: Path, tmp_path: Path)
     cfg = system.config().serving.model_copy(update={"timeout_s": 2.0, "retries": 1, "backoff_s": 0.01})
     backend = HttpExpertBackend(proc.url, cfg)
     test = _test_split(trained_system)
+    records = []
     try:
-        records = run_edge(
-            edge_classifier(system, backend),
-            test,
-            tmp_path / "r.jsonl",
-            batch_size=16,
-            after_batch=lambda b: proc.stop() if b == 0 else None,
-        )
+        for record in _client(system, backend).classify_split(test):
+            records.append(record)
+            if len(records) == 16:  # the first batch is answered: the server dies before the second
+                proc.stop()
     finally:
         proc.stop()
         backend.close()
-    assert [r["id"] for r in records] == list(range(len(test)))
+    assert [r["path"] for r in records] == [f"test[{i}]" for i in range(len(test))]
     before, after = records[:16], records[16:]
     assert any(r["source"] == "expert" for r in before)
     assert not any(r["source"] == "expert" for r in after)
@@ -236,10 +243,10 @@ def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProce
     assert reply.info["bytes_sent"] > images.nbytes
 
 
-def test_edge_cli_runs_on_a_device_profile(
+def test_classify_a_split_runs_on_a_device_profile(
     server: ServerProcess, trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`askexpert edge --profile`: the profile's thread count is applied, its slowdown is a separate modelled field."""
+    """`classify --split --profile`: the profile's thread count is applied, its slowdown a separate modelled field."""
     import torch
 
     from askexpert.cli import main
@@ -251,7 +258,7 @@ def test_edge_cli_runs_on_a_device_profile(
     out = tmp_path / "records.jsonl"
     before = torch.get_num_threads()
     try:
-        main(["edge", "--system", str(trained_system), "--server", server.url, "--limit", "24",
+        main(["classify", "--system", str(trained_system), "--split", "test", "--server", server.url, "--limit", "24",
               "--out", str(out), "--profile", str(profile), "--runtime", "torch"])  # fmt: skip
         assert torch.get_num_threads() == 1
     finally:
@@ -263,13 +270,13 @@ def test_edge_cli_runs_on_a_device_profile(
     assert "tiny-board" in capsys.readouterr().out
 
 
-def test_edge_cli_names_an_unknown_profile(
+def test_classify_names_an_unknown_profile(
     trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from askexpert.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["edge", "--system", str(trained_system), "--server", "http://127.0.0.1:9",
+        main(["classify", "--system", str(trained_system), "--split", "test", "--server", "http://127.0.0.1:9",
               "--profile", "toaster", "--out", str(tmp_path / "r.jsonl")])  # fmt: skip
     text = capsys.readouterr()
     assert info.value.code == 2 and "unknown device profile 'toaster'" in text.out + text.err

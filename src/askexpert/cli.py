@@ -42,6 +42,7 @@ Runtime = StrEnum("Runtime", [("auto", "auto"), ("torch", "torch"), ("onnx", "on
 Tier = StrEnum("Tier", [("edge", "edge"), ("near_edge", "near-edge")])
 Emulate = StrEnum("Emulate", [("auto", "auto"), ("on", "on"), ("off", "off")])
 Minimise = StrEnum("Minimise", [("latency", "latency"), ("energy", "energy")])
+Split = StrEnum("Split", [("val", "val"), ("test", "test")])
 
 
 MismatchOpt = Annotated[
@@ -400,53 +401,6 @@ def serve(
 
 
 @app.command()
-def edge(
-    system: SystemOpt,
-    server: Annotated[str, typer.Option(help="Expert server URL, e.g. http://127.0.0.1:8000")],
-    out: Annotated[Path, typer.Option(help="JSONL file: one record per sample.")] = Path("records.jsonl"),
-    limit: Annotated[int | None, typer.Option(help="Only the first N test samples.")] = None,
-    runtime: RuntimeOpt = Runtime.auto,
-    profile: Annotated[
-        str | None,
-        typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
-    ] = None,
-    token_file: TokenOpt = None,
-    ca_file: CaOpt = None,
-    on_mismatch: MismatchOpt = Mismatch.fail,
-) -> None:
-    """Run the edge on the test split: generalist here, unsure samples to the server; records every sample."""
-    from askexpert.inference.edge import connect, edge_classifier, run_edge, summarise_records
-
-    sysdir = _system(system)
-    cfg = sysdir.config()
-    threads, slowdown = 0, None
-    if profile is not None:
-        from askexpert.measure.profiles import load_device
-
-        device = load_device(profile)
-        threads, slowdown = device.threads_here(), device.slowdown
-        console.print(
-            f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
-            f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
-        )
-    backend, http = connect(sysdir, server, _read_token(token_file), on_mismatch.value, ca_file)
-    data = sysdir.splits().test
-    if limit is not None:
-        data = data.subset(np.arange(min(limit, len(data))))
-    try:
-        classifier = edge_classifier(sysdir, backend, runtime=runtime.value, threads=threads)
-        records = run_edge(classifier, data, out, cfg.serving.client_batch_size, edge_slowdown=slowdown)
-    finally:
-        http.close()
-    print_table(
-        "edge run",
-        summarise_records(records),
-        ["source", "samples", "accuracy", "mean_ms", "p50_ms", "p99_ms", "bytes_sent"],
-    )
-    console.print(f"records: {out}")
-
-
-@app.command()
 def classify(
     system: SystemOpt,
     paths: Annotated[
@@ -456,6 +410,10 @@ def classify(
     local_experts: Annotated[
         bool, typer.Option("--local-experts", help="Ask the system's own expert checkpoints in this process.")
     ] = False,
+    split: Annotated[
+        Split | None, typer.Option(help="Also classify this split of the system's data (records carry `truth`).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="With --split: only its first N samples.", min=1)] = None,
     stdin: Annotated[bool, typer.Option("--stdin", help="Also read paths from standard input, one per line.")] = False,
     watch: Annotated[
         Path | None, typer.Option(help="Watch this folder: classify files as they appear (Ctrl-C stops).")
@@ -473,35 +431,58 @@ def classify(
     ] = Path("classified.jsonl"),
     fresh: Annotated[bool, typer.Option("--fresh", help="Start the records file over instead.")] = False,
     runtime: RuntimeOpt = Runtime.auto,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Edge device profile (name or YAML): run on its thread count, add its modelled times."),
+    ] = None,
     token_file: TokenOpt = None,
     ca_file: CaOpt = None,
     on_mismatch: MismatchOpt = Mismatch.fail,
 ) -> None:
-    """Classify real images (any size and format Pillow reads); one record per file, bad files included."""
+    """Classify images (any size and format Pillow reads) or a data split; one record per sample, bad files too."""
+    from askexpert.errors import ConfigError
     from askexpert.inference.client import EdgeClient, expand_paths
-    from askexpert.inference.records import RecordWriter, watch_folder
+    from askexpert.inference.records import RecordWriter, Tally, watch_folder
 
     items = list(paths or [])
     if stdin:
         items += [line.strip() for line in sys.stdin if line.strip()]
-    if not items and watch is None:
-        from askexpert.errors import ConfigError
+    if not items and watch is None and split is None:
+        raise ConfigError("nothing to classify: give paths, --split, --stdin or --watch")
+    if limit is not None and split is None:
+        raise ConfigError("--limit counts samples of a --split")
+    threads, slowdown = 0, None
+    if profile is not None:
+        from askexpert.measure.profiles import load_device
 
-        raise ConfigError("nothing to classify: give paths, --stdin or --watch")
-    counts: dict[str, int] = {}
+        device = load_device(profile)
+        threads, slowdown = device.threads_here(), device.slowdown
+        console.print(
+            f"edge profile {device.name}: generalist on {threads} thread(s) (measured here); "
+            f"edge_ms_modelled = edge_ms × {device.slowdown:g} (modelled scaling to the device)"
+        )
+    sysdir = _system(system)
+    tally = Tally()
     with (
         EdgeClient.from_system(
-            system, server, _read_token(token_file), on_mismatch.value, local_experts, runtime.value, ca_file=ca_file
+            sysdir, server, _read_token(token_file), on_mismatch.value, local_experts, runtime.value, threads,
+            ca_file, slowdown,
         ) as client,
         RecordWriter(out, fresh) as writer,
-    ):
+    ):  # fmt: skip
         if writer.done:
-            console.print(f"{out}: {len(writer.done)} files already recorded, skipped")
+            console.print(f"{out}: {len(writer.done)} samples already recorded, skipped")
 
         def todo(batch: list[str] | list[Path]) -> list[Path]:
             return [p for p in expand_paths(batch) if str(p) not in writer.done]
 
-        sources: list[Any] = [client.iter_classify(todo(items))] if items else []
+        sources: list[Any] = []
+        if split is not None:
+            data = getattr(sysdir.splits(), split.value)
+            data = data.subset(np.arange(min(limit or len(data), len(data))))
+            sources.append(client.classify_split(data, split.value, writer.done))
+        if items:
+            sources.append(client.iter_classify(todo(items)))
         if watch is not None:
             console.print(f"watching {watch} (every {poll_s:g} s) ...")
             sources.append(
@@ -510,9 +491,8 @@ def classify(
         for source in sources:
             for record in source:
                 writer.write(record)
-                key = "bad file" if record["error"] else record["source"]
-                counts[key] = counts.get(key, 0) + 1
-    print_table("classified", [{"outcome": k, "files": v} for k, v in counts.items()], ["outcome", "files"])
+                tally.add(record)
+    print_table("classified", tally.rows(), ["outcome", "files", "accuracy", "mean_ms", "p99_ms", "bytes_sent"])
     console.print(f"records: {out}")
 
 

@@ -12,7 +12,8 @@ system's data source yields. A file that cannot be read gets a record with
 `error` naming it; the others go on. Without a server the edge runs alone
 (samples it would have offloaded keep the generalist's label, `source: fallback`,
 `reason: edge-only: ...`), or with `local_experts=True` asks the system's own
-expert checkpoints in this process.
+expert checkpoints in this process. `classify_split` runs the same path over a
+data split of the system (records carry `truth`): `askexpert classify --split test`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from askexpert.data import input_size
+from askexpert.data import LabeledImages, input_size
 from askexpert.data.folder import load_image
 from askexpert.errors import ConfigError
 from askexpert.inference.collaborative import CollaborativeClassifier
@@ -37,7 +38,15 @@ from askexpert.protocol.backend import BackendError, ExpertBackend, RefusingBack
 from askexpert.system import SystemDir
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-RECORD_FIELDS = ("path", "label", "class_name", "confidence", "source", "expert", "reason", "latency_ms", "error")
+# One record schema for every classification (files, arrays, a data split; JSONL or CSV):
+# what was classified and the answer, then the edge's times, then what the expert call measured
+# (None where no expert was asked). `truth` is known for a data split only.
+RECORD_FIELDS = (
+    "path", "label", "class_name", "confidence", "source", "expert", "reason", "truth", "generalist_label",
+    "latency_ms", "edge_ms", "edge_ms_modelled", "error",
+    "bytes_sent", "bytes_received", "encode_ms", "rtt_ms", "queue_ms", "compute_ms", "batch_size", "retries",
+    "server_energy_j",
+)  # fmt: skip
 
 
 def expand_paths(items: Iterable[str | Path]) -> Iterator[Path]:
@@ -68,11 +77,14 @@ class EdgeClient:
         image_size: int,
         closer: HttpExpertBackend | None = None,
         batch_size: int = 64,
+        edge_slowdown: float | None = None,
     ) -> None:
+        """`edge_slowdown`: a device profile's factor; records then carry `edge_ms_modelled` (a model, not a timing)."""
         self.classifier = classifier
         self.class_names = list(class_names)
         self.image_size = image_size
         self.batch_size = batch_size
+        self.edge_slowdown = edge_slowdown
         self._closer = closer
 
     @classmethod
@@ -86,6 +98,7 @@ class EdgeClient:
         runtime: str = "auto",
         threads: int = 0,
         ca_file: str | Path | None = None,
+        edge_slowdown: float | None = None,
     ) -> EdgeClient:
         """Open a trained system; `server` checks the handshake first (see `edge.connect`)."""
         system = SystemDir.of(system_dir)
@@ -112,7 +125,7 @@ class EdgeClient:
         names = read_meta(system.generalist_path).extra.get("class_names") or [
             str(c) for c in range(classifier.partition.num_classes)
         ]
-        return cls(classifier, names, input_size(cfg.data), closer, cfg.serving.client_batch_size)
+        return cls(classifier, names, input_size(cfg.data), closer, cfg.serving.client_batch_size, edge_slowdown)
 
     def close(self) -> None:
         if self._closer is not None:
@@ -142,6 +155,20 @@ class EdgeClient:
         if batch:
             yield from self._run(batch)
 
+    def classify_split(
+        self, data: LabeledImages, name: str = "test", skip: Iterable[str] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """Records for a data split (`path`: `<name>[i]`, `truth`: its label), skipping the paths in `skip`."""
+        if data.images.shape[1:3] != (self.image_size, self.image_size):
+            raise ConfigError(f"{name} images are {data.images.shape[1:3]}, this edge sends {self.image_size}")
+        done = set(skip)
+        todo = [i for i in range(len(data)) if f"{name}[{i}]" not in done]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            batch = [(f"{name}[{i}]", data.images[i], "") for i in chunk]
+            for i, record in zip(chunk, self._run(batch), strict=True):
+                yield record | {"truth": int(data.labels[i])}
+
     def _decoded(self, items: Iterable[str | Path | np.ndarray] | np.ndarray) -> Iterator[tuple[str, Any, str]]:
         if isinstance(items, np.ndarray):
             items = [items] if items.ndim == 3 else list(items)
@@ -169,11 +196,12 @@ class EdgeClient:
             start = time.perf_counter()
             pred = self.classifier(images)
             per_image_ms = (time.perf_counter() - start) * 1e3 / len(good)
+            edge_ms = pred.edge_ms / len(good)
             for j, i in enumerate(good):
                 label = int(pred.labels[j])
                 expert_conf = float(pred.expert_confidence[j])
                 confidence = expert_conf if pred.source[j] == "expert" else float(pred.topk_probs[j, 0])
-                records[i] = {
+                records[i] = _BLANK | {
                     "path": batch[i][0],
                     "label": label,
                     "class_name": self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
@@ -181,11 +209,18 @@ class EdgeClient:
                     "source": str(pred.source[j]),
                     "expert": str(pred.expert[j]) or None,
                     "reason": str(pred.reason[j]) or None,
+                    "generalist_label": int(pred.generalist_labels[j]),
                     "latency_ms": per_image_ms,
-                    "error": None,
+                    "edge_ms": edge_ms,
+                    "edge_ms_modelled": edge_ms * self.edge_slowdown if self.edge_slowdown is not None else None,
+                    "bytes_sent": 0.0,
+                    **(pred.call_info[j] if pred.call_info else {}),
                 }
         for i, (name, _image, error) in enumerate(batch):
-            yield records.get(i) or {field: None for field in RECORD_FIELDS} | {"path": name, "error": error}
+            yield records.get(i) or _BLANK | {"path": name, "error": error}
+
+
+_BLANK: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
 
 
 class _NoServer(BackendError):

@@ -1,29 +1,26 @@
-"""The edge process: generalist locally, unsure samples to the server, one record per sample.
+"""The edge's parts from a system directory: the generalist in its runtime, the link to the server.
 
-`run_edge` walks the data in client batches; each batch is classified by the
-CollaborativeClassifier with an HTTP backend, and every sample is written to
-the JSONL file as soon as its batch is done, so a crash or a dead server never
-loses what was already answered.
+`edge_classifier` wires the generalist (ONNX Runtime or torch), the router and
+the partition to an expert backend; `connect` makes that backend an HTTP one
+that passed the handshake (or that answers alone while the server is away).
+`inference.client.EdgeClient` is the front door built on them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from askexpert.data import LabeledImages, input_size
+from askexpert.data import input_size
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.inference.collaborative import CollaborativeClassifier, Generalist
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
 from askexpert.models.meta import read_meta
 from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from
-from askexpert.progress import progress
 from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
 from askexpert.routing import system_router
 from askexpert.system import SystemDir
@@ -152,67 +149,3 @@ def edge_classifier(
     generalist = load_generalist(system, runtime, device, threads)
     part = system.partition()
     return CollaborativeClassifier(generalist, system_router(system, part), part, backend)
-
-
-def run_edge(
-    classifier: CollaborativeClassifier,
-    data: LabeledImages,
-    out: str | Path,
-    batch_size: int = 64,
-    after_batch: Callable[[int], None] | None = None,
-    edge_slowdown: float | None = None,
-) -> list[dict[str, Any]]:
-    """Classify `data`, writing one JSON record per sample to `out`; returns the records.
-
-    With `edge_slowdown` (a device profile's factor), each record also carries
-    `edge_ms_modelled`: the measured edge time scaled to that device. It is a
-    model, kept apart from the measured `edge_ms`.
-    """
-    records: list[dict[str, Any]] = []
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as fh:
-        starts = range(0, len(data), batch_size)
-        for b, start in enumerate(progress(starts, desc="edge", unit="batch", leave=False)):
-            images = data.images[start : start + batch_size]
-            t0 = time.perf_counter()
-            pred = classifier(images)
-            batch_ms = (time.perf_counter() - t0) * 1e3
-            for i in range(len(images)):
-                rec: dict[str, Any] = {"id": start + i, **pred.record(i)}
-                rec["truth"] = int(data.labels[start + i])
-                rec["edge_ms"] = pred.edge_ms
-                if edge_slowdown is not None:
-                    rec["edge_ms_modelled"] = pred.edge_ms * edge_slowdown
-                rec["batch_ms"] = batch_ms
-                rec.setdefault("bytes_sent", 0.0)
-                fh.write(json.dumps(rec) + "\n")
-                records.append(rec)
-            fh.flush()
-            if after_batch is not None:
-                after_batch(b)
-    return records
-
-
-def summarise_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per source plus a total: count, accuracy, mean/p50/p99 batch latency, bytes sent."""
-    rows = []
-    groups = {"all": records}
-    for source in ("edge", "expert", "fallback"):
-        groups[source] = [r for r in records if r["source"] == source]
-    for name, recs in groups.items():
-        if not recs:
-            continue
-        lat = np.asarray([r["batch_ms"] for r in recs])
-        rows.append(
-            {
-                "source": name,
-                "samples": len(recs),
-                "accuracy": float(np.mean([r["label"] == r["truth"] for r in recs])),
-                "mean_ms": float(lat.mean()),
-                "p50_ms": float(np.percentile(lat, 50)),
-                "p99_ms": float(np.percentile(lat, 99)),
-                "bytes_sent": float(sum(r["bytes_sent"] for r in recs)),
-            }
-        )
-    return rows

@@ -1,4 +1,4 @@
-"""Where `askexpert classify` puts its records, and how it watches a folder.
+"""Where `askexpert classify` puts its records, how it sums them up, and how it watches a folder.
 
 Records are written as they come (JSONL or CSV by the file's suffix, flushed per
 record), so an interrupted run keeps everything it classified. The records file
@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from askexpert.errors import ConfigError
 from askexpert.inference.client import IMAGE_SUFFIXES, RECORD_FIELDS
@@ -69,7 +71,7 @@ def _recorded_paths(path: Path, is_csv: bool) -> set[str]:
     text = data.decode("utf-8", errors="replace")
     if is_csv:
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        if rows and set(RECORD_FIELDS) - set(rows[0]):
+        if rows and {"path", "label", "source"} - set(rows[0]):
             raise ConfigError(f"{path}: not an askexpert records file (columns {sorted(rows[0])}); use --fresh")
         return {row["path"] for row in rows}
     done = set()
@@ -79,6 +81,46 @@ def _recorded_paths(path: Path, is_csv: bool) -> set[str]:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{path}:{number}: not an askexpert record; use --fresh to start the file over") from None
     return done
+
+
+class Tally:
+    """The run's summary, one row per outcome (edge, expert, fallback, bad file) plus `all`.
+
+    Kept as it goes, so a watch that runs for days holds a few numbers per record, not the records.
+    Accuracy is over the records whose truth is known (a data split); blank otherwise.
+    """
+
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = {}
+        self.right: dict[str, int] = {}
+        self.judged: dict[str, int] = {}
+        self.sent: dict[str, float] = {}
+
+    def add(self, record: dict[str, Any]) -> None:
+        for key in ("all", "bad file" if record.get("error") else str(record["source"])):
+            self.latency.setdefault(key, []).append(float(record.get("latency_ms") or 0.0))
+            self.sent[key] = self.sent.get(key, 0.0) + float(record.get("bytes_sent") or 0.0)
+            if record.get("truth") is not None and not record.get("error"):
+                self.judged[key] = self.judged.get(key, 0) + 1
+                self.right[key] = self.right.get(key, 0) + int(record["label"] == record["truth"])
+
+    def rows(self) -> list[dict[str, Any]]:
+        order = ["all", "edge", "expert", "fallback", "bad file"]
+        rows = []
+        for key in sorted(self.latency, key=lambda k: order.index(k) if k in order else len(order)):
+            lat = np.asarray(self.latency[key])
+            judged = self.judged.get(key, 0)
+            rows.append(
+                {
+                    "outcome": key,
+                    "files": len(lat),
+                    "accuracy": self.right.get(key, 0) / judged if judged else None,
+                    "mean_ms": float(lat.mean()),
+                    "p99_ms": float(np.percentile(lat, 99)),
+                    "bytes_sent": self.sent[key],
+                }
+            )
+        return rows
 
 
 def watch_folder(folder: str | Path, poll_s: float = 0.5, idle_exit_s: float | None = None) -> Iterator[list[Path]]:
