@@ -137,7 +137,9 @@ def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(lear
     cfg = system.config()
     part = Partition.from_json(system.partition_path)
     test = load_splits(cfg.data, learned_system).test
-    live = edge_classifier(system, LocalExpertBackend.from_dir(learned_system / "experts" / "progressive", part))
+    live = edge_classifier(
+        system, LocalExpertBackend.from_dir(learned_system / "experts" / "progressive", part), runtime="torch"
+    )  # against the torch cache
     pred = live(test.images)
     offloaded = pred.source != "edge"
     assert 0 < offloaded.mean() < 1

@@ -20,7 +20,7 @@ def _classifier(root: Path, schedule: str, backend=None) -> tuple[CollaborativeC
     system = SystemDir.open(root)
     part = Partition.from_json(system.partition_path)
     backend = backend or LocalExpertBackend.from_dir(root / "experts" / schedule, part)
-    return edge_classifier(system, backend), load_splits(system.config().data, root).test
+    return edge_classifier(system, backend, runtime="torch"), load_splits(system.config().data, root).test
 
 
 def test_report_files_exist(trained_system: Path) -> None:
