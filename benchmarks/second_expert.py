@@ -1,0 +1,147 @@
+"""Benchmark: does asking a second expert on close calls pay? (issue 15, routing item "a second expert").
+
+    .venv/bin/python benchmarks/second_expert.py --system runs/cifar100-v4/seed0 [--gate margin] [--ks 1,3]
+
+From a system's cached outputs (validation and test; `askexpert evaluate` builds them), an
+offloaded sample whose two best experts' Top-k scores lie within δ is sent to both experts,
+and costs two requests. Two answers become one as the combination rule says: `replace`
+takes the more confident answer that is not "other"; `mix` pools the two experts' full
+distributions (each one's "other" spread by the generalist) before mixing with the
+generalist. For each request budget (requests per sample), τ is set on validation to
+spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert, today's path), and
+the test split reports accuracy and the routing hit rate (offloaded samples whose asked
+experts include the one holding the true class). Writes `DIR/report/second_expert.{md,csv,json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from askexpert.evaluate.cache import LogitCache, build_cache
+from askexpert.evaluate.report import markdown_table, write_csv
+from askexpert.protocol import OTHER, expert_full_distribution, softmax
+from askexpert.routing import expert_scores, gate_offloads, uncertainty
+from askexpert.system import SystemDir
+
+
+class Outputs:
+    """One split's routing facts and every expert's answers, computed once."""
+
+    def __init__(self, cache: LogitCache, schedule: str, gate: str, k: int) -> None:
+        part, n = cache.partition, len(cache.labels)
+        self.labels, self.gen = cache.labels, cache.gen_probs
+        self.stat = uncertainty(self.gen, gate)
+        scores, best_rank = expert_scores(self.gen, part.membership(), k)
+        # the router's choice (ties to the best-ranked Top-k class), then the runner-up
+        key = scores - 1e-9 * best_rank
+        order = np.argsort(-key, axis=1, kind="stable")
+        self.first, self.second = order[:, 0], order[:, 1]
+        rows = np.arange(n)
+        self.gap = scores[rows, self.first] - scores[rows, self.second]
+        outputs = cache.schedules[schedule]
+        probs = [softmax(outputs.logits[e]) for e in part.expert_ids]
+        classes = part.output_classes()
+        self.full = np.stack([expert_full_distribution(p, c, self.gen) for p, c in zip(probs, classes, strict=True)])
+        self.answer = outputs.labels  # (E, N) replace answers
+        self.confidence = outputs.confidence
+        self.owner = part.membership()[:, self.labels].argmax(axis=0)
+
+    def run(self, gate: str, tau: float, delta: float, rule: str, weight: float) -> dict[str, float]:
+        n, rows = len(self.labels), np.arange(len(self.labels))
+        offload = gate_offloads(self.stat, gate, tau)
+        two = offload & (self.gap < delta)
+        e1, e2 = self.first, self.second
+        if rule == "mix":
+            expert = np.where(two[:, None], 0.5 * (self.full[e1, rows] + self.full[e2, rows]), self.full[e1, rows])
+            asked = (weight * self.gen + (1 - weight) * expert).argmax(axis=1)
+        else:
+            a1, a2 = self.answer[e1, rows], self.answer[e2, rows]
+            c1, c2 = self.confidence[e1, rows], self.confidence[e2, rows]
+            asked = np.where(two & (a2 != OTHER) & ((a1 == OTHER) | (c2 > c1)), a2, a1)
+        final = np.where(offload & (asked != OTHER), asked, self.gen.argmax(axis=1))
+        hit = (e1 == self.owner) | (two & (e2 == self.owner))
+        return {
+            "accuracy": float((final == self.labels).mean()),
+            "requests": float((offload.sum() + two.sum()) / n),
+            "second_share": float(two.sum() / max(1, offload.sum())),
+            "hit_rate": float(hit[offload].mean()) if offload.any() else float("nan"),
+        }
+
+    def tau_for(self, gate: str, budget: float, delta: float) -> float:
+        """The τ whose requests per sample come closest to `budget` from below (bisection on this split)."""
+        lo, hi = float(self.stat.min()) - 1e-6, float(self.stat.max()) + 1e-6
+        below = gate in ("max_prob", "margin")  # offload below τ: more τ, more requests
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            spent = self.run(gate, mid, delta, "replace", 0.0)["requests"]
+            if (spent <= budget) == below:
+                lo = mid
+            else:
+                hi = mid
+        return lo if below else hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--system", required=True)
+    ap.add_argument("--schedule", default=None, help="default: serving.schedule")
+    ap.add_argument("--gate", default="margin", choices=["max_prob", "margin", "entropy"])
+    ap.add_argument("--ks", default="1,3")
+    ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5", help="requests per sample")
+    ap.add_argument("--deltas", default="0,0.05,0.1,0.2,0.3,1.01")
+    ap.add_argument("--rules", default="replace,mix:0.3,mix:0.5")
+    args = ap.parse_args()
+    system = SystemDir.open(args.system)
+    schedule = args.schedule or system.config().serving.schedule
+    val_cache = build_cache(system, [schedule], split="val")
+    test_cache = build_cache(system, [schedule])
+    deltas = [float(d) for d in args.deltas.split(",")]
+    rows: list[dict[str, Any]] = []
+    for k in (int(x) for x in args.ks.split(",")):
+        val, test = Outputs(val_cache, schedule, args.gate, k), Outputs(test_cache, schedule, args.gate, k)
+        for spec in args.rules.split(","):
+            rule, _, w = spec.partition(":")
+            weight = float(w or 0.0)
+            for budget in (float(b) for b in args.budgets.split(",")):
+                taus = {d: val.tau_for(args.gate, budget, d) for d in deltas}
+                scored = {d: val.run(args.gate, taus[d], d, rule, weight)["accuracy"] for d in deltas}
+                best = max(deltas, key=lambda d: (scored[d], -d))  # ties: the cheaper path
+                one = test.run(args.gate, taus[0.0], 0.0, rule, weight)
+                chosen = test.run(args.gate, taus[best], best, rule, weight)
+                rows.append(
+                    {
+                        "k": k,
+                        "rule": spec,
+                        "budget": budget,
+                        "delta_chosen_on_val": best,
+                        "val_gain": scored[best] - scored[0.0],
+                        "test_one_expert": one["accuracy"],
+                        "test_chosen": chosen["accuracy"],
+                        "test_gain": chosen["accuracy"] - one["accuracy"],
+                        "test_requests": chosen["requests"],
+                        "test_second_share": chosen["second_share"],
+                        "hit_rate_one": one["hit_rate"],
+                        "hit_rate_chosen": chosen["hit_rate"],
+                        "hit_rate_both_always": test.run(
+                            args.gate, taus[max(deltas)], max(deltas), rule, weight
+                        )["hit_rate"],
+                    }
+                )
+    out = system.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "second_expert.csv", rows)
+    (out / "second_expert.json").write_text(json.dumps(rows, indent=1))
+    table = markdown_table(rows)
+    (out / "second_expert.md").write_text(f"# Second expert on close calls ({schedule}, {args.gate} gate)\n\n{table}\n")
+    print(table)
+    gains = np.asarray([r["test_gain"] for r in rows])
+    print(f"test gain of the validation-chosen δ over one expert: mean {gains.mean():+.4f}, max {gains.max():+.4f}")
+    print(f"wrote {out / 'second_expert.md'}")
+
+
+if __name__ == "__main__":
+    main()
