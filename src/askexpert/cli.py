@@ -21,7 +21,13 @@ from askexpert.errors import AskExpertError, CheckpointVersionWarning
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub: weights come from local files only
 
-app = typer.Typer(help="Collaborative ViT inference: an edge generalist asks near-edge experts.", no_args_is_help=True)
+app = typer.Typer(
+    help="Collaborative ViT inference: an edge generalist asks near-edge experts. "
+    "An option marked 'saved to config' always writes config.yaml (a stage's setting, so reruns and later "
+    "stages agree); every other option is for this run only and never does. `evaluate --apply` and "
+    "`calibrate` (without --dry-run) write the routing point they choose.",
+    no_args_is_help=True,
+)
 data_app = typer.Typer(help="Data sets.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
