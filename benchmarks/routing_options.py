@@ -1,16 +1,24 @@
-"""Benchmark: does asking a second expert on close calls pay? (issue 15, routing item "a second expert").
+"""Benchmark: which routing finds the right expert, and does it pay? (issue 15, "routing that finds the right expert").
 
-    .venv/bin/python benchmarks/second_expert.py --system runs/cifar100-v4/seed0 [--gate margin] [--ks 1,3]
+    .venv/bin/python benchmarks/routing_options.py --system runs/cifar100-v4/seed0 [--gate margin] [--ks 1,3]
 
-From a system's cached outputs (validation and test; `askexpert evaluate` builds them), an
-offloaded sample whose two best experts' Top-k scores lie within δ is sent to both experts,
+Two tables from a system's cached outputs (validation and test; `askexpert evaluate` builds them):
+
+1. Routers at one request per offloaded sample: Top-1 and Top-k votes (today's router),
+   subset probability mass, and a learned router (a logistic regression from the
+   generalist's log-probabilities and subset masses to the expert holding the true
+   class, fitted on the validation split). The gate offloads the least confident
+   `--budgets` shares; the test split reports accuracy and hit rate.
+2. A second expert on close calls: an offloaded sample whose two best experts' Top-k
+scores lie within δ is sent to both experts,
 and costs two requests. Two answers become one as the combination rule says: `replace`
 takes the more confident answer that is not "other"; `mix` pools the two experts' full
 distributions (each one's "other" spread by the generalist) before mixing with the
 generalist. For each request budget (requests per sample), τ is set on validation to
 spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert, today's path), and
 the test split reports accuracy and the routing hit rate (offloaded samples whose asked
-experts include the one holding the true class). Writes `DIR/report/second_expert.{md,csv,json}`.
+experts include the one holding the true class).
+Writes `DIR/report/routing_options.md` and `DIR/report/{routers,second_expert}.{csv,json}`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.report import markdown_table, write_csv
 from askexpert.protocol import OTHER, expert_full_distribution, softmax
-from askexpert.routing import expert_scores, gate_offloads, uncertainty
+from askexpert.routing import choose_expert, expert_scores, gate_offloads, uncertainty
 from askexpert.system import SystemDir
 
 
@@ -85,6 +93,44 @@ class Outputs:
         return lo if below else hi
 
 
+def router_rows(
+    val: LogitCache, test: LogitCache, schedule: str, gate: str, ks: list[int], budgets: list[float]
+) -> list[dict[str, Any]]:
+    """Table 1: hit rate and accuracy of each router, at the same gate and budget (one request per offload)."""
+    from sklearn.linear_model import LogisticRegression
+
+    membership = val.partition.membership()
+
+    def features(cache: LogitCache) -> np.ndarray:
+        mass = cache.gen_probs @ membership.T.astype(np.float64)
+        return np.concatenate([np.log(np.clip(cache.gen_probs, 1e-8, 1.0)), mass], axis=1)
+
+    def owner(cache: LogitCache) -> np.ndarray:
+        return membership[:, cache.labels].argmax(axis=0)
+
+    learned = LogisticRegression(max_iter=2000).fit(features(val), owner(val))
+    routers = {f"top-{k} votes": choose_expert(test.gen_probs, membership, k) for k in ks}
+    routers["subset mass"] = (test.gen_probs @ membership.T.astype(np.float64)).argmax(axis=1)
+    routers["learned (fitted on val)"] = learned.predict(features(test))
+    stat, rows_n = uncertainty(test.gen_probs, gate), np.arange(len(test.labels))
+    answers = test.schedules[schedule].labels
+    rows = []
+    for budget in budgets:
+        offload = gate_offloads(stat, gate, float(np.quantile(stat, budget if gate != "entropy" else 1 - budget)))
+        for name, route in routers.items():
+            asked = answers[route, rows_n]
+            final = np.where(offload & (asked != OTHER), asked, test.gen_probs.argmax(axis=1))
+            rows.append(
+                {
+                    "router": name,
+                    "offload": float(offload.mean()),
+                    "test_accuracy": float((final == test.labels).mean()),
+                    "hit_rate": float((route == owner(test))[offload].mean()),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--system", required=True)
@@ -126,21 +172,27 @@ def main() -> None:
                         "test_second_share": chosen["second_share"],
                         "hit_rate_one": one["hit_rate"],
                         "hit_rate_chosen": chosen["hit_rate"],
-                        "hit_rate_both_always": test.run(
-                            args.gate, taus[max(deltas)], max(deltas), rule, weight
-                        )["hit_rate"],
+                        "hit_rate_both_always": test.run(args.gate, taus[max(deltas)], max(deltas), rule, weight)[
+                            "hit_rate"
+                        ],
                     }
                 )
+    budgets = [float(b) for b in args.budgets.split(",")]
+    routers = router_rows(val_cache, test_cache, schedule, args.gate, [int(x) for x in args.ks.split(",")], budgets)
     out = system.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "second_expert.csv", rows)
-    (out / "second_expert.json").write_text(json.dumps(rows, indent=1))
-    table = markdown_table(rows)
-    (out / "second_expert.md").write_text(f"# Second expert on close calls ({schedule}, {args.gate} gate)\n\n{table}\n")
-    print(table)
+    for name, table_rows in (("routers", routers), ("second_expert", rows)):
+        write_csv(out / f"{name}.csv", table_rows)
+        (out / f"{name}.json").write_text(json.dumps(table_rows, indent=1))
+    text = (
+        f"# Routing options ({schedule}, {args.gate} gate)\n\n## Routers, one request per offload\n\n"
+        f"{markdown_table(routers)}\n\n## A second expert on close calls\n\n{markdown_table(rows)}\n"
+    )
+    (out / "routing_options.md").write_text(text)
+    print(text)
     gains = np.asarray([r["test_gain"] for r in rows])
     print(f"test gain of the validation-chosen δ over one expert: mean {gains.mean():+.4f}, max {gains.max():+.4f}")
-    print(f"wrote {out / 'second_expert.md'}")
+    print(f"wrote {out / 'routing_options.md'}")
 
 
 if __name__ == "__main__":
