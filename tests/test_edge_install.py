@@ -28,7 +28,7 @@ EDGE_RUN = textwrap.dedent(
     class Blocker:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is not installed on this edge", name=name)
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # as a package never installed
             return None
 
     sys.meta_path.insert(0, Blocker())
@@ -43,6 +43,11 @@ EDGE_RUN = textwrap.dedent(
         main([*args, "--runtime", "torch"])
     except SystemExit as exc:
         print("torch runtime exit", exc.code)
+    for command in (["train", "generalist"], ["serve"], ["classify", "--split", "test"]):  # the stacks left out
+        try:
+            main([*command, "--system", args[args.index("--system") + 1]])
+        except SystemExit as exc:
+            print(command[0], "exit", exc.code)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print("loaded:", ",".join(loaded) or "none")
     """
@@ -79,6 +84,10 @@ def test_classify_runs_with_torch_blocked(server, trained_system: Path, tmp_path
     assert "exit" not in run.stdout.split("torch runtime exit")[0], run.stdout + run.stderr  # the run itself: exit 0
     assert "torch runtime exit 2" in run.stdout, run.stdout + run.stderr
     assert "torch runtime needs the training stack" in run.stderr and "askexpert[train]" in run.stderr
+    assert "train exit 2" in run.stdout and "serve exit 2" in run.stdout and "classify exit 2" in run.stdout
+    assert "is not installed: this command needs pip install 'askexpert[train]'" in run.stderr
+    assert "is not installed: this command needs pip install 'askexpert[serve]'" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
     assert "loaded: none" in run.stdout, run.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 7

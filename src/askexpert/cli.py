@@ -644,6 +644,13 @@ def export_onnx_cmd(
     console.print(f"edge model: {' and '.join(str(p) for p in paths)}")
 
 
+# The optional stacks: which extra brings each top-level module the core (edge) install leaves out.
+_EXTRA_OF = dict.fromkeys(["torch", "torchvision", "timm", "safetensors", "sklearn", "scipy", "matplotlib", "onnx",
+                           "onnxscript", "pynvml"], "train")  # fmt: skip
+_EXTRA_OF |= dict.fromkeys(["fastapi", "uvicorn", "starlette", "prometheus_client"], "serve")
+_EXTRA_OF["ray"] = "ray"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import warnings
 
@@ -673,6 +680,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = str(exc) if isinstance(exc, AskExpertError) else f"{type(exc).__name__}: {exc}"
         err_console.print("[bold red]error:[/]", end=" ")
         err_console.print(text, markup=False, highlight=False)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # a command of a stack this install left out (the edge is the core)
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        err_console.print("[bold red]error:[/]", end=" ")
+        err_console.print(
+            f"{exc.name} is not installed: this command needs pip install 'askexpert[{extra}]'",
+            markup=False,
+            highlight=False,
+        )
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
