@@ -18,7 +18,10 @@ generalist. For each request budget (requests per sample), τ is set on validati
 spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert, today's path), and
 the test split reports accuracy and the routing hit rate (offloaded samples whose asked
 experts include the one holding the true class).
-Writes `DIR/report/routing_options.md` and `DIR/report/{routers,second_expert}.{csv,json}`.
+3. Partitions that serve the router, by hit rate alone (their experts are not trained here):
+   today's confusion clustering, the same clustering of the generalist's top-2
+   co-occurrence counts, and of both together, all from the validation split.
+Writes `DIR/report/routing_options.md` and `DIR/report/{routers,second_expert,partitions}.{csv,json}`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.report import markdown_table, write_csv
+from askexpert.partition import Partition, confusion_partition
 from askexpert.protocol import OTHER, expert_full_distribution, softmax
 from askexpert.routing import choose_expert, expert_scores, gate_offloads, uncertainty
 from askexpert.system import SystemDir
@@ -131,6 +135,39 @@ def router_rows(
     return rows
 
 
+def partition_rows(val: LogitCache, test: LogitCache, gate: str, ks: list[int], budget: float) -> list[dict[str, Any]]:
+    """Table 3: the routing hit rate each partition would give (at `budget` offload and over all samples)."""
+    current = val.partition
+    num_classes = val.gen_probs.shape[1]
+    order = np.argsort(-val.gen_probs, axis=1, kind="stable")
+    pairs = np.zeros((num_classes, num_classes))
+    np.add.at(pairs, (order[:, 0], order[:, 1]), 1.0)
+    pairs += pairs.T
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (val.labels, order[:, 0]), 1.0)
+    candidates: dict[str, Partition] = {
+        f"current ({current.strategy})": current,
+        "top-2 co-occurrence": confusion_partition(pairs, current.num_experts),
+        "confusion + co-occurrence": confusion_partition(
+            confusion / confusion.sum() + pairs / pairs.sum(), current.num_experts
+        ),
+    }
+    rows = []
+    for name, part in candidates.items():
+        membership = part.membership()
+        row: dict[str, Any] = {"partition": name}
+        for split, cache in (("val", val), ("test", test)):
+            stat = uncertainty(cache.gen_probs, gate)
+            offload = gate_offloads(stat, gate, float(np.quantile(stat, budget if gate != "entropy" else 1 - budget)))
+            owner = membership[:, cache.labels].argmax(axis=0)
+            for k in ks:
+                hit = choose_expert(cache.gen_probs, membership, k) == owner
+                row[f"{split} hit k={k} at {budget:g}"] = float(hit[offload].mean())
+                row[f"{split} hit k={k} all"] = float(hit.mean())
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--system", required=True)
@@ -179,14 +216,17 @@ def main() -> None:
                 )
     budgets = [float(b) for b in args.budgets.split(",")]
     routers = router_rows(val_cache, test_cache, schedule, args.gate, [int(x) for x in args.ks.split(",")], budgets)
+    ks = [int(x) for x in args.ks.split(",")]
+    partitions = partition_rows(val_cache, test_cache, args.gate, ks, 0.3)
     out = system.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    for name, table_rows in (("routers", routers), ("second_expert", rows)):
+    for name, table_rows in (("routers", routers), ("second_expert", rows), ("partitions", partitions)):
         write_csv(out / f"{name}.csv", table_rows)
         (out / f"{name}.json").write_text(json.dumps(table_rows, indent=1))
     text = (
         f"# Routing options ({schedule}, {args.gate} gate)\n\n## Routers, one request per offload\n\n"
-        f"{markdown_table(routers)}\n\n## A second expert on close calls\n\n{markdown_table(rows)}\n"
+        f"{markdown_table(routers)}\n\n## A second expert on close calls\n\n{markdown_table(rows)}\n\n"
+        f"## Partitions, by routing hit rate (experts not retrained)\n\n{markdown_table(partitions)}\n"
     )
     (out / "routing_options.md").write_text(text)
     print(text)
