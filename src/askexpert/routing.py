@@ -113,7 +113,12 @@ def expert_scores(
         raise RoutingError(f"membership must be (experts, {p.shape[1]}); got {tuple(m.shape)}")
     if scoring not in SCORINGS:
         raise RoutingError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
-    top_p, top_c = top_k(p, k)  # (N, k), sorted descending
+    return _scores(*top_k(p, k), m, scoring)
+
+
+def _scores(top_p: np.ndarray, top_c: np.ndarray, m: np.ndarray, scoring: str) -> tuple[np.ndarray, np.ndarray]:
+    """`expert_scores` from the Top-k already taken (sorted descending), so a caller that needs it sorts once."""
+    k = top_c.shape[1]
     held = m.T[top_c]  # (N, k, E)
     weights = top_p if scoring == "weighted" else np.ones_like(top_p)
     scores = (weights[..., None] * held).sum(axis=1)
@@ -122,12 +127,14 @@ def expert_scores(
     return scores, best_rank
 
 
+def _choose(scores: np.ndarray, best_rank: np.ndarray, k: int) -> np.ndarray:
+    is_max = scores >= scores.max(axis=1, keepdims=True) - _TIE_TOLERANCE
+    return np.where(is_max, best_rank, k + 1).argmin(axis=1).astype(np.int64)
+
+
 def choose_expert(probs: np.ndarray, membership: np.ndarray, k: int, scoring: str = "weighted") -> np.ndarray:
     """Index (N,) of the expert with the highest Top-k score, ties as documented above."""
-    scores, best_rank = expert_scores(probs, membership, k, scoring)
-    is_max = scores >= scores.max(axis=1, keepdims=True) - _TIE_TOLERANCE
-    candidate_rank = np.where(is_max, best_rank, k + 1)
-    return candidate_rank.argmin(axis=1).astype(np.int64)
+    return _choose(*expert_scores(probs, membership, k, scoring), k)
 
 
 @dataclass(frozen=True)
@@ -200,13 +207,13 @@ class Router:
             raise RoutingError(
                 f"generalist gives {p.shape[1]} classes but the partition has {self.membership.shape[1]}"
             )
-        expert = choose_expert(p, self.membership, self.k, self.scoring)
+        top_p, top_c = top_k(p, self.k)  # sorted once: for the expert's score and for the decision
+        expert = _choose(*_scores(top_p, top_c, self.membership, self.scoring), self.k)
         if self.deferral is not None:
             stat = self.deferral.score(p.astype(np.float64), self.membership, expert)
         else:
             stat = uncertainty(p, self.gate)
         offload = gate_offloads(stat, self.gate, self.tau)
-        top_p, top_c = top_k(p, self.k)
         return RouteDecision(offload, expert, top_c, top_p, stat)
 
 

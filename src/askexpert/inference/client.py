@@ -198,24 +198,22 @@ class EdgeClient:
             per_image_ms = (time.perf_counter() - start) * 1e3 / len(good)
             edge_ms = pred.edge_ms / len(good)
             for j, i in enumerate(good):
-                label = int(pred.labels[j])
-                expert_conf = float(pred.expert_confidence[j])
-                confidence = expert_conf if pred.source[j] == "expert" else float(pred.topk_probs[j, 0])
-                records[i] = _BLANK | {
-                    "path": batch[i][0],
-                    "label": label,
-                    "class_name": self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
-                    "confidence": confidence,
-                    "source": str(pred.source[j]),
-                    "expert": str(pred.expert[j]) or None,
-                    "reason": str(pred.reason[j]) or None,
-                    "generalist_label": int(pred.generalist_labels[j]),
-                    "latency_ms": per_image_ms,
-                    "edge_ms": edge_ms,
-                    "edge_ms_modelled": edge_ms * self.edge_slowdown if self.edge_slowdown is not None else None,
-                    "bytes_sent": 0.0,
-                    **(pred.call_info[j] if pred.call_info else {}),
-                }
+                row = pred.record(j)  # the answer, its source and what its expert call measured
+                topk, expert_conf = row.pop("topk"), row.pop("expert_confidence")
+                label = row["label"]
+                records[i] = (
+                    _BLANK
+                    | {"bytes_sent": 0.0}
+                    | row
+                    | {
+                        "path": batch[i][0],
+                        "class_name": self.class_names[label] if 0 <= label < len(self.class_names) else str(label),
+                        "confidence": expert_conf if row["source"] == "expert" else topk[0][1],
+                        "latency_ms": per_image_ms,
+                        "edge_ms": edge_ms,
+                        "edge_ms_modelled": edge_ms * self.edge_slowdown if self.edge_slowdown is not None else None,
+                    }
+                )
         for i, (name, _image, error) in enumerate(batch):
             yield records.get(i) or _BLANK | {"path": name, "error": error}
 

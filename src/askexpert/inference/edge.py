@@ -20,7 +20,7 @@ from askexpert.errors import CheckpointError, ConfigError
 from askexpert.inference.collaborative import CollaborativeClassifier, Generalist
 from askexpert.inference.http_backend import HandshakeError, HttpExpertBackend, ServerUnreachable
 from askexpert.models.meta import read_meta
-from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from
+from askexpert.models.onnx_runtime import OnnxGeneralist, exported_from, is_current
 from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, RefusingBackend
 from askexpert.routing import system_router
 from askexpert.system import SystemDir
@@ -108,9 +108,7 @@ def edge_runtime(system: SystemDir, runtime: str = "auto") -> str:
         raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime != "auto":
         return runtime
-    path = system.onnx_path("onnx")
-    current = path.is_file() and exported_from(path) == read_meta(system.generalist_path).sha256
-    return "onnx" if current else "torch"
+    return "onnx" if is_current(system.onnx_path("onnx"), read_meta(system.generalist_path).sha256) else "torch"
 
 
 def load_generalist(system: SystemDir, runtime: str = "auto", device: str = "cpu", threads: int = 0) -> Generalist:
@@ -128,9 +126,9 @@ def load_generalist(system: SystemDir, runtime: str = "auto", device: str = "cpu
             ) from None
         model, _ = load_checkpoint(system.generalist_path, device)
         return TorchGeneralist(model, device, threads)
-    path = system.onnx_path(runtime)
-    made_from, now = exported_from(path), read_meta(system.generalist_path).sha256
-    if path.is_file() and made_from != now:
+    path, now = system.onnx_path(runtime), read_meta(system.generalist_path).sha256
+    if path.is_file() and not is_current(path, now):
+        made_from = exported_from(path)
         raise CheckpointError(
             f"{path}: exported from another generalist than {system.generalist_path.name} "
             f"({(made_from or 'unknown')[:12]}, now {now[:12]}); re-export it with `askexpert export onnx`"

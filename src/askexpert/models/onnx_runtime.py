@@ -28,6 +28,11 @@ def exported_from(onnx: str | Path) -> str | None:
         return None
 
 
+def is_current(onnx: str | Path, generalist_sha256: str) -> bool:
+    """`onnx` exists and was exported from the checkpoint with this SHA-256: the one test of freshness."""
+    return Path(onnx).is_file() and exported_from(onnx) == generalist_sha256
+
+
 class OnnxGeneralist:
     """An edge model run by ONNX Runtime; call it with uint8 NHWC images, get logits."""
 

@@ -185,7 +185,7 @@ class ExpertService(ServiceBase):
         self.partition = partition
         self.max_batch_size = cfg.max_batch_size
         self.max_wait_ms = cfg.max_wait_ms
-        self.max_queue_images = max(cfg.max_queue_images, cfg.max_batch_size)
+        self.max_queue_images = self.admission.max_images  # the batcher's bound: admission's memory cap
 
     @classmethod
     def from_system(

@@ -12,7 +12,7 @@ from pathlib import Path
 from askexpert.data import input_size
 from askexpert.models import load_checkpoint, read_meta
 from askexpert.models.onnx_export import export_onnx, quantize_int8
-from askexpert.models.onnx_runtime import exported_from, source_path
+from askexpert.models.onnx_runtime import is_current, source_path
 from askexpert.system import SystemDir
 
 
@@ -21,7 +21,7 @@ def export_generalist(system: SystemDir, int8: bool = True, force: bool = False)
     sha = read_meta(system.generalist_path).sha256
     runtimes = ["onnx", "onnx-int8"] if int8 else ["onnx"]
     paths = [system.onnx_path(r) for r in runtimes]
-    if not force and all(p.is_file() and exported_from(p) == sha for p in paths):
+    if not force and all(is_current(p, sha) for p in paths):
         return paths
     model, _ = load_checkpoint(system.generalist_path)
     fp32 = export_onnx(model, paths[0], input_size(system.config().data))
