@@ -4,8 +4,9 @@ import torch
 
 from askexpert.config import Stage, SystemConfig
 from askexpert.errors import ConfigError
+from askexpert.training.augment import crop_flip
 from askexpert.training.experts import expert_plan
-from askexpert.training.loop import augment, lr_factor
+from askexpert.training.loop import lr_factor
 from askexpert.training.plans import budget_steps, expert_targets, plan_schedule, stage_steps
 
 
@@ -50,7 +51,7 @@ def test_expert_targets_map_subset_and_other() -> None:
 
 def test_augment_keeps_shape_and_pixels() -> None:
     x = torch.arange(2 * 8 * 8 * 3, dtype=torch.int64).remainder(250).add(1).to(torch.uint8).view(2, 8, 8, 3)
-    out = augment(x, torch.Generator().manual_seed(0))
+    out = crop_flip(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     nonzero = out[out > 0]
     assert torch.isin(nonzero, x).all()  # only shifted/flipped source pixels or zero padding

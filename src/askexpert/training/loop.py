@@ -3,7 +3,7 @@
 What differs between the generalist and the experts' schedules is only the
 *batch plan* (which sample indices each optimizer step sees) and the targets;
 the optimiser (AdamW), warm-up + cosine schedule, label smoothing,
-crop/flip augmentation, bf16 autocast on GPU, progress bar and resume live
+augmentation (`askexpert.training.augment`), bf16 autocast on GPU, progress bar and resume live
 here once. A teacher's logits (DeiT-style distillation) are one more optional target.
 """
 
@@ -19,20 +19,7 @@ import torch.nn.functional as F
 from askexpert.config import DistillConfig, TrainConfig
 from askexpert.models.registry import ImageClassifier
 from askexpert.progress import progress
-
-
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding of 1/8 of the side) and horizontal flip of a uint8 NHWC batch."""
-    b, h, w, _ = images.shape
-    pad = max(1, h // 8)
-    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = oy[:, None] + torch.arange(h)
-    cols = ox[:, None] + torch.arange(w)
-    flip = torch.rand(b, generator=generator) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+from askexpert.training.augment import Augmenter
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -52,11 +39,15 @@ def training_loss(
 ) -> torch.Tensor:
     """Cross-entropy on the labels, mixed with the teacher's targets when a teacher is given.
 
+    `labels` are class indices, or (batch, classes) soft targets from mixup/cutmix, which
+    already hold the label smoothing.
+
     soft: T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al. 2015; T² keeps the
     gradient scale independent of T); hard: cross-entropy against the teacher's argmax
     (DeiT's hard-label distillation).
     """
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    soft_labels = labels.ndim == 2
+    ce = F.cross_entropy(logits, labels, label_smoothing=0.0 if soft_labels else label_smoothing)
     if teacher is None or distill is None or distill.teacher == "none" or distill.alpha == 0.0:
         return ce
     if distill.mode == "hard":
@@ -103,7 +94,9 @@ def train_model(
     )
     warmup = int(cfg.warmup_fraction * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    generator = torch.Generator().manual_seed(seed)
+    augmenter = Augmenter(cfg, model.num_outputs, seed)
+    if augmenter.mixes and teacher_logits is not None:
+        raise ValueError(f"{desc}: mixup/cutmix cannot be combined with a teacher's logits (taken on unmixed images)")
     start = 0
     if resume_path is not None and resume_path.is_file():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
@@ -111,7 +104,7 @@ def train_model(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
+            augmenter.restore({k[4:]: v for k, v in state.items() if k.startswith("rng.")} or state)
             start = int(state["step"])
     images_t = torch.from_numpy(images)
     targets_t = torch.from_numpy(targets.astype(np.int64))
@@ -126,10 +119,8 @@ def train_model(
     bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
     for step in bar:
         idx = torch.from_numpy(plan[step].astype(np.int64))
-        batch = images_t[idx]
-        if cfg.augment:
-            batch = augment(batch, generator)
-        batch, y = batch.to(device, non_blocking=True), targets_t[idx].to(device, non_blocking=True)
+        batch, y = augmenter.mix(augmenter.images(images_t[idx]), targets_t[idx])
+        batch, y = batch.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             soft = teacher_t[idx].to(device, non_blocking=True) if teacher_t is not None else None
             loss = training_loss(model(batch), y, cfg.label_smoothing, soft, distill)
@@ -153,7 +144,7 @@ def train_model(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
+                    **{f"rng.{k}": v for k, v in augmenter.state().items()},
                 },
                 resume_path,
             )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.config import DistillConfig, Stage, SystemConfig, TrainConfig
+from askexpert.config import DistillConfig, ExpertTrainConfig, Stage, SystemConfig, TrainConfig
 from askexpert.data import LabeledImages, Splits
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
@@ -153,10 +153,22 @@ def train_backbones(system: SystemDir, presets: list[str] | None = None, force: 
     return metas
 
 
+def stage1_training(tc: ExpertTrainConfig) -> TrainConfig:
+    """Stage 1's own optimiser and budget: the expert settings with its epochs, learning rate and
+    (unless `shared_augment`) crop/flip only."""
+    settings = tc.model_dump(include=set(TrainConfig.model_fields))
+    if not tc.shared_augment:
+        settings.update(randaugment_ops=0, mixup=0.0, cutmix=0.0)
+    return TrainConfig(**{**settings, "epochs": tc.shared_epochs, "lr": tc.shared_lr or tc.lr})
+
+
 def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     tc = cfg.expert_training
     # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out)
-    settings = tc.model_dump(exclude={"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set()))
+    excluded = {"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set())
+    if not tc.shared_augment:  # the experts' stronger augmentation does not reach stage 1
+        excluded |= {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix"}
+    settings = tc.model_dump(exclude=excluded)
     return fingerprint(
         "stage1/1",
         cfg.data.model_dump(),
@@ -174,13 +186,7 @@ def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta
     meta = stored_if_current(system.stage1_path, key, force)
     if meta is not None:
         return meta
-    stage_tc = TrainConfig(
-        **{
-            **tc.model_dump(include=set(TrainConfig.model_fields)),
-            "epochs": tc.shared_epochs,
-            "lr": tc.shared_lr or tc.lr,
-        }
-    )
+    stage_tc = stage1_training(tc)
     splits = system.splits()
     init = pretrained_for(system, "expert")
     device = resolve_device(cfg.device)

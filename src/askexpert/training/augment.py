@@ -1,0 +1,116 @@
+"""Training-time augmentation of uint8 NHWC batches.
+
+Crop/flip is always cheap and on by default. The stronger options suit short
+schedules differently (RandAugment regularises a fine-tuning that overfits;
+mixup and cutmix trade clean accuracy for smoother decision boundaries), so
+each is a config switch chosen on validation (README). They come from the
+field's libraries: torchvision's RandAugment, timm's Mixup (which also
+switches between mixup and cutmix per batch).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from askexpert.config import TrainConfig
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding of 1/8 of the side) and horizontal flip of a uint8 NHWC batch."""
+    b, h, w, _ = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = oy[:, None] + torch.arange(h)
+    cols = ox[:, None] + torch.arange(w)
+    flip = torch.rand(b, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class _Transform(Protocol):
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
+class Augmenter:
+    """The configured augmentation for one training job.
+
+    `images(batch)` applies crop/flip and RandAugment (per image) to a uint8 NHWC
+    batch; `mix(batch, labels)` then applies mixup/cutmix when configured and returns
+    float images with soft targets (label smoothing folded in), else the batch with
+    its integer labels. RandAugment and timm's Mixup draw from torch's and numpy's
+    global generators, which `seed` sets, so a job's augmentation repeats.
+    """
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, seed: int) -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)
+        self._randaugment: _Transform | None = None
+        self._mixup = None
+        if cfg.randaugment_ops:
+            from torchvision.transforms import v2
+
+            torch.manual_seed(seed)
+            self._randaugment = v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
+        if cfg.mixes:
+            from timm.data import Mixup
+
+            np.random.seed(seed % 2**32)
+            self._mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
+        self.num_classes = num_classes
+
+    @property
+    def mixes(self) -> bool:
+        return self._mixup is not None
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.cfg.augment:
+            batch = crop_flip(batch, self.generator)
+        if self._randaugment is not None:
+            ra = self._randaugment
+            batch = torch.stack([ra(image.permute(2, 0, 1)) for image in batch]).permute(0, 2, 3, 1)
+        return batch
+
+    def mix(self, batch: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed float NHWC images and (batch, classes) soft targets; an odd batch's last image is left unmixed."""
+        if self._mixup is None:
+            return batch, labels
+        even = len(batch) - len(batch) % 2
+        x = batch.permute(0, 3, 1, 2).float()  # timm mixes NCHW
+        soft = F.one_hot(labels, self.num_classes).float()
+        soft = soft * (1.0 - self.cfg.label_smoothing) + self.cfg.label_smoothing / self.num_classes
+        if even:
+            mixed, mixed_targets = self._mixup(x[:even], labels[:even])
+            x = torch.cat([mixed, x[even:]])
+            soft = torch.cat([mixed_targets.to(soft.dtype), soft[even:]])
+        return x.permute(0, 2, 3, 1), soft
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a resumed job needs to draw the same augmentation from here on (tensors only:
+        resume files load with `weights_only=True`)."""
+        _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        return {
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "numpy_rest": torch.tensor([float(pos), float(has_gauss), float(cached)], dtype=torch.float64),
+        }
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "numpy_keys" in state:
+            pos, has_gauss, cached = state["numpy_rest"].tolist()
+            keys = state["numpy_keys"].numpy().astype(np.uint32)
+            np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))

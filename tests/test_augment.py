@@ -1,0 +1,95 @@
+"""The stronger augmentation options: what they do to a batch, how they are configured, and
+that they leave earlier checkpoints' fingerprints alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from askexpert.config import ExpertTrainConfig, SystemConfig, TrainConfig
+from askexpert.errors import ConfigError
+from askexpert.models import create_model
+from askexpert.training.augment import Augmenter
+from askexpert.training.loop import train_model
+from askexpert.training.shared import stage1_training
+
+
+def _batch(n: int = 6) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8))
+
+
+def test_randaugment_changes_pixels_and_repeats_from_the_seed() -> None:
+    cfg = TrainConfig(epochs=1, augment=False, randaugment_ops=2, randaugment_magnitude=9)
+    x = _batch()
+    first = Augmenter(cfg, 10, seed=3).images(x)
+    again = Augmenter(cfg, 10, seed=3).images(x)
+    assert first.shape == x.shape and first.dtype == torch.uint8
+    assert not torch.equal(first, x)
+    assert torch.equal(first, again)
+
+
+def test_mixup_gives_float_images_and_soft_targets_that_sum_to_one() -> None:
+    cfg = TrainConfig(epochs=1, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    aug = Augmenter(cfg, 4, seed=0)
+    x, labels = _batch(7), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    mixed, soft = aug.mix(x, labels)
+    assert mixed.shape == x.shape and mixed.dtype == torch.float32
+    assert soft.shape == (7, 4)
+    assert torch.allclose(soft.sum(1), torch.ones(7))
+    assert (soft[:6].max(1).values < 0.95).any()  # at least one pair mixed two labels
+    # the odd batch's last image is left as it was, with its smoothed one-hot target
+    assert torch.equal(mixed[6], x[6].float())
+    assert soft[6].argmax() == 2 and soft[6, 2] == pytest.approx(0.9 + 0.1 / 4)
+
+
+def test_without_mixing_the_labels_stay_indices() -> None:
+    aug = Augmenter(TrainConfig(epochs=1), 4, seed=0)
+    x, labels = _batch(), torch.arange(6) % 4
+    assert aug.mix(x, labels) == (x, labels)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"randaugment_ops": 9}, "randaugment_ops"),
+        ({"mixup": -1.0}, "mixup"),
+    ],
+)
+def test_bad_augmentation_options_fail_in_one_line(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        SystemConfig.from_dict({"expert_training": {"epochs": 1, **changes}})
+    assert "\n" not in str(err.value)
+
+
+def test_mixing_the_distilled_generalist_is_refused() -> None:
+    with pytest.raises(ConfigError, match="mixup/cutmix cannot be combined with distill.teacher 'stage1'"):
+        SystemConfig.from_dict({"distill": {"teacher": "stage1"}, "generalist_training": {"epochs": 1, "mixup": 0.2}})
+
+
+def test_options_that_are_off_leave_dumps_and_fingerprints_as_they_were() -> None:
+    plain = ExpertTrainConfig(epochs=1).model_dump()
+    assert not {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "shared_augment"} & set(plain)
+    on = ExpertTrainConfig(epochs=1, randaugment_ops=1, cutmix=1.0)
+    assert {"randaugment_ops": 1, "randaugment_magnitude": 5, "cutmix": 1.0}.items() <= on.model_dump().items()
+    # the experts' own augmentation does not reach stage 1 unless shared_augment says so
+    assert stage1_training(on).model_dump() == stage1_training(ExpertTrainConfig(epochs=1)).model_dump()
+    assert stage1_training(on.model_copy(update={"shared_augment": True})).cutmix == 1.0
+
+
+def test_training_with_every_option_on_lowers_the_loss() -> None:
+    rng = np.random.default_rng(0)
+    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)
+    labels = rng.integers(0, 4, 64)
+    images = np.broadcast_to(palette[labels][:, None, None, :], (64, 32, 32, 3)).copy()
+    plan = np.stack([rng.permutation(64)[:16] for _ in range(60)])
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, randaugment_ops=1, mixup=0.4, cutmix=1.0)
+    torch.manual_seed(0)
+    model = create_model("micro-cct-generalist", 4)
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)).item()
+    train_model(model, images, labels, plan, cfg, torch.device("cpu"), 0, None, "mixed")
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)).item()
+    assert after < 0.7 * before, (before, after)
