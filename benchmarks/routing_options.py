@@ -20,7 +20,8 @@ the test split reports accuracy and the routing hit rate (offloaded samples whos
 experts include the one holding the true class).
 3. Partitions that serve the router, by hit rate alone (their experts are not trained here):
    today's confusion clustering, the same clustering of the generalist's top-2
-   co-occurrence counts, and of both together, all from the validation split.
+   co-occurrence counts, and of both together, all from the validation split; and
+   today's partition with 2 and 4 overlapping classes per expert (`partition.overlap`).
 Writes `DIR/report/routing_options.md` and `DIR/report/{routers,second_expert,partitions}.{csv,json}`.
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.report import markdown_table, write_csv
-from askexpert.partition import Partition, confusion_partition
+from askexpert.partition import Partition, confusion_partition, with_overlap
 from askexpert.protocol import OTHER, expert_full_distribution, softmax
 from askexpert.routing import choose_expert, expert_scores, gate_offloads, uncertainty
 from askexpert.system import SystemDir
@@ -135,7 +136,9 @@ def router_rows(
     return rows
 
 
-def partition_rows(val: LogitCache, test: LogitCache, gate: str, ks: list[int], budget: float) -> list[dict[str, Any]]:
+def partition_rows(
+    val: LogitCache, test: LogitCache, gate: str, ks: list[int], budget: float, overlaps: tuple[int, ...] = (2, 4)
+) -> list[dict[str, Any]]:
     """Table 3: the routing hit rate each partition would give (at `budget` offload and over all samples)."""
     current = val.partition
     num_classes = val.gen_probs.shape[1]
@@ -152,6 +155,9 @@ def partition_rows(val: LogitCache, test: LogitCache, gate: str, ks: list[int], 
             confusion / confusion.sum() + pairs / pairs.sum(), current.num_experts
         ),
     }
+    if current.strategy == "confusion" and not current.stats.get("overlap"):
+        for extra in overlaps:
+            candidates[f"current, overlap {extra}"] = with_overlap(current, confusion, extra)
     rows = []
     for name, part in candidates.items():
         membership = part.membership()
@@ -159,9 +165,8 @@ def partition_rows(val: LogitCache, test: LogitCache, gate: str, ks: list[int], 
         for split, cache in (("val", val), ("test", test)):
             stat = uncertainty(cache.gen_probs, gate)
             offload = gate_offloads(stat, gate, float(np.quantile(stat, budget if gate != "entropy" else 1 - budget)))
-            owner = membership[:, cache.labels].argmax(axis=0)
             for k in ks:
-                hit = choose_expert(cache.gen_probs, membership, k) == owner
+                hit = membership[choose_expert(cache.gen_probs, membership, k), cache.labels]  # overlap-safe
                 row[f"{split} hit k={k} at {budget:g}"] = float(hit[offload].mean())
                 row[f"{split} hit k={k} all"] = float(hit.mean())
         rows.append(row)

@@ -29,6 +29,8 @@ def test_init_then_partition_options_are_validated(tmp_path: Path, capsys: pytes
     assert (tmp_path / "s" / "config.yaml").is_file()
     code, text = _run(["partition", "--system", str(tmp_path / "s"), "--strategy", "astrology"], capsys)
     assert code == 2 and "partition.strategy" in text
+    code, text = _run(["partition", "--system", str(tmp_path / "s"), "--strategy", "random", "--overlap", "2"], capsys)
+    assert code == 2 and "overlap=2 needs strategy 'confusion'" in text and "Traceback" not in text
     code, text = _run(["init", str(tmp_path / "s")], capsys)
     assert code == 2 and "already exists" in text
 

@@ -11,6 +11,7 @@ from askexpert.partition import (
     confusion_partition,
     random_partition,
     superclass_partition,
+    with_overlap,
 )
 
 
@@ -54,6 +55,31 @@ def test_confusion_stays_balanced_when_clusters_are_uneven() -> None:
     conf[:7, :7] += 5  # one big cluster of 7, three loners
     part = confusion_partition(conf, 2)
     assert sorted(len(s) for s in part.subsets) == [5, 5]
+
+
+def test_overlap_adds_the_classes_confused_across_the_boundary(tmp_path: Path) -> None:
+    conf = np.eye(8, dtype=int) * 50
+    conf[0, 4] = conf[4, 0] = 20  # class 4 (expert 1) is often mistaken for class 0 (expert 0)
+    conf[7, 1] = 9  # class 7 (expert 1) less so, for class 1
+    conf[2, 5] = 3  # and class 2 (expert 0) a little, for class 5 (expert 1)
+    base = Partition("confusion", 8, ("e0", "e1"), ((0, 1, 2, 3), (4, 5, 6, 7)))
+    part = with_overlap(base, conf, 1)
+    # each expert's own classes first, then the most confused outside one (confusion is symmetrised)
+    assert part.subsets == ((0, 1, 2, 3, 4), (4, 5, 6, 7, 0))
+    assert with_overlap(base, conf, 2).subsets == ((0, 1, 2, 3, 4, 7), (4, 5, 6, 7, 0, 1))
+    assert part.membership().sum(axis=0).tolist() == [2, 1, 1, 1, 2, 1, 1, 1]
+    assert confusion_kept(conf, part) > confusion_kept(conf, base)
+    assert with_overlap(base, conf, 0) is base
+    part.to_json(tmp_path / "p.json")
+    assert Partition.from_json(tmp_path / "p.json").subsets == part.subsets
+
+
+def test_overlap_needs_the_confusion_strategy() -> None:
+    from askexpert.config import SystemConfig
+    from askexpert.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="overlap=2 needs strategy 'confusion'"):
+        SystemConfig.from_dict({"partition": {"strategy": "random", "overlap": 2}})
 
 
 def test_json_round_trip_and_validation(tmp_path: Path) -> None:

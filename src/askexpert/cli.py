@@ -218,15 +218,19 @@ def partition(
     system: SystemOpt,
     strategy: Annotated[str | None, typer.Option(help="superclass | confusion | random (saved to config).")] = None,
     num_experts: Annotated[int | None, typer.Option(help="Number of experts (saved to config).")] = None,
+    overlap: Annotated[
+        int | None, typer.Option(help="confusion: outside classes each expert also takes (saved to config).")
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Assign classes to experts and write partition.json."""
     from askexpert.training.partition_stage import build_partition
 
     sysdir = _system(system)
-    chosen = {k: v for k, v in (("strategy", strategy), ("num_experts", num_experts)) if v is not None}
+    options = (("strategy", strategy), ("num_experts", num_experts), ("overlap", overlap))
+    chosen = {k: v for k, v in options if v is not None}
     if chosen:
-        sysdir.update_config("--strategy/--num-experts", partition=chosen)
+        sysdir.update_config("--strategy/--num-experts/--overlap", partition=chosen)
     part = build_partition(sysdir, force=force)
     rows = [
         {"expert": e, "classes": len(s), "members": " ".join(map(str, s[:12])) + (" ..." if len(s) > 12 else "")}

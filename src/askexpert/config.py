@@ -9,10 +9,19 @@ number has a single source of truth.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from askexpert.errors import ConfigError
 
@@ -98,7 +107,27 @@ class Schedule(_Strict):
         return stages
 
 
-class TrainConfig(_Strict):
+class _OmitsUnused(_Strict):
+    """Options listed in `_omit_when_off` are left out of dumps while they are off (0, 0.0, False).
+
+    Dumps are the stages' fingerprints: checkpoints and partitions made before such an option
+    existed stay current, and a config that does not use it reads as it did.
+    """
+
+    _omit_when_off: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        for key in self._omit_when_off:
+            if key in data and not data[key]:
+                del data[key]
+        if "randaugment_magnitude" in data and "randaugment_ops" not in data:
+            del data["randaugment_magnitude"]  # means nothing without RandAugment
+        return data
+
+
+class TrainConfig(_OmitsUnused):
     """Optimiser and budget for one training job."""
 
     epochs: float = Field(gt=0.0)
@@ -107,7 +136,19 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    augment: bool = True
+    augment: bool = True  # random crop + horizontal flip
+    # Stronger augmentation, each off by default (askexpert.training.augment): RandAugment's ops per
+    # image and magnitude (torchvision), and the Beta(alpha, alpha) of mixup / cutmix (timm's Mixup;
+    # with both set, each batch uses one of them at random)
+    randaugment_ops: int = Field(0, ge=0, le=4)
+    randaugment_magnitude: int = Field(5, ge=0, le=30)
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
+    _omit_when_off: ClassVar[tuple[str, ...]] = ("randaugment_ops", "mixup", "cutmix", "shared_augment")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0.0 or self.cutmix > 0.0
 
 
 def _default_schedules() -> dict[str, Schedule]:
@@ -151,6 +192,9 @@ class ExpertTrainConfig(TrainConfig):
     # stage 1's learning rate when it should differ from the experts' fine-tuning `lr` (None: `lr`):
     # stage 1 trains a whole model on all classes, the experts fine-tune it on a subset
     shared_lr: float | None = Field(None, gt=0.0)
+    # whether stage 1 also trains with the stronger augmentation (RandAugment, mixup, cutmix) set here;
+    # off: stage 1 keeps crop/flip and only the experts' own stages use it (chosen on validation, README)
+    shared_augment: bool = False
 
     @property
     def stage1_seed(self) -> int:
@@ -197,10 +241,20 @@ class DistillConfig(_Strict):
     temperature: float = Field(2.0, gt=0.0)
 
 
-class PartitionConfig(_Strict):
+class PartitionConfig(_OmitsUnused):
     strategy: Literal["superclass", "confusion", "random"] = "confusion"
     num_experts: int = Field(5, ge=1)
     seed: int = 0
+    # `confusion` only: each expert also takes the `overlap` outside classes most confused with its own,
+    # so that a sample near a boundary finds an expert holding its class (README "Partitions")
+    overlap: int = Field(0, ge=0)
+    _omit_when_off: ClassVar[tuple[str, ...]] = ("overlap",)
+
+    @model_validator(mode="after")
+    def _overlap_needs_confusion(self) -> PartitionConfig:
+        if self.overlap and self.strategy != "confusion":
+            raise ValueError(f"overlap={self.overlap} needs strategy 'confusion' (got {self.strategy!r})")
+        return self
 
 
 class RoutingConfig(_Strict):
@@ -286,6 +340,11 @@ class SystemConfig(_Strict):
     def _check_k(self) -> SystemConfig:
         if self.evaluate.max_k < self.routing.top_k:
             raise ValueError(f"evaluate.max_k={self.evaluate.max_k} is below routing.top_k={self.routing.top_k}")
+        if self.distill.teacher != "none" and self.generalist_training.mixes:
+            raise ValueError(
+                "generalist_training: mixup/cutmix cannot be combined with distill.teacher "
+                f"{self.distill.teacher!r} (the teacher's logits are computed once, on unmixed images)"
+            )
         return self
 
     # ---- YAML in/out -------------------------------------------------------------------

@@ -8,6 +8,9 @@ Strategies:
   *balanced* assignment of classes to cluster centres (scipy's Hungarian solver
   over capacity slots), refined a few rounds like k-means;
 * `random`: a control.
+
+`with_overlap` then lets a `confusion` partition's subsets overlap: each expert
+also takes the outside classes most confused with its own.
 """
 
 from __future__ import annotations
@@ -195,6 +198,30 @@ def confusion_partition(confusion: np.ndarray, num_experts: int, seed: int = 0, 
     part = Partition("confusion", num_classes, _ids(num_experts), subsets, seed)
     part.stats["confusion_kept"] = confusion_kept(confusion, part)
     return part
+
+
+def with_overlap(partition: Partition, confusion: np.ndarray, extra: int) -> Partition:
+    """Each expert also takes the `extra` outside classes most confused with its own classes.
+
+    Disjoint subsets cap the routing hit rate: a sample the generalist places near a
+    boundary is routed to the neighbour that does not hold its class (the specialist
+    literature lets subsets overlap for this; Hinton et al. 2015). A class's pull
+    towards expert e is its symmetric confusion rate with e's classes, summed; the
+    added classes follow the expert's own, strongest pull first.
+    """
+    if extra <= 0:
+        return partition
+    affinity = confusion_affinity(confusion)
+    membership = partition.membership()
+    pull = affinity @ membership.T  # (C, E): confusion of each class with each expert's classes
+    subsets = []
+    for e, subset in enumerate(partition.subsets):
+        outside = np.flatnonzero(~membership[e])
+        ranked = outside[np.argsort(-pull[outside, e], kind="stable")]
+        subsets.append((*subset, *ranked[:extra].tolist()))
+    out = Partition(partition.strategy, partition.num_classes, partition.expert_ids, tuple(subsets), partition.seed)
+    out.stats.update(partition.stats, overlap=extra)
+    return out
 
 
 def confusion_kept(confusion: np.ndarray, partition: Partition) -> float:

@@ -18,6 +18,7 @@ from askexpert.partition import (
     confusion_partition,
     random_partition,
     superclass_partition,
+    with_overlap,
 )
 from askexpert.system import SystemDir
 
@@ -57,7 +58,7 @@ def build_partition(system: SystemDir, force: bool = False) -> Partition:
                 f"strategy 'confusion' needs the generalist ({system.generalist_path}); "
                 "run `askexpert train generalist` first"
             )
-        part = confusion_partition(confusion, pc.num_experts, pc.seed)
+        part = with_overlap(confusion_partition(confusion, pc.num_experts, pc.seed), confusion, pc.overlap)
     if confusion is not None:
         part.stats["confusion_kept"] = confusion_kept(confusion, part)
     part.stats["fingerprint"] = key
