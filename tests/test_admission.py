@@ -96,3 +96,30 @@ def test_the_wait_divides_by_the_rate_answers_come_back_while_busy_and_idle_time
     late = adm.admit("e0", 10)
     adm.answered(late, now=60.0)  # a minute idle before it: not service time
     assert adm.rate("e0") == pytest.approx(settled)
+
+
+def test_a_deeper_queue_drains_at_the_rate_of_fuller_batches() -> None:
+    adm = _admission(max_batch_size=64, max_queue_images=4096, queue_delay_target_ms=100)
+    for n in (8, 16, 8, 16, 12):  # light load: small batches, each 5 ms + 0.5 ms per image
+        adm.observe("e0", n, 0.005 + 0.0005 * n)
+    a, b, mean_n = adm.batch_cost("e0") or (0.0, 0.0, 0.0)
+    assert a == pytest.approx(0.005) and b == pytest.approx(0.0005) and 8 < mean_n < 16
+    assert adm.batching_gain("e0", 4) == 1.0  # no deeper than the recent batches: no gain
+    at_recent = mean_n / (0.005 + 0.0005 * mean_n)
+    assert adm.batching_gain("e0", 200) == pytest.approx((64 / 0.037) / at_recent)  # capped at one full batch
+    # 120 queued images would be refused at the small batches' rate, and drain within target in full ones
+    rate = adm.rate("e0") or 0.0
+    assert 120 / rate > 0.1
+    adm.admit("e0", 116)
+    assert adm.admit("e0", 4) is not None
+    assert adm.drain_s("e0") == pytest.approx(120 / (rate * adm.batching_gain("e0", 120)))
+
+
+def test_without_a_spread_of_batch_sizes_there_is_no_gain() -> None:
+    adm = _admission(max_batch_size=64)
+    for _ in range(5):
+        adm.observe("e0", 32, 0.02)
+    assert adm.batch_cost("e0") is None and adm.batching_gain("e0", 64) == 1.0
+    adm.observe("e1", 8, 0.02)
+    adm.observe("e1", 16, 0.01)  # bigger and faster: no fixed cost plus per-image cost fits
+    assert adm.batch_cost("e1") is None

@@ -8,7 +8,12 @@ say (the expert, `Content-Length`, the caller's budget) and the queue's state:
   admitted for its expert (images admitted and not yet answered, this request
   included) divided by the rate at which that expert answers images while it is
   busy (measured from the answers themselves, so the HTTP layer's and Ray's own
-  overheads count; before enough answers, the model calls' batched throughput). It is shed
+  overheads count; before enough answers, the model calls' batched throughput),
+  scaled by the **batching gain** of a deeper queue: a queue of Q images is drained
+  in batches of min(Q, max batch), which run more images per second than the
+  smaller batches the recent answers came from (a per-batch cost a + b·N fitted to
+  the model calls; the gain is never below 1). Without it the estimate, measured at
+  light load, refuses the very queue that would make batches efficient. It is shed
   (429) when that wait exceeds `serving.queue_delay_target_ms`, or the
   caller's budget if that is shorter. This is the queue-delay target of CoDel:
   the p99 of accepted requests follows from it instead of being tuned.
@@ -38,6 +43,10 @@ _RATE_SMOOTHING = 0.2
 _ANSWER_MEMORY_S = 1.0
 # Busy time the answer-rate estimate needs before it is trusted over the model-throughput one.
 _ANSWER_MIN_S = 0.05
+# Weight kept by older model calls in the per-batch cost fit, per new call: about 20 batches of memory.
+_FIT_DECAY = 0.95
+# The batching gain is capped: a fit from a narrow range of batch sizes must not promise miracles.
+_MAX_GAIN = 4.0
 
 
 class Refused(Exception):
@@ -81,6 +90,8 @@ class Admission:
         # answers while busy: decayed sums of images answered and of the seconds they took, per expert
         self._answered: dict[str, tuple[float, float]] = {}
         self._last_answer: dict[str, tuple[float, bool]] = {}  # time of the last answer, work left behind it
+        # model calls, decayed sums for the fit t(N) = a + b·N: weight, N, t, N², N·t, per expert
+        self._calls: dict[str, tuple[float, float, float, float, float]] = {}
 
     def images_declared(self, content_length: int | None) -> int:
         """Images a body of this length holds (the wire format is fixed-size); unknown length: a full batch."""
@@ -95,12 +106,41 @@ class Admission:
             return images / seconds
         return self.images_per_s.get(expert)
 
+    def batch_cost(self, expert: str) -> tuple[float, float, float] | None:
+        """(a, b, mean N): the fitted seconds per model call, a + b·N, and the mean batch it saw; None without
+        a spread of batch sizes or with a fit that is not a fixed cost plus a per-image one."""
+        w, sn, st, snn, snt = self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0))
+        if w <= 0:
+            return None
+        mean_n, mean_t = sn / w, st / w
+        var_n = snn / w - mean_n * mean_n
+        if var_n < 1.0:  # batches of (nearly) one size: no slope to fit
+            return None
+        b = (snt / w - mean_n * mean_t) / var_n
+        a = mean_t - b * mean_n
+        if a <= 0 or b < 0:
+            return None
+        return a, b, mean_n
+
+    def batching_gain(self, expert: str, images: int) -> float:
+        """How many times faster a queue of `images` drains than the batches recently run (≥ 1)."""
+        cost = self.batch_cost(expert)
+        if cost is None:
+            return 1.0
+        a, b, mean_n = cost
+        n = min(images, self.max_batch_size)
+        if n <= mean_n:
+            return 1.0
+        gain = (n / (a + b * n)) / (mean_n / (a + b * mean_n))
+        return min(_MAX_GAIN, max(1.0, gain))
+
     def drain_s(self, expert: str, extra_images: int = 0) -> float | None:
         """Seconds for the expert's admitted work (plus `extra_images`) to be answered; None until measured."""
         rate = self.rate(expert)
         if not rate:
             return None
-        return (self.admitted.get(expert, 0) + extra_images) / rate
+        queued = self.admitted.get(expert, 0) + extra_images
+        return queued / (rate * self.batching_gain(expert, queued))
 
     def admit(self, expert: str, images: int, budget_s: float | None = None) -> Ticket:
         """A ticket for `images` more images, or `Refused` (429) if they cannot be served in time."""
@@ -167,6 +207,9 @@ class Admission:
         """One model call's images and seconds: the throughput the wait estimate divides by."""
         if compute_s <= 0 or batch_size <= 0:
             return
+        w, sn, st, snn, snt = (_FIT_DECAY * v for v in self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0)))
+        n, t = float(batch_size), compute_s
+        self._calls[expert] = (w + 1.0, sn + n, st + t, snn + n * n, snt + n * t)
         rate = batch_size / compute_s
         old = self.images_per_s.get(expert)
         self.images_per_s[expert] = rate if old is None else (1 - _RATE_SMOOTHING) * old + _RATE_SMOOTHING * rate
