@@ -108,23 +108,26 @@ class Schedule(_Strict):
 
 
 class _OmitsUnused(_Strict):
-    """Options listed in `_omit_when_off` are left out of dumps while they are off (0, 0.0, False).
+    """Options left out of dumps while they are off: `_omit_when_off` maps each such field to the
+    switch whose off value (0, 0.0, False) omits it (its own name, or the option it qualifies).
 
     Dumps are the stages' fingerprints: checkpoints and partitions made before such an option
     existed stay current, and a config that does not use it reads as it did.
     """
 
-    _omit_when_off: ClassVar[tuple[str, ...]] = ()
+    _omit_when_off: ClassVar[dict[str, str]] = {}
 
     @model_serializer(mode="wrap")
     def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data: dict[str, object] = handler(self)
-        for key in self._omit_when_off:
-            if key in data and not data[key]:
+        for key, switch in self._omit_when_off.items():
+            if key in data and not getattr(self, switch):
                 del data[key]
-        if "randaugment_magnitude" in data and "randaugment_ops" not in data:
-            del data["randaugment_magnitude"]  # means nothing without RandAugment
         return data
+
+
+# the augmentation beyond crop/flip (TrainConfig's fields): off by default, kept from stage 1 unless asked
+STRONG_AUGMENTATION = ("randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
 
 
 class TrainConfig(_OmitsUnused):
@@ -144,7 +147,12 @@ class TrainConfig(_OmitsUnused):
     randaugment_magnitude: int = Field(5, ge=0, le=30)
     mixup: float = Field(0.0, ge=0.0)
     cutmix: float = Field(0.0, ge=0.0)
-    _omit_when_off: ClassVar[tuple[str, ...]] = ("randaugment_ops", "mixup", "cutmix", "shared_augment")
+    _omit_when_off: ClassVar[dict[str, str]] = {
+        "randaugment_ops": "randaugment_ops",
+        "randaugment_magnitude": "randaugment_ops",  # means nothing without RandAugment
+        "mixup": "mixup",
+        "cutmix": "cutmix",
+    }
 
     @property
     def mixes(self) -> bool:
@@ -195,6 +203,7 @@ class ExpertTrainConfig(TrainConfig):
     # whether stage 1 also trains with the stronger augmentation (RandAugment, mixup, cutmix) set here;
     # off: stage 1 keeps crop/flip and only the experts' own stages use it (chosen on validation, README)
     shared_augment: bool = False
+    _omit_when_off: ClassVar[dict[str, str]] = {**TrainConfig._omit_when_off, "shared_augment": "shared_augment"}
 
     @property
     def stage1_seed(self) -> int:
@@ -248,7 +257,7 @@ class PartitionConfig(_OmitsUnused):
     # `confusion` only: each expert also takes the `overlap` outside classes most confused with its own,
     # so that a sample near a boundary finds an expert holding its class (README "Partitions")
     overlap: int = Field(0, ge=0)
-    _omit_when_off: ClassVar[tuple[str, ...]] = ("overlap",)
+    _omit_when_off: ClassVar[dict[str, str]] = {"overlap": "overlap"}
 
     @model_validator(mode="after")
     def _overlap_needs_confusion(self) -> PartitionConfig:

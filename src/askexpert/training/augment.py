@@ -69,10 +69,6 @@ class Augmenter:
             )
         self.num_classes = num_classes
 
-    @property
-    def mixes(self) -> bool:
-        return self._mixup is not None
-
     def images(self, batch: torch.Tensor) -> torch.Tensor:
         if self.cfg.augment:
             batch = crop_flip(batch, self.generator)

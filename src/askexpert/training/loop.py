@@ -95,7 +95,7 @@ def train_model(
     warmup = int(cfg.warmup_fraction * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     augmenter = Augmenter(cfg, model.num_outputs, seed)
-    if augmenter.mixes and teacher_logits is not None:
+    if cfg.mixes and teacher_logits is not None:
         raise ValueError(f"{desc}: mixup/cutmix cannot be combined with a teacher's logits (taken on unmixed images)")
     start = 0
     if resume_path is not None and resume_path.is_file():

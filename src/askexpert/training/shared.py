@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from askexpert.config import DistillConfig, ExpertTrainConfig, Stage, SystemConfig, TrainConfig
+from askexpert.config import (
+    STRONG_AUGMENTATION,
+    DistillConfig,
+    ExpertTrainConfig,
+    Stage,
+    SystemConfig,
+    TrainConfig,
+)
 from askexpert.data import LabeledImages, Splits
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.fingerprint import fingerprint
@@ -158,7 +165,7 @@ def stage1_training(tc: ExpertTrainConfig) -> TrainConfig:
     (unless `shared_augment`) crop/flip only."""
     settings = tc.model_dump(include=set(TrainConfig.model_fields))
     if not tc.shared_augment:
-        settings.update(randaugment_ops=0, mixup=0.0, cutmix=0.0)
+        settings.update({k: TrainConfig.model_fields[k].default for k in STRONG_AUGMENTATION})
     return TrainConfig(**{**settings, "epochs": tc.shared_epochs, "lr": tc.shared_lr or tc.lr})
 
 
@@ -167,7 +174,7 @@ def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out)
     excluded = {"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set())
     if not tc.shared_augment:  # the experts' stronger augmentation does not reach stage 1
-        excluded |= {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix"}
+        excluded |= set(STRONG_AUGMENTATION)
     settings = tc.model_dump(exclude=excluded)
     return fingerprint(
         "stage1/1",
