@@ -67,6 +67,29 @@ def test_checkpoint_version_warning_is_one_line(
     assert "CheckpointVersionWarning" not in err  # no Python warning format, no source line
 
 
+def test_edge_start_up_reads_the_generalist_metadata_once(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runtime choice, the export check and the class names share one read: one warning, not three."""
+    import shutil
+
+    from PIL import Image
+
+    system = tmp_path / "copy"
+    shutil.copytree(trained_system, system)
+    side = system / "generalist.json"
+    meta = json.loads(side.read_text())
+    meta["versions"]["timm"] = "0.9.2"
+    side.write_text(json.dumps(meta))
+    image = tmp_path / "one.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    out = tmp_path / "records.jsonl"
+    main(["classify", "--system", str(system), str(image), "--out", str(out)])
+    assert capsys.readouterr().err.count("generalist.json: written under timm 0.9.2") == 1
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["path"] == str(image) and record["error"] is None
+
+
 def test_evaluate_apply_writes_the_validation_choice(trained_system: Path, tmp_path: Path) -> None:
     import shutil
 

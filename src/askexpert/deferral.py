@@ -184,6 +184,6 @@ class DeferralGate:
 def gate_fingerprint(system: SystemDir, schedule: str) -> str:
     """What a deferral gate depends on: the generalist, the partition and the served schedule's experts."""
     part = system.partition()
-    shas = [read_meta(system.generalist_path).sha256]
+    shas = [system.generalist_meta().sha256]
     shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
     return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])

@@ -38,6 +38,7 @@ from askexpert.partition import Partition
 
 if TYPE_CHECKING:
     from askexpert.data import Splits
+    from askexpert.models.meta import CheckpointMeta
 
 T = TypeVar("T")
 
@@ -93,6 +94,15 @@ class SystemDir:
         """partition.json, parsed once (and again only when a stage rewrites it)."""
         raw = self.partition_path.read_bytes() if self.partition_path.is_file() else None  # None: from_json says so
         return self._cached("partition", raw, lambda: Partition.from_json(self.partition_path))
+
+    def generalist_meta(self) -> CheckpointMeta:
+        """generalist.json, read once (again only when a stage rewrites it): the edge asks it for the
+        runtime, the export's freshness and the class names, and a version warning should show once."""
+        from askexpert.models.meta import meta_path, read_meta
+
+        side = meta_path(self.generalist_path)
+        raw = side.read_bytes() if side.is_file() else None  # None: read_meta names the missing file
+        return self._cached("generalist_meta", raw, lambda: read_meta(self.generalist_path))
 
     def splits(self, data: DataConfig | None = None) -> Splits:
         """Train / validation / test of `data` (default: the config's), loaded once per data config."""

@@ -70,7 +70,7 @@ def available_schedules(system: SystemDir, partition: Partition) -> list[str]:
 def cache_key(
     system: SystemDir, partition: Partition, schedules: list[str], labels: np.ndarray, images: np.ndarray
 ) -> str:
-    shas = [read_meta(system.generalist_path).sha256]
+    shas = [system.generalist_meta().sha256]
     for schedule in schedules:
         shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in partition.expert_ids]
     return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)

@@ -33,7 +33,6 @@ from askexpert.errors import ConfigError
 from askexpert.inference.collaborative import CollaborativeClassifier
 from askexpert.inference.edge import connect, edge_classifier
 from askexpert.inference.http_backend import HttpExpertBackend
-from askexpert.models.meta import read_meta
 from askexpert.protocol.backend import BackendError, ExpertBackend, RefusingBackend
 from askexpert.system import SystemDir
 
@@ -122,7 +121,7 @@ class EdgeClient:
         else:
             backend = RefusingBackend(_NoServer("no expert server given: the edge answers alone"))
         classifier = edge_classifier(system, backend, runtime=runtime, threads=threads)
-        names = read_meta(system.generalist_path).extra.get("class_names") or [
+        names = system.generalist_meta().extra.get("class_names") or [
             str(c) for c in range(classifier.partition.num_classes)
         ]
         return cls(classifier, names, input_size(cfg.data), closer, cfg.serving.client_batch_size, edge_slowdown)

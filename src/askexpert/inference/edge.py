@@ -108,7 +108,7 @@ def edge_runtime(system: SystemDir, runtime: str = "auto") -> str:
         raise ConfigError(f"unknown edge runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime != "auto":
         return runtime
-    return "onnx" if is_current(system.onnx_path("onnx"), read_meta(system.generalist_path).sha256) else "torch"
+    return "onnx" if is_current(system.onnx_path("onnx"), system.generalist_meta().sha256) else "torch"
 
 
 def load_generalist(system: SystemDir, runtime: str = "auto", device: str = "cpu", threads: int = 0) -> Generalist:
@@ -126,7 +126,7 @@ def load_generalist(system: SystemDir, runtime: str = "auto", device: str = "cpu
             ) from None
         model, _ = load_checkpoint(system.generalist_path, device)
         return TorchGeneralist(model, device, threads)
-    path, now = system.onnx_path(runtime), read_meta(system.generalist_path).sha256
+    path, now = system.onnx_path(runtime), system.generalist_meta().sha256
     if path.is_file() and not is_current(path, now):
         made_from = exported_from(path)
         raise CheckpointError(

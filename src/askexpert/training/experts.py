@@ -30,7 +30,6 @@ from askexpert.models import (
     create_model,
     load_checkpoint,
     predict_logits,
-    read_meta,
     resolve_device,
     save_checkpoint,
 )
@@ -238,7 +237,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         depends["stage1"] = stage1_meta.sha256
     pools: RoutingPools | None = None
     if needs_routing:
-        depends["generalist"] = read_meta(system.generalist_path).sha256 if system.generalist_path.is_file() else None
+        depends["generalist"] = system.generalist_meta().sha256 if system.generalist_path.is_file() else None
     metas = []
     for e, (eid, subset) in enumerate(zip(part.expert_ids, part.subsets, strict=True)):
         path = system.expert_path(schedule, eid)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from askexpert.data import input_size
-from askexpert.models import load_checkpoint, read_meta
+from askexpert.models import load_checkpoint
 from askexpert.models.onnx_export import export_onnx, quantize_int8
 from askexpert.models.onnx_runtime import is_current, source_path
 from askexpert.system import SystemDir
@@ -18,7 +18,7 @@ from askexpert.system import SystemDir
 
 def export_generalist(system: SystemDir, int8: bool = True, force: bool = False) -> list[Path]:
     """The generalist as `generalist.onnx` (and `generalist.int8.onnx`); returns the paths written or kept."""
-    sha = read_meta(system.generalist_path).sha256
+    sha = system.generalist_meta().sha256
     runtimes = ["onnx", "onnx-int8"] if int8 else ["onnx"]
     paths = [system.onnx_path(r) for r in runtimes]
     if not force and all(is_current(p, sha) for p in paths):
