@@ -7,8 +7,9 @@
 `--data`/`--pretrain-data` take an image-folder tree or a .tar.gz of one (extracted
 under OUT/data/). Per seed of the expert stage, one system directory
 `OUT/seed<N>/` runs every stage of `configs/cifar100-cpu.yaml` (backbones,
-generalist and partition are trained once, in seed 0, and shared; stage 1 and the
-experts are retrained per seed). Every choice is made on the validation split;
+generalist and partition are trained once, in seed 0, and shared; so is stage 1
+when `expert_training.shared_seed` pins it, as the config does, since it teaches the
+generalist; the experts are retrained per seed). Every choice is made on the validation split;
 the test split is read once per seed for the final table. Writes
 `OUT/benchmark.{md,json,csv}` and `OUT/benchmark.png`: mean and spread over seeds.
 """
