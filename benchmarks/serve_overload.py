@@ -151,25 +151,28 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
 
 def _edge_in_the_loop(root: str, url: str, stop: Any, counts: Any, interval_s: float) -> None:
     """An edge client offloading everything, in its own process (not the generator's GIL), one batch of 8
-    images every `interval_s` (a camera's pace, not a tight loop that would take the server's CPU):
+    test images every `interval_s` (a camera's pace, not a tight loop that would take the server's CPU):
     counts samples and answers.
 
-    counts: a shared array of samples, answered (expert or fallback), fallbacks.
+    counts: a shared array of samples, answered (expert or fallback), answered by the expert, and
+    fallbacks for a failed offload (refused, timed out, unreachable: not the expert's own "other").
+    Real test images, not noise: on noise the experts answer "other", and every sample would come
+    back as an abstention without saying whether the server answered it.
     """
     system = SystemDir.open(root)
     backend, http = connect(system, url)
     try:
         clf = edge_classifier(system, backend)
         clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))  # offload everything
-        size = input_size(system.config().data)
-        images = np.random.default_rng(2).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+        images = system.splits().test.images[:8]
         tick = time.perf_counter()
         while not stop.is_set():
             pred = clf(images)
             with counts.get_lock():
                 counts[0] += len(images)
                 counts[1] += int(np.isin(pred.source, ["expert", "fallback"]).sum())
-                counts[2] += int((pred.source == "fallback").sum())
+                counts[2] += int((pred.source == "expert").sum())
+                counts[3] += int(((pred.source == "fallback") & (pred.reason != "abstain")).sum())
             tick += interval_s
             stop.wait(max(0.0, tick - time.perf_counter()))
     finally:
@@ -186,7 +189,7 @@ def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) 
     prefix = ("taskset", "-c", "1") if args.pin else ()
     server = ServerProcess(system.root, *extra, prefix=prefix, env={"OMP_WAIT_POLICY": "PASSIVE"})
     rows: list[dict[str, Any]] = []
-    stop, counts = spawn.Event(), spawn.Array("q", 3)
+    stop, counts = spawn.Event(), spawn.Array("q", 4)
     edge_proc = None
     try:
         server.wait_ready(seconds=180)
@@ -208,12 +211,12 @@ def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) 
             own0, srv0, t0 = _own_cpu_s(), _tree_cpu_s(server.proc.pid), time.perf_counter()
             row = asyncio.run(_open_loop(url, body, level * capacity, args.seconds))
             wall = time.perf_counter() - t0
-            samples, answered, fallback = (now - then for now, then in zip(counts, before, strict=True))
+            samples, answered, expert, failed = (now - then for now, then in zip(counts, before, strict=True))
             row = {"run": run, "level": level, "capacity_rps": capacity, **row}
             row["goodput_share"] = row["goodput_rps"] / capacity
             row["generator_cpu_%"] = 100 * (_own_cpu_s() - own0) / wall
             row["server_cpu_%"] = 100 * (_tree_cpu_s(server.proc.pid) - srv0) / wall
-            row |= {"edge_samples": samples, "edge_answered": answered, "edge_fallback": fallback}
+            row |= {"edge_samples": samples, "edge_answered": answered, "edge_expert": expert, "edge_failed": failed}
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -240,7 +243,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[key] = statistics.median(r[key] for r in group)
         entry["generator_cpu_%"] = statistics.median(r["generator_cpu_%"] for r in group)
         entry["server_cpu_%"] = statistics.median(r["server_cpu_%"] for r in group)
-        for key in ("status_5xx", "failed_connection", "edge_samples", "edge_answered", "edge_fallback"):
+        for key in ("status_5xx", "failed_connection", "edge_samples", "edge_answered", "edge_expert", "edge_failed"):
             entry[key] = sum(r[key] for r in group)
         out.append(entry)
     return out
@@ -275,7 +278,7 @@ def main() -> None:
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1))
     columns = ["level", "offered_rps", "goodput_rps", "goodput_share", "shed_rate", "status_5xx", "p50_ms", "p99_ms"]
     columns += ["p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load", "generator_cpu_%", "server_cpu_%"]
-    columns += ["edge_samples", "edge_answered"]
+    columns += ["edge_samples", "edge_answered", "edge_expert", "edge_failed"]
     table = markdown_table(summary, columns)
     capacities = ", ".join(f"{r['capacity_rps']:.0f}" for r in rows if r["level"] == summary[0]["level"])
     where = "server on core 1, generator on core 0" if args.pin else "server and generator share the cores"
@@ -284,7 +287,8 @@ def main() -> None:
         f"{args.seconds:g} s per level, median of {args.repeats} runs; {where})\n\n"
         f"Capacity per run (best closed-loop goodput of {', '.join(map(str, CAPACITY_CLIENTS))} clients): "
         f"{capacities} requests/s. "
-        "5xx and edge counts are summed over the runs.\n\n"
+        "5xx and edge counts are summed over the runs; edge_expert: samples the expert answered, "
+        'edge_failed: offloads that fell back for a refusal or failure (the rest abstained: "other").\n\n'
         f"{table}"
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
