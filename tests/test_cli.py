@@ -49,10 +49,8 @@ def test_train_experts_needs_a_partition(
     assert code == 2 and "unknown schedule 'warp'" in text
 
 
-def test_checkpoint_version_warning_is_one_line(
-    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import json
+def _generalist_from_old_timm(trained_system: Path, tmp_path: Path) -> Path:
+    """A copy of the system whose generalist says it was written under timm 0.9.2."""
     import shutil
 
     system = tmp_path / "copy"
@@ -61,6 +59,13 @@ def test_checkpoint_version_warning_is_one_line(
     meta = json.loads(side.read_text())
     meta["versions"]["timm"] = "0.9.2"
     side.write_text(json.dumps(meta))
+    return system
+
+
+def test_checkpoint_version_warning_is_one_line(
+    trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = _generalist_from_old_timm(trained_system, tmp_path)
     main(["evaluate", "--system", str(system)])
     err = capsys.readouterr().err
     assert "warning: " in err and "generalist.json: written under timm 0.9.2" in err
@@ -71,16 +76,9 @@ def test_edge_start_up_reads_the_generalist_metadata_once(
     trained_system: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The runtime choice, the export check and the class names share one read: one warning, not three."""
-    import shutil
-
     from PIL import Image
 
-    system = tmp_path / "copy"
-    shutil.copytree(trained_system, system)
-    side = system / "generalist.json"
-    meta = json.loads(side.read_text())
-    meta["versions"]["timm"] = "0.9.2"
-    side.write_text(json.dumps(meta))
+    system = _generalist_from_old_timm(trained_system, tmp_path)
     image = tmp_path / "one.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
     out = tmp_path / "records.jsonl"
