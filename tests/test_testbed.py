@@ -192,6 +192,8 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
 
 def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> None:
     """The headline τ, checked against the live classifier on the validation images (not the cached sweep)."""
+    from askexpert.evaluate.cache import build_cache
+    from askexpert.evaluate.metrics import PARITY_GRID_POINTS, gate_comparison, gate_statistic
     from askexpert.inference.edge import edge_classifier
     from askexpert.models.local_experts import LocalExpertBackend
     from askexpert.testbed.choice import ValidationView
@@ -215,10 +217,17 @@ def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> No
     assert h["val_samples"] == len(val)
     acc, rate = live(h["tau"])
     assert (h["val_accuracy"], h["val_offload_rate"]) == pytest.approx((acc, rate), abs=1e-12)
-    grid = [live(float(t)) for t in ValidationView.of(system).spanning_taus(41)]
+    grid = [live(float(t)) for t in ValidationView.of(system).spanning_taus(PARITY_GRID_POINTS)]
     if h["eligible"]:  # reaches edge execution, and no τ of the grid with a lower offload rate does
         assert acc >= target
         assert not [(a, r) for a, r in grid if a >= target and r < rate]
+        # the evaluate report's gate table finds the same parity offload (one grid, one rule)
+        assert cfg.routing.combine == "replace"  # the rule the gate table answers with
+        val, test = (build_cache(system, [cfg.serving.schedule], split=s) for s in ("val", "test"))
+        gate, k = cfg.routing.gate, cfg.routing.top_k
+        stats = (gate_statistic(test, gate), gate_statistic(val, gate))
+        table = gate_comparison(test, val, *stats, gate, cfg.serving.schedule, k, cfg.routing.scoring)
+        assert table["parity_val_offload"] == pytest.approx(rate, abs=1e-12)
     else:
         assert acc == max(a for a, _ in grid) < target
     row = next(r for r in summary["table"] if r["strategy"] == "collaborative" and r["tau"] == h["tau"])

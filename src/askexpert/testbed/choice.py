@@ -18,7 +18,14 @@ import numpy as np
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.gates import cross_fit_scores
-from askexpert.evaluate.metrics import expert_labels, gate_statistic, offload_masks, outcomes, routed_experts
+from askexpert.evaluate.metrics import (
+    PARITY_GRID_POINTS,
+    expert_labels,
+    gate_statistic,
+    offload_masks,
+    outcomes,
+    routed_experts,
+)
 from askexpert.routing import LEARNED
 from askexpert.system import SystemDir
 
@@ -68,8 +75,9 @@ class ValidationView:
         return np.unique(np.round(np.quantile(self.stat, np.linspace(0.0, 1.0, points)), 4))
 
 
-def parity_tau(view: ValidationView, k: int, points: int = 41) -> dict[str, Any]:
-    """The fastest τ (lowest validation offload rate) whose validation accuracy reaches edge execution's.
+def parity_tau(view: ValidationView, k: int, points: int = PARITY_GRID_POINTS) -> dict[str, Any]:
+    """The fastest τ (lowest validation offload rate) whose validation accuracy reaches edge execution's,
+    searched on the gate table's grid (`evaluate`'s parity column), so the two agree.
 
     When no τ does, the most accurate one, with `eligible` False.
     """
