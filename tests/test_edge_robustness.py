@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import httpx
@@ -203,9 +204,25 @@ def _admitted_images(url: str) -> float:
     return 0.0
 
 
+def _read_reply(sock: socket.socket) -> str:
+    """One whole HTTP reply: the head and its content-length of body (they may arrive in separate packets)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+def _content_length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].decode().lower()
+    found = [line.split(":", 1)[1] for line in head.split("\r\n") if line.startswith("content-length:")]
+    return int(found[0]) if found else 0
+
+
 def test_a_full_queue_refuses_before_reading_the_body(tight_server: ServerProcess) -> None:
     """Admission decides from the headers: a refused request's body is never waited for."""
-    import socket
     import time
 
     port = int(tight_server.url.rsplit(":", 1)[1])
@@ -223,7 +240,7 @@ def test_a_full_queue_refuses_before_reading_the_body(tight_server: ServerProces
             time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as refused:
             refused.sendall(head)  # headers only: a body that never comes
-            reply = refused.recv(65536).decode()  # a server that waited for the body would time out here
+            reply = _read_reply(refused)  # a server that waited for the body would time out here
         assert reply.startswith("HTTP/1.1 429"), reply
         assert "retry-after: 1" in reply.lower() and "8 images already queued" in reply
     finally:
