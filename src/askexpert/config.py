@@ -349,6 +349,10 @@ class SystemConfig(_Strict):
     def _check_k(self) -> SystemConfig:
         if self.evaluate.max_k < self.routing.top_k:
             raise ValueError(f"evaluate.max_k={self.evaluate.max_k} is below routing.top_k={self.routing.top_k}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_mixing_without_teacher(self) -> SystemConfig:
         if self.distill.teacher != "none" and self.generalist_training.mixes:
             raise ValueError(
                 "generalist_training: mixup/cutmix cannot be combined with distill.teacher "
