@@ -3,6 +3,8 @@ that they leave earlier checkpoints' fingerprints alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,10 @@ import torch
 from askexpert.config import ExpertTrainConfig, SystemConfig, TrainConfig
 from askexpert.errors import ConfigError
 from askexpert.models import create_model
-from askexpert.training.augment import Augmenter
+from askexpert.system import SystemDir
+from askexpert.training.augment import RANDAUGMENT_GROUP, Augmenter
 from askexpert.training.loop import train_model
-from askexpert.training.shared import stage1_training
+from askexpert.training.shared import shared_stage_fingerprint, stage1_training
 
 
 def _batch(n: int = 6) -> torch.Tensor:
@@ -28,6 +31,16 @@ def test_randaugment_changes_pixels_and_repeats_from_the_seed() -> None:
     assert first.shape == x.shape and first.dtype == torch.uint8
     assert not torch.equal(first, x)
     assert torch.equal(first, again)
+
+
+def test_randaugment_draws_its_ops_per_group_of_images() -> None:
+    # identical images, no crop/flip: members of one group come out alike, the groups do not all agree
+    cfg = TrainConfig(epochs=1, augment=False, randaugment_ops=2, randaugment_magnitude=9)
+    x = _batch(1).expand(8 * RANDAUGMENT_GROUP, -1, -1, -1).contiguous()
+    out = Augmenter(cfg, 10, seed=0).images(x)
+    groups = out.split(RANDAUGMENT_GROUP)
+    assert all(torch.equal(image, group[0]) for group in groups for image in group)
+    assert len({g[0].numpy().tobytes() for g in groups}) > 1
 
 
 def test_mixup_gives_float_images_and_soft_targets_that_sum_to_one() -> None:
@@ -55,6 +68,7 @@ def test_without_mixing_the_labels_stay_indices() -> None:
     [
         ({"randaugment_ops": 9}, "randaugment_ops"),
         ({"mixup": -1.0}, "mixup"),
+        ({"shared_augment": {"randaugment_ops": 2, "rotate": 10}}, "rotate"),
     ],
 )
 def test_bad_augmentation_options_fail_in_one_line(changes: dict[str, object], message: str) -> None:
@@ -76,6 +90,26 @@ def test_options_that_are_off_leave_dumps_and_fingerprints_as_they_were() -> Non
     # the experts' own augmentation does not reach stage 1 unless shared_augment says so
     assert stage1_training(on).model_dump() == stage1_training(ExpertTrainConfig(epochs=1)).model_dump()
     assert stage1_training(on.model_copy(update={"shared_augment": True})).cutmix == 1.0
+
+
+def test_stage1_can_have_augmentation_of_its_own(tmp_path: Path) -> None:
+    """`shared_augment: {...}` gives stage 1 its settings and keeps the experts' own out of it, and
+    stage 1's fingerprint follows them (so a stage 1 trained without them is retrained)."""
+    raw = {"expert_training": {"epochs": 1, "cutmix": 1.0, "shared_augment": {"randaugment_ops": 2}}}
+    cfg = SystemConfig.from_dict(raw)
+    stage1 = stage1_training(cfg.expert_training)
+    assert (stage1.randaugment_ops, stage1.randaugment_magnitude, stage1.cutmix) == (2, 5, 0.0)
+    assert cfg.expert_training.cutmix == 1.0 and cfg.expert_training.randaugment_ops == 0
+
+    def key(shared_augment: object) -> str:
+        changed = SystemConfig.from_dict(
+            {"expert_training": {**raw["expert_training"], "shared_augment": shared_augment}}
+        )
+        return shared_stage_fingerprint(SystemDir.create(tmp_path / "system", changed, overwrite=True), changed)
+
+    keys = {key(False), key(True), key({"randaugment_ops": 2}), key({"randaugment_ops": 2, "randaugment_magnitude": 9})}
+    assert len(keys) == 4
+    assert key(False) == key(False)
 
 
 def test_training_with_every_option_on_lowers_the_loss() -> None:

@@ -126,23 +126,11 @@ class _OmitsUnused(_Strict):
         return data
 
 
-# the augmentation beyond crop/flip (TrainConfig's fields): off by default, kept from stage 1 unless asked
-STRONG_AUGMENTATION = ("randaugment_ops", "randaugment_magnitude", "mixup", "cutmix")
+class StrongAugmentation(_OmitsUnused):
+    """Augmentation beyond crop/flip, each off by default (askexpert.training.augment): RandAugment's
+    ops per image and magnitude (torchvision), and the Beta(alpha, alpha) of mixup / cutmix (timm's
+    Mixup; with both set, each batch uses one of them at random)."""
 
-
-class TrainConfig(_OmitsUnused):
-    """Optimiser and budget for one training job."""
-
-    epochs: float = Field(gt=0.0)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    augment: bool = True  # random crop + horizontal flip
-    # Stronger augmentation, each off by default (askexpert.training.augment): RandAugment's ops per
-    # image and magnitude (torchvision), and the Beta(alpha, alpha) of mixup / cutmix (timm's Mixup;
-    # with both set, each batch uses one of them at random)
     randaugment_ops: int = Field(0, ge=0, le=4)
     randaugment_magnitude: int = Field(5, ge=0, le=30)
     mixup: float = Field(0.0, ge=0.0)
@@ -153,6 +141,22 @@ class TrainConfig(_OmitsUnused):
         "mixup": "mixup",
         "cutmix": "cutmix",
     }
+
+
+# the augmentation beyond crop/flip (TrainConfig's fields): off by default, kept from stage 1 unless asked
+STRONG_AUGMENTATION = tuple(StrongAugmentation.model_fields)
+
+
+class TrainConfig(StrongAugmentation):
+    """Optimiser and budget for one training job."""
+
+    epochs: float = Field(gt=0.0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    augment: bool = True  # random crop + horizontal flip
 
     @property
     def mixes(self) -> bool:
@@ -200,9 +204,10 @@ class ExpertTrainConfig(TrainConfig):
     # stage 1's learning rate when it should differ from the experts' fine-tuning `lr` (None: `lr`):
     # stage 1 trains a whole model on all classes, the experts fine-tune it on a subset
     shared_lr: float | None = Field(None, gt=0.0)
-    # whether stage 1 also trains with the stronger augmentation (RandAugment, mixup, cutmix) set here;
-    # off: stage 1 keeps crop/flip and only the experts' own stages use it (chosen on validation, README)
-    shared_augment: bool = False
+    # stage 1's augmentation beyond crop/flip: false (crop/flip only; the experts' own stages keep theirs),
+    # true (the same as the experts' stages), or its own settings, e.g. {randaugment_ops: 2}: stage 1
+    # trains a whole model for many epochs and overfits where the experts' short fine-tuning does not (README)
+    shared_augment: bool | StrongAugmentation = False
     _omit_when_off: ClassVar[dict[str, str]] = {**TrainConfig._omit_when_off, "shared_augment": "shared_augment"}
 
     @property
@@ -308,6 +313,10 @@ class ServingConfig(_Strict):
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
+    # Python's GIL switch interval in the server process (0: Python's 5 ms): the model runs in a worker
+    # thread that gives up and re-takes the GIL around every torch op, and an event loop busy refusing
+    # requests can make it wait a whole interval each time (serving/server.py, README "Benchmarks")
+    gil_switch_ms: float = Field(0.0, ge=0.0)
     client_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
     retries: int = Field(2, ge=0)

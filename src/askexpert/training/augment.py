@@ -33,6 +33,11 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+# RandAugment draws its ops once per call: per group of 8 images rather than per image, 16 draws a
+# batch of 128 at a sixth of the cost (3 against 17 ms at 32 px on our 2 cores, ~1 % of an expert step)
+RANDAUGMENT_GROUP = 8
+
+
 class _Transform(Protocol):
     def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
 
@@ -40,7 +45,7 @@ class _Transform(Protocol):
 class Augmenter:
     """The configured augmentation for one training job.
 
-    `images(batch)` applies crop/flip and RandAugment (per image) to a uint8 NHWC
+    `images(batch)` applies crop/flip and RandAugment (per group of 8 images) to a uint8 NHWC
     batch; `mix(batch, labels)` then applies mixup/cutmix when configured and returns
     float images with soft targets (label smoothing folded in), else the batch with
     its integer labels. RandAugment and timm's Mixup draw from torch's and numpy's
@@ -74,7 +79,8 @@ class Augmenter:
             batch = crop_flip(batch, self.generator)
         if self._randaugment is not None:
             ra = self._randaugment
-            batch = torch.stack([ra(image.permute(2, 0, 1)) for image in batch]).permute(0, 2, 3, 1)
+            nchw = batch.permute(0, 3, 1, 2).contiguous()
+            batch = torch.cat([ra(group) for group in nchw.split(RANDAUGMENT_GROUP)]).permute(0, 2, 3, 1)
         return batch
 
     def mix(self, batch: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

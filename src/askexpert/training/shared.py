@@ -22,6 +22,7 @@ from askexpert.config import (
     DistillConfig,
     ExpertTrainConfig,
     Stage,
+    StrongAugmentation,
     SystemConfig,
     TrainConfig,
 )
@@ -162,10 +163,12 @@ def train_backbones(system: SystemDir, presets: list[str] | None = None, force: 
 
 def stage1_training(tc: ExpertTrainConfig) -> TrainConfig:
     """Stage 1's own optimiser and budget: the expert settings with its epochs, learning rate and
-    (unless `shared_augment`) crop/flip only."""
+    augmentation (`shared_augment`: crop/flip only, the experts' own, or settings of its own)."""
     settings = tc.model_dump(include=set(TrainConfig.model_fields))
-    if not tc.shared_augment:
+    if tc.shared_augment is not True:
         settings.update({k: TrainConfig.model_fields[k].default for k in STRONG_AUGMENTATION})
+    if isinstance(tc.shared_augment, StrongAugmentation):
+        settings.update(tc.shared_augment.model_dump())
     return TrainConfig(**{**settings, "epochs": tc.shared_epochs, "lr": tc.shared_lr or tc.lr})
 
 
@@ -173,7 +176,7 @@ def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     tc = cfg.expert_training
     # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out)
     excluded = {"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set())
-    if not tc.shared_augment:  # the experts' stronger augmentation does not reach stage 1
+    if tc.shared_augment is not True:  # the experts' stronger augmentation does not reach stage 1
         excluded |= set(STRONG_AUGMENTATION)
     settings = tc.model_dump(exclude=excluded)
     return fingerprint(
