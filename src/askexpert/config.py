@@ -313,10 +313,6 @@ class ServingConfig(_Strict):
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
-    # Python's GIL switch interval in the server process (0: Python's 5 ms): the model runs in a worker
-    # thread that gives up and re-takes the GIL around every torch op, and an event loop busy refusing
-    # requests can make it wait a whole interval each time (serving/server.py, README "Benchmarks")
-    gil_switch_ms: float = Field(0.0, ge=0.0)
     client_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
     retries: int = Field(2, ge=0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -198,8 +197,6 @@ class ExpertService(ServiceBase):
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
-        if cfg.serving.gil_switch_ms:
-            sys.setswitchinterval(cfg.serving.gil_switch_ms / 1e3)
         part = system.partition()
         backend = LocalExpertBackend.from_dir(system.experts_dir(schedule or cfg.serving.schedule), part, device)
         service = cls(backend, part, input_size(cfg.data), cfg.serving)

@@ -34,7 +34,7 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 # RandAugment draws its ops once per call: per group of 8 images rather than per image, 16 draws a
-# batch of 128 at a sixth of the cost (3 against 17 ms at 32 px on our 2 cores, ~1 % of an expert step)
+# batch of 128 for a tenth of the cost (3 against 34 ms at 32 px on our 2 cores, ~1 % of an expert step)
 RANDAUGMENT_GROUP = 8
 
 
