@@ -312,7 +312,9 @@ class ServingConfig(_Strict):
     max_inflight_requests: int = Field(512, ge=1)  # admitted requests at once, all experts (429 beyond)
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    torch_threads: int = Field(0, ge=0)  # 0: leave torch's default
+    # 0: torch's default; on a small box shared with other work, cores - 1 leaves the event loop a core
+    # (README "Under overload": goodput then holds at what the server can serve)
+    torch_threads: int = Field(0, ge=0)
     client_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
     retries: int = Field(2, ge=0)
