@@ -149,7 +149,7 @@ async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict
     }
 
 
-def _edge_in_the_loop(root: str, url: str, stop: Any, counts: Any, interval_s: float) -> None:
+def _edge_in_the_loop(root: str, url: str, images: np.ndarray, stop: Any, counts: Any, interval_s: float) -> None:
     """An edge client offloading everything, in its own process (not the generator's GIL), one batch of 8
     test images every `interval_s` (a camera's pace, not a tight loop that would take the server's CPU):
     counts samples and answers.
@@ -157,14 +157,14 @@ def _edge_in_the_loop(root: str, url: str, stop: Any, counts: Any, interval_s: f
     counts: a shared array of samples, answered (expert or fallback), answered by the expert, and
     fallbacks for a failed offload (refused, timed out, unreachable: not the expert's own "other").
     Real test images, not noise: on noise the experts answer "other", and every sample would come
-    back as an abstention without saying whether the server answered it.
+    back as an abstention without saying whether the server answered it. The images come from the
+    parent, read once: an edge holds its camera's frames, not the data set's splits.
     """
     system = SystemDir.open(root)
     backend, http = connect(system, url)
     try:
         clf = edge_classifier(system, backend)
         clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))  # offload everything
-        images = system.splits().test.images[:8]
         tick = time.perf_counter()
         while not stop.is_set():
             pred = clf(images)
@@ -179,7 +179,9 @@ def _edge_in_the_loop(root: str, url: str, stop: Any, counts: Any, interval_s: f
         http.close()
 
 
-def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) -> tuple[float, list[dict[str, Any]]]:
+def one_run(
+    system: SystemDir, args: argparse.Namespace, body: bytes, edge_images: np.ndarray, run: int
+) -> tuple[float, list[dict[str, Any]]]:
     """A fresh server: its capacity, then every load level; rows per level.
 
     The edge client runs from before the capacity measurement to the end, so that the
@@ -193,7 +195,7 @@ def one_run(system: SystemDir, args: argparse.Namespace, body: bytes, run: int) 
     edge_proc = None
     try:
         server.wait_ready(seconds=180)
-        edge_args = (str(system.root), server.url, stop, counts, args.edge_interval)
+        edge_args = (str(system.root), server.url, edge_images, stop, counts, args.edge_interval)
         edge_proc = spawn.Process(target=_edge_in_the_loop, args=edge_args)
         edge_proc.start()
         while counts[0] == 0 and edge_proc.is_alive():  # started (imports done) before the load begins
@@ -267,9 +269,10 @@ def main() -> None:
     system = SystemDir.open(args.system)
     size = input_size(system.config().data)
     body = encode_images(np.random.default_rng(1).integers(0, 256, (args.images, size, size, 3), dtype=np.uint8))
+    edge_images = system.splits().test.images[:8]
     rows: list[dict[str, Any]] = []
     for run in range(args.repeats):
-        rows += one_run(system, args, body, run)[1]
+        rows += one_run(system, args, body, edge_images, run)[1]
     summary = summarise(rows)
     name = f"serve_overload_{args.engine}" + ("_pinned" if args.pin else "")
     out = system.report_dir
