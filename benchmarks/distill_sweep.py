@@ -31,6 +31,10 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name → config sections merged over 
     "soft-a0.2": {"distill": {"teacher": "stage1", "mode": "soft", "alpha": 0.2}},
     "soft-t1": {"distill": {"teacher": "stage1", "mode": "soft", "temperature": 1.0}},
     "none-scratch": {"distill": {"teacher": "none"}, "backbone": {"data": None}},  # no pretraining either
+    # the config's soft targets with a light RandAugment for the student (the teacher's logits stay unaugmented)
+    "soft-ra5": {"distill": {"teacher": "stage1", "mode": "soft"}, "generalist_training": {"randaugment_ops": 2}},
+    # the config's soft targets, 3 more epochs (+20 % of the generalist's cost)
+    "soft-e18": {"distill": {"teacher": "stage1", "mode": "soft"}, "generalist_training": {"epochs": 18}},
 }
 
 
