@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name → config sections merged over 
     "none-scratch": {"distill": {"teacher": "none"}, "backbone": {"data": None}},  # no pretraining either
     # the config's soft targets with a light RandAugment for the student (the teacher's logits stay unaugmented)
     "soft-ra5": {"distill": {"teacher": "stage1", "mode": "soft"}, "generalist_training": {"randaugment_ops": 2}},
-    # the config's soft targets, 3 more epochs (+20 % of the generalist's cost)
+    # soft targets at 18 epochs: the probe that moved configs/cifar100-cpu.yaml from 15 to 18 (README)
     "soft-e18": {"distill": {"teacher": "stage1", "mode": "soft"}, "generalist_training": {"epochs": 18}},
 }
 
