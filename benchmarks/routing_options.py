@@ -183,6 +183,9 @@ def main() -> None:
     ap.add_argument("--deltas", default="0,0.05,0.1,0.2,0.3,1.01")
     ap.add_argument("--rules", default="replace,mix:0.3,mix:0.5")
     args = ap.parse_args()
+    for spec in args.rules.split(","):  # this probe pools two experts itself: the rules it knows, no others
+        if spec.partition(":")[0] not in ("replace", "mix"):
+            ap.error(f"--rules: {spec!r} is not one this probe runs (replace, or mix:W)")
     system = SystemDir.open(args.system)
     schedule = args.schedule or system.config().serving.schedule
     val_cache = build_cache(system, [schedule], split="val")

@@ -115,11 +115,11 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
     summary = json.loads((trained_system / "report" / "summary.json").read_text())
     val = system.splits().val
     taus = sorted({*np.linspace(0.0, 1.0, cfg.evaluate.taus)[::2].round(6)})
-    rules = [("replace", 0.0)] + [("mix", w) for w in cfg.evaluate.mix_weights]
+    rules = [("replace", 0.0)] + [(pool, w) for pool in ("mix", "logmix") for w in cfg.evaluate.mix_weights]
     for schedule, chosen in summary["chosen_on_validation"].items():
         point = RoutingConfig(**chosen)
         rows = [r for r in summary["combination_rules"] if r["schedule"] == schedule]
-        assert {r["rule"] for r in rows} == {"replace", "mix"}
+        assert {r["rule"] for r in rows} == {"replace", "mix", "logmix"}
         reported = max(r["val_accuracy"] for r in rows)  # the chosen point's validation accuracy
         clf, _ = _classifier(trained_system, schedule)
 

@@ -50,6 +50,27 @@ def test_mix_pools_both_answers() -> None:
         expert_answer(softmax(expert), CLASSES, gen, "vote")
 
 
+def test_logmix_needs_both_models_to_agree() -> None:
+    # The generalist: class 4 at 0.70, class 1 at 0.25, class 3 almost never (0.01). The expert (classes 1, 3):
+    # class 3 at 0.80, class 1 at 0.18, "other" 0.02, spread over 0, 2, 4 as 2:2:70 (class 4: 0.02·70/74).
+    gen = _gen([[0.02, 0.25, 0.02, 0.01, 0.70]])
+    expert = np.log(np.array([[0.18, 0.80, 0.02]]))
+    # Linear pool at w = 0.5: class 3 = (0.01 + 0.80) / 2 = 0.405 beats class 4 (0.359) and class 1 (0.215).
+    assert expert_answer(softmax(expert), CLASSES, gen, "mix", 0.5).tolist() == [3]
+    # Log pool at w = 0.5: log-means class 1 -1.550, class 4 -2.163, class 3 -2.414: the generalist's 0.01
+    # vetoes class 3, and class 1, which both give weight, wins.
+    assert expert_answer(softmax(expert), CLASSES, gen, "logmix", 0.5).tolist() == [1]
+    # w = 1 is the generalist alone, w = 0 the expert's full distribution, as for `mix`.
+    assert expert_answer(softmax(expert), CLASSES, gen, "logmix", 1.0).tolist() == [4]
+    assert expert_answer(softmax(expert), CLASSES, gen, "logmix", 0.0).tolist() == [3]
+    # A probability that underflowed to 0 is a strong veto, not a nan: the answer stays a real class.
+    zero = _gen([[0.0, 0.5, 0.0, 0.0, 0.5]])
+    with np.errstate(all="raise"):
+        assert expert_answer(softmax(expert), CLASSES, zero, "logmix", 0.5).tolist() == [1]
+    with pytest.raises(ValueError, match="'logmix' needs the generalist"):
+        expert_answer(softmax(expert), CLASSES, None, "logmix")
+
+
 def test_abstain_falls_back_to_the_generalist() -> None:
     labels, answered = final_labels(
         np.array([0, 1, 2, 3]), np.array([9, OTHER, 7, 8]), np.array([True, True, True, False])

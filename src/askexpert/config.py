@@ -280,8 +280,8 @@ class RoutingConfig(_Strict):
     tau: float = 0.6
     top_k: int = Field(3, ge=1)
     scoring: Literal["weighted", "count"] = "weighted"
-    combine: Literal["replace", "mix"] = "replace"
-    mix_weight: float = Field(0.5, ge=0.0, le=1.0)  # generalist's share under `combine: mix`
+    combine: Literal["replace", "mix", "logmix"] = "replace"
+    mix_weight: float = Field(0.5, ge=0.0, le=1.0)  # generalist's share under `combine: mix` / `logmix`
 
     @field_validator("tau")
     @classmethod
@@ -291,7 +291,7 @@ class RoutingConfig(_Strict):
         return value
 
     def describe(self) -> str:
-        rule = f"mix w={self.mix_weight:g}" if self.combine == "mix" else self.combine
+        rule = self.combine if self.combine == "replace" else f"{self.combine} w={self.mix_weight:g}"
         return f"{self.gate} τ={self.tau:.3g}, k={self.top_k}, {rule}"
 
     def updated(self, **changes: object) -> RoutingConfig:

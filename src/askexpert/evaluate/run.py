@@ -31,6 +31,7 @@ from askexpert.evaluate.metrics import (
 )
 from askexpert.evaluate.report import write_report
 from askexpert.models import read_meta
+from askexpert.protocol import POOLED_RULES
 from askexpert.system import SystemDir
 
 
@@ -59,7 +60,9 @@ def choose_on_validation(
     cfg = system.config()
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = evaluated_ks(system, test)
-    families = {"replace": [("replace", 0.0)], "mix": [("mix", float(w)) for w in cfg.evaluate.mix_weights]}
+    families = {"replace": [("replace", 0.0)]} | {
+        pool: [(pool, float(w)) for w in cfg.evaluate.mix_weights] for pool in POOLED_RULES
+    }
     chosen: dict[str, RoutingConfig] = {}
     rows: list[dict[str, Any]] = []
     for schedule in test.schedules:

@@ -12,6 +12,7 @@ imports nothing from `serving`, and the server and the evaluation nothing from
 from askexpert.protocol.answers import (
     COMBINE_RULES,
     OTHER,
+    POOLED_RULES,
     expert_answer,
     expert_full_distribution,
     final_labels,
@@ -21,6 +22,7 @@ from askexpert.protocol.answers import (
 __all__ = [
     "COMBINE_RULES",
     "OTHER",
+    "POOLED_RULES",
     "expert_answer",
     "expert_full_distribution",
     "final_labels",

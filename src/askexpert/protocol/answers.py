@@ -11,6 +11,11 @@ Combination rules (`routing.combine`):
     "other" mass over the remaining classes in the generalist's proportions;
     the answer is argmax q. It never abstains: a confident "other" hands the
     decision back to the generalist's ranking outside the subset.
+  * ``logmix``: the same two distributions pooled in log space (the logarithmic
+    opinion pool), log q = w·log p_gen + (1−w)·log p_exp + const: a class wins
+    only where both models give it weight, so one model's confident mistake is
+    vetoed by the other's near-zero probability, where the linear pool averages
+    it in. It never abstains either.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 OTHER = -1  # the global "class id" of an expert's "other" output
-COMBINE_RULES: tuple[str, ...] = ("replace", "mix")
+COMBINE_RULES: tuple[str, ...] = ("replace", "mix", "logmix")
+POOLED_RULES: tuple[str, ...] = ("mix", "logmix")  # the rules that take `mix_weight` and the generalist's probabilities
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -55,11 +61,16 @@ def expert_answer(
     """
     if rule == "replace":
         return classes[expert_probs.argmax(axis=1)].astype(np.int64)
-    if rule == "mix":
+    if rule in POOLED_RULES:
         if gen_probs is None:
-            raise ValueError("combination rule 'mix' needs the generalist's probabilities")
+            raise ValueError(f"combination rule {rule!r} needs the generalist's probabilities")
         full = expert_full_distribution(expert_probs.astype(np.float64), classes, gen_probs)
-        pooled = mix_weight * gen_probs + (1.0 - mix_weight) * full
+        if rule == "mix":
+            pooled = mix_weight * gen_probs + (1.0 - mix_weight) * full
+        else:  # a floor keeps a probability that underflowed to 0 a finite veto, not -inf (and 0·-inf = nan)
+            floor = np.finfo(np.float64).tiny
+            gen_log = np.log(np.maximum(gen_probs.astype(np.float64), floor))
+            pooled = mix_weight * gen_log + (1.0 - mix_weight) * np.log(np.maximum(full, floor))
         return pooled.argmax(axis=1).astype(np.int64)
     raise ValueError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
 

@@ -22,7 +22,7 @@ from askexpert.measure.netem import PEER_IP, DelayRelay, LinkUnavailable, Namesp
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.progress import progress
-from askexpert.protocol import OTHER, softmax
+from askexpert.protocol import OTHER, POOLED_RULES, softmax
 from askexpert.protocol.backend import BackendError, reply_answers
 from askexpert.routing import system_router
 from askexpert.serving.process import ServerProcess
@@ -156,5 +156,5 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
             rows = _measure_samples(system, images, server.wait_ready().url, threads)
         mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
     cfg_models = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
-    rule = cfg.routing.combine + (f" (w={cfg.routing.mix_weight:g})" if cfg.routing.combine == "mix" else "")
+    rule = cfg.routing.combine + (f" (w={cfg.routing.mix_weight:g})" if cfg.routing.combine in POOLED_RULES else "")
     return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models, rule)
