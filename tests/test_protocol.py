@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from askexpert.protocol import OTHER, expert_answer, expert_full_distribution, final_labels, softmax
+from askexpert.protocol import COMBINE_RULES, OTHER, expert_answer, expert_full_distribution, final_labels, softmax
 
 
 def _gen(rows: list[list[float]]) -> np.ndarray:
@@ -130,3 +130,14 @@ def test_live_classifier_uses_the_same_rule_and_falls_back_without_probabilities
     out = blind(images)
     assert (out.source == "fallback").all() and all("sent no probabilities" in r for r in out.reason)
     assert (out.labels == 3).all()
+
+
+def test_the_config_accepts_exactly_the_rules_the_protocol_runs() -> None:
+    from typing import get_args
+
+    from askexpert.config import RoutingConfig
+    from askexpert.protocol import POOLED_RULES
+
+    assert get_args(RoutingConfig.model_fields["combine"].annotation) == COMBINE_RULES
+    assert set(POOLED_RULES) < set(COMBINE_RULES)
+    assert RoutingConfig(combine="logmix", mix_weight=0.35).describe().endswith("logmix w=0.35")
