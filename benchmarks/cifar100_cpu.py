@@ -164,7 +164,21 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "budgets": summaries[0].get("budgets", []),
         "chosen_points": [s.get("chosen_on_validation", {}) for s in summaries],
         "combination_rules": [r for s in summaries for r in s.get("combination_rules", [])],
+        "rules": rule_families(summaries),
     }
+
+
+def rule_families(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each combination rule's best point (one expert, or a second one for close calls), over seeds."""
+    families: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in (r for s in summaries for r in s.get("combination_rules", [])):
+        entry = families.setdefault((row["schedule"], row["rule"]), {})
+        for metric in ("val_accuracy", "test_accuracy", "test_offload_rate", "test_routing_hit_rate"):
+            if row.get(metric) is not None:
+                entry.setdefault(metric, []).append(row[metric])
+    return [
+        {"schedule": sc, "rule": rule, **{m: spread(v) for m, v in d.items()}} for (sc, rule), d in families.items()
+    ]
 
 
 def write_outputs(out: Path, result: dict[str, Any]) -> str:
@@ -193,6 +207,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         {"schedule": r["schedule"], "gate": r["gate"], **{m: fmt(v) for m, v in r.items() if isinstance(v, dict)}}
         for r in agg.get("gates", [])
     ]
+    rule_rows = [
+        {"schedule": r["schedule"], "rule": r["rule"], **{m: fmt(v) for m, v in r.items() if isinstance(v, dict)}}
+        for r in agg.get("rules", [])
+    ]
     val = agg.get("model_validation") or {}
     val_line = (
         f"Validation accuracy of the all-class models: generalist {val['generalist'] * 100:.2f} %, "
@@ -220,6 +238,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         "gain captured at 30 % (× 100). The last row per schedule: the learned gate minus the best confidence "
         "gate at each offload (points).\n",
         markdown_table(gate_rows) if gate_rows else "(not reported)\n",
+        "\n## Combination rules, each at its best point on validation (%)\n",
+        "`+ 2nd expert`: a sample also asks the runner-up expert when its routing score is close "
+        "(`routing.second_within`); offload counts requests, so such a sample counts twice.\n",
+        markdown_table(rule_rows) if rule_rows else "(not reported)\n",
         "\n## Models on validation\n",
         val_line,
         "\n## Against static experts (percentage points)\n",

@@ -282,6 +282,9 @@ class RoutingConfig(_Strict):
     scoring: Literal["weighted", "count"] = "weighted"
     combine: Literal["replace", "mix", "logmix"] = "replace"
     mix_weight: float = Field(0.5, ge=0.0, le=1.0)  # generalist's share under `combine: mix` / `logmix`
+    # also ask the runner-up expert when its routing score is within this share of the best's
+    # (score_2 ≥ (1 − second_within)·score_1 > 0): two requests; 0 asks one expert (the paper)
+    second_within: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("tau")
     @classmethod
@@ -292,7 +295,8 @@ class RoutingConfig(_Strict):
 
     def describe(self) -> str:
         rule = self.combine if self.combine == "replace" else f"{self.combine} w={self.mix_weight:g}"
-        return f"{self.gate} τ={self.tau:.3g}, k={self.top_k}, {rule}"
+        second = f", 2nd within {self.second_within:g}" if self.second_within > 0 else ""
+        return f"{self.gate} τ={self.tau:.3g}, k={self.top_k}, {rule}{second}"
 
     def updated(self, **changes: object) -> RoutingConfig:
         """A validated copy with `changes` (pydantic's model_copy does not validate)."""
@@ -331,7 +335,17 @@ class EvaluateConfig(_Strict):
     taus: int = Field(50, ge=2, le=1000)
     max_k: int = Field(5, ge=1)
     mix_weights: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    # routing.second_within values the choice tries (0: one expert); each offloaded sample that asks a
+    # second expert counts as two offloads
+    second_withins: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     choose_on_validation: bool = True  # pick gate, τ, k and combination per schedule on the validation split
+
+    @field_validator("mix_weights", "second_withins")
+    @classmethod
+    def _shares(cls, values: list[float]) -> list[float]:
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"every value must lie between 0 and 1; got {values}")
+        return values
 
 
 class SystemConfig(_Strict):

@@ -17,6 +17,11 @@ Expert choice from the Top-k classes:
 argmax over experts; ties go to the expert holding the best-ranked Top-k class
 (so the top-1 class's expert first), then to the lowest expert index (only
 possible with overlapping subsets that hold the same Top-k classes).
+
+A second expert (``second_within`` > 0, beyond the paper): an offloaded sample also asks
+the runner-up (the same choice among the other experts) when its score is at least
+(1 − second_within) × the best's, and above 0. Disjoint subsets cap how often the expert
+holding the true class is asked; a close call is where the router misses most.
 """
 
 from __future__ import annotations
@@ -137,6 +142,31 @@ def choose_expert(probs: np.ndarray, membership: np.ndarray, k: int, scoring: st
     return _choose(*expert_scores(probs, membership, k, scoring), k)
 
 
+NO_SECOND = -1  # RouteDecision.second where a sample asks one expert
+
+
+def _runner_up(scores: np.ndarray, best_rank: np.ndarray, k: int, first: np.ndarray, within: float) -> np.ndarray:
+    n = len(first)
+    if within <= 0.0 or scores.shape[1] < 2:
+        return np.full(n, NO_SECOND, dtype=np.int64)
+    rows = np.arange(n)
+    others = scores.astype(np.float64)
+    others[rows, first] = -np.inf
+    second = _choose(others, best_rank, k)
+    close = (others[rows, second] > 0) & (others[rows, second] >= (1.0 - within) * scores[rows, first] - _TIE_TOLERANCE)
+    return np.where(close, second, NO_SECOND).astype(np.int64)
+
+
+def choose_experts(
+    probs: np.ndarray, membership: np.ndarray, k: int, scoring: str = "weighted", second_within: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(first (N,), second (N,)): the expert `choose_expert` picks, and the runner-up to ask as well where its
+    score is within `second_within` of the first's (NO_SECOND elsewhere; module docstring)."""
+    scores, best_rank = expert_scores(probs, membership, k, scoring)
+    first = _choose(scores, best_rank, k)
+    return first, _runner_up(scores, best_rank, k, first, second_within)
+
+
 @dataclass(frozen=True)
 class RouteDecision:
     offload: np.ndarray  # (N,) bool
@@ -144,6 +174,7 @@ class RouteDecision:
     topk_classes: np.ndarray  # (N, k) int64
     topk_probs: np.ndarray  # (N, k)
     stat: np.ndarray  # (N,) the gate's statistic, compared with τ
+    second: np.ndarray  # (N,) int64: the runner-up expert an offloaded sample also asks, NO_SECOND if none
 
 
 class Router:
@@ -208,13 +239,15 @@ class Router:
                 f"generalist gives {p.shape[1]} classes but the partition has {self.membership.shape[1]}"
             )
         top_p, top_c = top_k(p, self.k)  # sorted once: for the expert's score and for the decision
-        expert = _choose(*_scores(top_p, top_c, self.membership, self.scoring), self.k)
+        scores, best_rank = _scores(top_p, top_c, self.membership, self.scoring)
+        expert = _choose(scores, best_rank, self.k)
+        second = _runner_up(scores, best_rank, self.k, expert, self.point.second_within)
         if self.deferral is not None:
             stat = self.deferral.score(p.astype(np.float64), self.membership, expert)
         else:
             stat = uncertainty(p, self.gate)
         offload = gate_offloads(stat, self.gate, self.tau)
-        return RouteDecision(offload, expert, top_c, top_p, stat)
+        return RouteDecision(offload, expert, top_c, top_p, stat, second)
 
 
 def system_router(system: SystemDir, part: Partition | None = None) -> Router:

@@ -15,8 +15,8 @@ import numpy as np
 
 from askexpert.config import RoutingConfig
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs
-from askexpert.protocol import OTHER, expert_answer, final_labels, softmax
-from askexpert.routing import GATES, LEARNED, choose_expert, gate_offloads, uncertainty
+from askexpert.protocol import OTHER, expert_answer, final_labels, pair_answer, softmax
+from askexpert.routing import GATES, LEARNED, NO_SECOND, choose_expert, choose_experts, gate_offloads, uncertainty
 
 
 def subset_accuracy(logits: np.ndarray, labels: np.ndarray, subset: Sequence[int]) -> float:
@@ -58,17 +58,53 @@ def expert_labels(
     return np.stack(rows)
 
 
+@dataclass(frozen=True)
+class SecondExpert:
+    """The runner-up expert each sample also asks when offloaded (`routing.second_within`), and the pair's answer."""
+
+    expert: np.ndarray  # (N,) expert index, NO_SECOND where the sample asks one expert
+    answer: np.ndarray  # (N,) the two experts' combined answer where expert ≠ NO_SECOND (`pair_answer`)
+
+
+def second_expert(
+    cache: LogitCache,
+    outputs: ScheduleOutputs,
+    k: int,
+    scoring: str,
+    within: float,
+    rule: str = "replace",
+    weight: float = 0.5,
+) -> SecondExpert | None:
+    """Who else each sample asks at (k, scoring, second_within) and what the pair answers; None for one expert."""
+    if within <= 0.0:
+        return None
+    first, second = choose_experts(cache.gen_probs, cache.partition.membership(), k, scoring, within)
+    classes = cache.partition.output_classes()
+    ids = cache.partition.expert_ids
+    answer = np.full(len(first), OTHER, dtype=np.int64)
+    asks = second != NO_SECOND
+    for a, b in {(int(a), int(b)) for a, b in zip(first[asks], second[asks], strict=True)}:
+        rows = np.flatnonzero(asks & (first == a) & (second == b))
+        probs = (softmax(outputs.logits[ids[a]][rows]), softmax(outputs.logits[ids[b]][rows]))
+        answer[rows] = pair_answer(probs, (classes[a], classes[b]), cache.gen_probs[rows], rule, weight)
+    return SecondExpert(second, answer)
+
+
 def outcomes(
     cache: LogitCache,
     outputs: ScheduleOutputs,
     offload: np.ndarray,
     chosen: np.ndarray,
     answers: np.ndarray | None = None,
+    second: SecondExpert | None = None,
 ) -> dict[str, np.ndarray]:
     """Metrics for T routing settings at once.
 
     offload: (T, N) bool; chosen: (N,) or (T, N) expert index per sample;
-    answers: (E, N) the experts' labels under a combination rule (default: `replace`).
+    answers: (E, N) the experts' labels under a combination rule (default: `replace`);
+    second: the runner-up each sample also asks, and the pair's answer (default: one expert).
+    `offload_rate` counts requests (a sample that asks two experts counts twice), `offloaded_samples`
+    the samples sent; the hit rate counts a sample whose true class either asked expert holds.
     Returns arrays of length T.
     """
     y = cache.labels
@@ -77,20 +113,30 @@ def outcomes(
     chosen = np.broadcast_to(chosen, offload.shape)
     cols = np.broadcast_to(np.arange(n), offload.shape)
     expert_label = (outputs.labels if answers is None else answers)[chosen, cols]  # (T, N)
+    membership = cache.partition.membership()
+    hit = membership[chosen, np.broadcast_to(y, offload.shape)]
+    asks_two = np.zeros(n, dtype=bool)
+    if second is not None:
+        asks_two = second.expert != NO_SECOND
+        expert_label = np.where(asks_two[None, :], second.answer[None, :], expert_label)
+        hit = hit | (asks_two & membership[np.where(asks_two, second.expert, 0), y])[None, :]
     final, answered = final_labels(cache.gen_pred[None, :], expert_label, offload)
     n_off = offload.sum(axis=1)
-    hit = cache.partition.membership()[chosen, np.broadcast_to(y, offload.shape)]
     with np.errstate(invalid="ignore", divide="ignore"):
         result = {
             "accuracy": (final == y).mean(axis=1),
-            "offload_rate": n_off / n,
+            "offload_rate": (n_off + (offload & asks_two).sum(axis=1)) / n,
+            "offloaded_samples": n_off / n,
             "routing_hit_rate": np.where(n_off > 0, (hit & offload).sum(axis=1) / n_off, np.nan),
             "abstain_rate": np.where(n_off > 0, (offload & ~answered).sum(axis=1) / n_off, np.nan),
             "offloaded_expert_accuracy": np.where(
                 n_off > 0, ((expert_label == y) & offload).sum(axis=1) / n_off, np.nan
             ),
         }
-    loads = np.stack([(offload & (chosen == e)).sum(axis=1) / n for e in range(cache.partition.num_experts)], axis=1)
+    asked = [offload & (chosen == e) for e in range(cache.partition.num_experts)]
+    if second is not None:
+        asked = [a | (offload & (second.expert == e)) for e, a in enumerate(asked)]
+    loads = np.stack([a.sum(axis=1) / n for a in asked], axis=1)
     result["load"] = loads  # (T, E)
     return result
 
@@ -184,6 +230,12 @@ def sweep(
     return rows
 
 
+def point_second(cache: LogitCache, outputs: ScheduleOutputs, point: RoutingConfig) -> SecondExpert | None:
+    return second_expert(
+        cache, outputs, point.top_k, point.scoring, point.second_within, point.combine, point.mix_weight
+    )
+
+
 def point_outcome(
     cache: LogitCache, outputs: ScheduleOutputs, point: RoutingConfig, stat: np.ndarray | None = None
 ) -> dict[str, float]:
@@ -191,7 +243,8 @@ def point_outcome(
     stat = gate_statistic(cache, point.gate) if stat is None else stat
     mask = offload_masks(stat, point.gate, np.asarray([point.tau]))
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)
-    res = outcomes(cache, outputs, mask, routed_experts(cache, point.top_k, point.scoring), answers)
+    chosen = routed_experts(cache, point.top_k, point.scoring)
+    res = outcomes(cache, outputs, mask, chosen, answers, point_second(cache, outputs, point))
     return {name: float(v[0]) for name, v in res.items() if name != "load"}
 
 
@@ -205,8 +258,10 @@ def choose_point(
     scoring: str = "weighted",
     stats: GateStats | None = None,
     schedule: str = "",
+    withins: Sequence[float] = (0.0,),
 ) -> tuple[RoutingConfig, float]:
-    """The most accurate (gate, τ, k, rule) on `cache` (the validation split); ties: the lower offload rate.
+    """The most accurate (gate, τ, k, rule, second_within) on `cache` (the validation split); ties: the lower
+    offload rate (requests: a second expert counts).
 
     `stats` gives each gate's statistic for `schedule` (default: the confidence gates').
     """
@@ -216,12 +271,17 @@ def choose_point(
     answers = {rule: expert_labels(cache, outputs, *rule) for rule in rules}
     for k in ks:
         chosen = routed_experts(cache, k, scoring)
+        seconds = {
+            (within, rule): second_expert(cache, outputs, k, scoring, within, *rule)
+            for within in withins
+            for rule in rules
+        }
         for gate in gates:
             stat = stats(gate, schedule, k)
             grid = gate_taus(gate, stat, taus)
             masks = offload_masks(stat, gate, grid)
-            for rule in rules:
-                res = outcomes(cache, outputs, masks, chosen, answers[rule])
+            for (within, rule), second in seconds.items():
+                res = outcomes(cache, outputs, masks, chosen, answers[rule], second)
                 for t in range(len(grid)):
                     score = (float(res["accuracy"][t]), -float(res["offload_rate"][t]))
                     if best is None or score > best:
@@ -234,6 +294,7 @@ def choose_point(
                                 "scoring": scoring,
                                 "combine": rule[0],
                                 "mix_weight": rule[1],
+                                "second_within": within if second is not None else 0.0,
                             }
                         )
     return choice, (best[0] if best else float("nan"))
@@ -309,8 +370,9 @@ def fixes_and_breaks(
     cache: LogitCache, outputs: ScheduleOutputs, point: RoutingConfig, split: str, schedule: str
 ) -> list[dict[str, Any]]:
     """What collaboration lives on: per routed expert and overall, if every sample were offloaded at `point`'s
-    k, scoring and combination rule, how many of the generalist's wrong answers the expert turns right
-    ("fixes") and how many right ones it turns wrong ("breaks"; an "other" answer falls back, so never breaks).
+    k, scoring, combination rule and second expert (if any), how many of the generalist's wrong answers the
+    expert turns right ("fixes") and how many right ones it turns wrong ("breaks"; an "other" answer falls
+    back, so never breaks).
 
     The oracle gate offloads exactly the fixes: its accuracy is the generalist's plus fixes / N, the most
     any gate can add with these models and this router.
@@ -319,11 +381,16 @@ def fixes_and_breaks(
     n = len(y)
     chosen = routed_experts(cache, point.top_k, point.scoring)
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)[chosen, np.arange(n)]
+    hit = cache.partition.membership()[chosen, y]
+    second = point_second(cache, outputs, point)
+    if second is not None:  # a sample that asks two experts takes the pair's answer; either may hold its class
+        asks_two = second.expert != NO_SECOND
+        answers = np.where(asks_two, second.answer, answers)
+        hit = hit | (asks_two & cache.partition.membership()[np.where(asks_two, second.expert, 0), y])
     final, _ = final_labels(cache.gen_pred, answers, np.ones(n, dtype=bool))
     gen_right = cache.gen_pred == y
     fixes = ~gen_right & (final == y)
     breaks = gen_right & (final != y)
-    hit = cache.partition.membership()[chosen, y]
     gen_acc = float(gen_right.mean())
     base = {"schedule": schedule, "split": split, "point": point.describe()}
     groups = [(eid, chosen == e) for e, eid in enumerate(cache.partition.expert_ids)] + [("all", np.ones(n, bool))]

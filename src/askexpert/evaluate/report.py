@@ -206,6 +206,8 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     if summary.get("combination_rules"):
         md += [
             "\n## Combination rules (best point of each, chosen on validation)\n",
+            "`+ 2nd expert`: an offloaded sample also asks the runner-up expert when its routing score is close "
+            "(`routing.second_within`); offload rates count requests, so such a sample counts twice.\n\n",
             markdown_table(summary["combination_rules"]),
         ]
     md += [

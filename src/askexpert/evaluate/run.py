@@ -26,6 +26,7 @@ from askexpert.evaluate.metrics import (
     offload_masks,
     outcomes,
     point_outcome,
+    point_second,
     routed_experts,
     sweep,
 )
@@ -43,7 +44,8 @@ def _operating_rows(cache: LogitCache, point: RoutingConfig, ks: list[int], stat
         chosen = routed_experts(cache, k, point.scoring)
         for schedule, outputs in cache.schedules.items():
             mask = offload_masks(stats(point.gate, schedule, k), point.gate, np.asarray([point.tau]))
-            res = outcomes(cache, outputs, mask, chosen, answers[schedule])
+            second = point_second(cache, outputs, point.updated(top_k=k))
+            res = outcomes(cache, outputs, mask, chosen, answers[schedule], second)
             row: dict[str, Any] = {"schedule": schedule, "k": k}
             row.update({name: float(v[0]) for name, v in res.items() if name != "load"})
             row.update({f"load_{e}": float(res["load"][0, i]) for i, e in enumerate(cache.partition.expert_ids)})
@@ -54,20 +56,25 @@ def _operating_rows(cache: LogitCache, point: RoutingConfig, ks: list[int], stat
 def choose_on_validation(
     system: SystemDir, test: LogitCache, val: LogitCache, test_stats: GateStats, val_stats: GateStats
 ) -> tuple[dict[str, RoutingConfig], list[dict[str, Any]]]:
-    """Per schedule: the best point under each combination rule (on validation), and the overall choice.
+    """Per schedule: the best point under each combination rule, with one expert and with a second one where
+    it is close (on validation), and the overall choice.
 
     Every gate in `val_stats` competes (the learned one with its out-of-fold scores)."""
     cfg = system.config()
     taus = np.linspace(0.0, 1.0, cfg.evaluate.taus)
     ks = evaluated_ks(system, test)
-    families = {"replace": [("replace", 0.0)]} | {
+    rule_sets = {"replace": [("replace", 0.0)]} | {
         pool: [(pool, float(w)) for w in cfg.evaluate.mix_weights] for pool in POOLED_RULES
     }
+    pairs = tuple(float(w) for w in cfg.evaluate.second_withins if w > 0)
+    families: list[tuple[str, list[tuple[str, float]], tuple[float, ...]]]
+    families = [(name, rules, (0.0,)) for name, rules in rule_sets.items()]
+    families += [(f"{name} + 2nd expert", rules, pairs) for name, rules in rule_sets.items() if pairs]
     chosen: dict[str, RoutingConfig] = {}
     rows: list[dict[str, Any]] = []
     for schedule in test.schedules:
         best: tuple[float, RoutingConfig] | None = None
-        for family, rules in families.items():
+        for family, rules, withins in families:
             if not rules:
                 continue
             point, val_acc = choose_point(
@@ -80,6 +87,7 @@ def choose_on_validation(
                 cfg.routing.scoring,
                 val_stats,
                 schedule,
+                withins,
             )
             on_test = point_outcome(
                 test, test.schedules[schedule], point, test_stats(point.gate, schedule, point.top_k)
@@ -92,6 +100,7 @@ def choose_on_validation(
                     "val_accuracy": val_acc,
                     "test_accuracy": on_test["accuracy"],
                     "test_offload_rate": on_test["offload_rate"],
+                    "test_routing_hit_rate": on_test["routing_hit_rate"],
                 }
             )
             if best is None or val_acc > best[0]:

@@ -20,8 +20,15 @@ import numpy as np
 
 from askexpert.partition import Partition
 from askexpert.protocol import final_labels, softmax
-from askexpert.protocol.backend import BackendError, ExpertBackend, ExpertReply, check_images, reply_answers
-from askexpert.routing import Router
+from askexpert.protocol.backend import (
+    BackendError,
+    ExpertBackend,
+    ExpertReply,
+    check_images,
+    pair_reply_answers,
+    reply_answers,
+)
+from askexpert.routing import NO_SECOND, Router
 
 EDGE, EXPERT, FALLBACK = "edge", "expert", "fallback"
 
@@ -40,8 +47,8 @@ class Predictions:
 
     labels: np.ndarray  # (N,) int64 final global label
     source: np.ndarray  # (N,) str: edge | expert | fallback
-    expert: np.ndarray  # (N,) str: chosen expert id, "" when not offloaded
-    reason: np.ndarray  # (N,) str: "" or why the fallback happened
+    expert: np.ndarray  # (N,) str: chosen expert id ("a+b" when two were asked), "" when not offloaded
+    reason: np.ndarray  # (N,) str: "" or why the fallback happened (or why one of two experts did not answer)
     generalist_labels: np.ndarray  # (N,) int64
     topk_classes: np.ndarray  # (N, k) int64
     topk_probs: np.ndarray  # (N, k) float32
@@ -78,6 +85,12 @@ def _check_reply(reply: ExpertReply, classes: np.ndarray, n: int) -> str:
     return ""
 
 
+def _rows_of(call: tuple[np.ndarray, ExpertReply | str], idx: np.ndarray) -> ExpertReply | str:
+    """The part of one expert call's reply that answers images `idx` (positions in the caller's batch)."""
+    asked, reply = call
+    return reply if isinstance(reply, str) else reply.rows(np.searchsorted(asked, idx))
+
+
 class CollaborativeClassifier:
     def __init__(
         self,
@@ -101,6 +114,20 @@ class CollaborativeClassifier:
         self.batch_size = batch_size
         self._classes = partition.output_classes()
 
+    @property
+    def _rule(self) -> tuple[str, float]:
+        return self.router.point.combine, self.router.point.mix_weight
+
+    def _ask(self, e: int, images: np.ndarray) -> ExpertReply | str:
+        """Expert e's checked reply, or why it gave none (the fallback's reason)."""
+        eid = self.partition.expert_ids[e]
+        try:
+            reply = self.backend.predict(eid, images)
+        except BackendError as exc:
+            return f"{exc.reason}: {exc}"
+        bad = _check_reply(reply, self._classes[e], len(images))
+        return f"error: expert {eid} {bad}" if bad else reply
+
     def edge_probs(self, images: np.ndarray) -> np.ndarray:
         return softmax(self.generalist(images, self.batch_size))
 
@@ -120,35 +147,46 @@ class CollaborativeClassifier:
         info: list[dict[str, float]] = [{} for _ in range(n)]
         offload = decision.offload
         chosen = decision.expert
-        for e in np.unique(chosen[offload]):
-            idx = np.flatnonzero(offload & (chosen == e))
-            eid = self.partition.expert_ids[int(e)]
-            expert[idx] = eid
+        pair = offload & (decision.second != NO_SECOND)
+        second = np.where(pair, decision.second, NO_SECOND)
+        # one call per expert, for every image that asks it (as the router's first choice or its second)
+        calls: dict[int, tuple[np.ndarray, ExpertReply | str]] = {}
+        for e in np.unique(np.concatenate([chosen[offload], second[pair]])):
+            asked = np.flatnonzero((offload & (chosen == e)) | (second == e))
+            reply = self._ask(int(e), images[asked])
+            calls[int(e)] = (asked, reply)
+            if isinstance(reply, ExpertReply) and reply.info:
+                share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(asked))
+                for i in asked:  # a sample that asked two experts paid for both calls
+                    info[i] = {key: info[i].get(key, 0.0) + value for key, value in share.items()}
+        for a, b in sorted({(int(x), int(y)) for x, y in zip(chosen[offload], second[offload], strict=True)}):
+            idx = np.flatnonzero(offload & (chosen == a) & (second == b))
+            asked_experts = [a] if b == NO_SECOND else [a, b]
+            name = "+".join(self.partition.expert_ids[e] for e in asked_experts)
+            expert[idx] = name
+            got = [(e, _rows_of(calls[e], idx)) for e in asked_experts]
+            ok = [(e, r) for e, r in got if isinstance(r, ExpertReply)]
+            failed = [str(r) for _, r in got if not isinstance(r, ExpertReply)]
+            if not ok:
+                source[idx], reason[idx] = FALLBACK, failed[0]
+                continue
             try:
-                reply = self.backend.predict(eid, images[idx])
+                if len(ok) == 2:
+                    answers = pair_reply_answers(
+                        (ok[0][1], ok[1][1]), (self._classes[a], self._classes[b]), probs[idx], *self._rule
+                    )
+                else:
+                    answers = reply_answers(ok[0][1], self._classes[ok[0][0]], probs[idx], *self._rule)
             except BackendError as exc:
-                source[idx], reason[idx] = FALLBACK, f"{exc.reason}: {exc}"
+                source[idx], reason[idx] = FALLBACK, f"error: expert {name} {exc}"
                 continue
-            bad = _check_reply(reply, self._classes[int(e)], len(idx))
-            if bad:
-                source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {bad}"
-                continue
-            confidence[idx] = reply.confidence
-            if reply.info:
-                share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(idx))
-                for i in idx:
-                    info[i] = share
-            try:
-                point = self.router.point
-                answers = reply_answers(reply, self._classes[int(e)], probs[idx], point.combine, point.mix_weight)
-            except BackendError as exc:
-                source[idx], reason[idx] = FALLBACK, f"error: expert {eid} {exc}"
-                continue
+            confidence[idx] = np.max([r.confidence for _, r in ok], axis=0)
             final, answered = final_labels(gen_labels[idx], answers, np.ones(len(idx), dtype=bool))
-            abstain = ~answered
             labels[idx] = final
-            source[idx[~abstain]] = EXPERT
-            source[idx[abstain]], reason[idx[abstain]] = FALLBACK, "abstain"
+            source[idx[answered]] = EXPERT
+            source[idx[~answered]], reason[idx[~answered]] = FALLBACK, "abstain"
+            if failed:  # a pair answered by one of its experts: say why the other did not
+                reason[idx[answered]] = f"one expert answered; {failed[0]}"
         return Predictions(
             labels,
             source.astype(str),

@@ -16,6 +16,8 @@ from askexpert.protocol.answers import (
     expert_answer,
     expert_full_distribution,
     final_labels,
+    pair_answer,
+    replace_pair,
     softmax,
 )
 
@@ -26,5 +28,7 @@ __all__ = [
     "expert_answer",
     "expert_full_distribution",
     "final_labels",
+    "pair_answer",
+    "replace_pair",
     "softmax",
 ]

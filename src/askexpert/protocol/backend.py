@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from askexpert.errors import AskExpertError, RoutingError
-from askexpert.protocol.answers import expert_answer, softmax
+from askexpert.protocol.answers import expert_answer, pair_answer, replace_pair, softmax
 
 
 class BackendError(AskExpertError):
@@ -49,6 +49,11 @@ class ExpertReply:
     info: dict[str, float] = field(default_factory=dict)
     probs: np.ndarray | None = None
 
+    def rows(self, idx: np.ndarray) -> ExpertReply:
+        """The reply for some of the images it answered (`info` is per call, so it is kept whole)."""
+        probs = None if self.probs is None else self.probs[idx]
+        return ExpertReply(self.labels[idx], self.confidence[idx], self.info, probs)
+
 
 class ExpertBackend(Protocol):
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply: ...
@@ -74,6 +79,22 @@ def reply_answers(
     if reply.probs is None:
         raise BackendError(f"sent no probabilities for '{rule}'")
     return expert_answer(reply.probs, classes, gen_probs, rule, mix_weight)
+
+
+def pair_reply_answers(
+    replies: tuple[ExpertReply, ExpertReply],
+    classes: tuple[np.ndarray, np.ndarray],
+    gen_probs: np.ndarray,
+    rule: str = "replace",
+    mix_weight: float = 0.5,
+) -> np.ndarray:
+    """Two experts' replies on the same images → global answers (`pair_answer`): the live edge and the testbed."""
+    first, second = replies
+    if rule == "replace":
+        return replace_pair((first.labels, second.labels), (first.confidence, second.confidence))
+    if first.probs is None or second.probs is None:
+        raise BackendError(f"sent no probabilities for '{rule}'")
+    return pair_answer((first.probs, second.probs), classes, gen_probs, rule, mix_weight)
 
 
 def check_images(images: np.ndarray, size: int | None = None) -> None:

@@ -15,15 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from askexpert.config import RoutingConfig
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.gates import cross_fit_scores
 from askexpert.evaluate.metrics import (
     PARITY_GRID_POINTS,
+    SecondExpert,
     expert_labels,
     gate_statistic,
     offload_masks,
     outcomes,
+    point_second,
     routed_experts,
 )
 from askexpert.routing import LEARNED
@@ -41,6 +44,7 @@ class ValidationView:
     answers: np.ndarray  # (E, N) every expert's answer under the combination rule
     stat: np.ndarray  # (N,) the gate's statistic
     k: int  # the config's k (the learned gate's statistic holds for it alone)
+    point: RoutingConfig  # the config's operating point (its second expert is asked at any k)
 
     @classmethod
     def of(cls, system: SystemDir) -> ValidationView:
@@ -55,19 +59,24 @@ class ValidationView:
             if rc.gate == LEARNED
             else gate_statistic(cache, rc.gate)
         )
-        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat, rc.top_k)
+        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat, rc.top_k, rc)
+
+    def second(self, k: int) -> SecondExpert | None:
+        return point_second(self.cache, self.outputs, self.point.updated(top_k=k))
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""
         if self.gate == LEARNED and k != self.k:
             raise ConfigError(f"the learned gate was fitted for k={self.k}; it cannot score routing at k={k}")
         masks = offload_masks(self.stat, self.gate, np.asarray(taus, dtype=np.float64))
-        return outcomes(self.cache, self.outputs, masks, routed_experts(self.cache, k, self.scoring), self.answers)
+        chosen = routed_experts(self.cache, k, self.scoring)
+        return outcomes(self.cache, self.outputs, masks, chosen, self.answers, self.second(k))
 
     def edge_execution_accuracy(self, k: int) -> float:
-        """Every sample answered by its routed expert (edge execution, or near-edge only: the same answers)."""
+        """Every sample answered by its routed expert(s) (edge execution, or near-edge only: the same answers)."""
         everything = np.ones((1, len(self.cache.labels)), dtype=bool)
-        res = outcomes(self.cache, self.outputs, everything, routed_experts(self.cache, k, self.scoring), self.answers)
+        chosen = routed_experts(self.cache, k, self.scoring)
+        res = outcomes(self.cache, self.outputs, everything, chosen, self.answers, self.second(k))
         return float(res["accuracy"][0])
 
     def spanning_taus(self, points: int) -> np.ndarray:

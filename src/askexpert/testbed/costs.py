@@ -49,7 +49,8 @@ def _network_s(row: SampleMeasurement, spec: TestbedSpec, emulated: bool) -> flo
     if emulated:
         return measured
     model = LinkModel(spec.link)
-    return measured + model.round_trip_s(row.bytes_sent, row.bytes_received)
+    per_request = model.round_trip_s(row.bytes_sent / row.requests, row.bytes_received / row.requests)
+    return measured + row.requests * per_request
 
 
 def compute_sources(spec: TestbedSpec, presets: dict[str, str]) -> dict[str, Any]:
@@ -82,8 +83,9 @@ def strategies(
     timed = compute_sources(spec, presets)
     if timed["edge_generalist_ms"] is not None:  # measured on the device: replaces this machine × slowdown
         gen_s = np.full(n, timed["edge_generalist_ms"] / 1e3)
+    requests = np.array([r.requests for r in rows])  # experts asked per sample (a second one counts)
     if timed["edge_expert_ms"] is not None:
-        local_s = np.full(n, timed["edge_expert_ms"] / 1e3)
+        local_s = requests * timed["edge_expert_ms"] / 1e3
     ok = np.array([r.ok for r in rows])  # the server answered (an abstention counts as an answer)
     net_s = np.array([_network_s(r, spec, emulated) for r in rows])
     encode_s = np.array([r.encode_ms / 1e3 for r in rows])
@@ -97,8 +99,9 @@ def strategies(
         if measured is not None and presets.get("expert"):  # the device's own figures replace × slowdown
             per_image = measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
             if per_image is not None:
-                near_s_scaled[i] = per_image / 1e3
-            near_j[i] = measured.per_image_j("expert", presets["expert"], int(r.batch_size))
+                near_s_scaled[i] = r.requests * per_image / 1e3
+            joules = measured.per_image_j("expert", presets["expert"], int(r.batch_size))
+            near_j[i] = None if joules is None else r.requests * joules
         if near_j[i] is None and spec.near_edge.host:  # the server ran on the profiled machine and metered it
             near_j[i] = r.extra.get("server_energy_j")
     queue_s = np.array([r.queue_ms / 1e3 for r in rows])
@@ -135,7 +138,7 @@ def strategies(
             "strategy": name,
             "tau": tau,
             "accuracy": float((label == labels).mean()),
-            "offload_rate": float(offload.mean()),
+            "offload_rate": float((offload * requests).mean()),  # requests: a sample asking two counts twice
             "latency_mean_ms": float(latency.mean() * 1e3),
             "latency_p50_ms": float(np.percentile(latency, 50) * 1e3),
             "latency_p99_ms": float(np.percentile(latency, 99) * 1e3),

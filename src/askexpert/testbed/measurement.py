@@ -23,8 +23,8 @@ from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.progress import progress
 from askexpert.protocol import OTHER, POOLED_RULES, softmax
-from askexpert.protocol.backend import BackendError, reply_answers
-from askexpert.routing import system_router
+from askexpert.protocol.backend import BackendError, ExpertReply, pair_reply_answers, reply_answers
+from askexpert.routing import NO_SECOND, system_router
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
 from askexpert.testbed.spec import EDGE_REPEATS, SampleMeasurement, TestbedSpec
@@ -56,6 +56,13 @@ def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
     return best, result
 
 
+def _answer(replies: list[ExpertReply], classes: list[np.ndarray], probs: np.ndarray, rule: str, w: float) -> int:
+    """The edge's answer from one expert's reply or two (the live classifier's rules)."""
+    if len(replies) == 2:
+        return int(pair_reply_answers((replies[0], replies[1]), (classes[0], classes[1]), probs, rule, w)[0])
+    return int(reply_answers(replies[0], classes[0], probs, rule, w)[0])
+
+
 def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: int) -> list[SampleMeasurement]:
     """Per sample: generalist, routing, local expert (edge execution), remote expert (offload)."""
     cfg = system.config()
@@ -83,19 +90,27 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
             probs = softmax(logits)
             route_s, decision = _best_of(EDGE_REPEATS, router, probs)
             gen_s += route_s
-            eid = part.expert_ids[int(decision.expert[0])]
-            local_s, local_reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
-            gen_probs = probs
-            local_label = int(reply_answers(local_reply, classes[eid], gen_probs, rc.combine, rc.mix_weight)[0])
+            asked = [part.expert_ids[int(decision.expert[0])]]
+            if int(decision.second[0]) != NO_SECOND:  # a close call asks the runner-up too: both are paid for
+                asked.append(part.expert_ids[int(decision.second[0])])
+            local_s, local_replies = 0.0, []
+            for eid in asked:
+                seconds, reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
+                local_s += seconds
+                local_replies.append(reply)
+            local_label = _answer(local_replies, [classes[e] for e in asked], probs, rc.combine, rc.mix_weight)
             t0 = time.perf_counter()
-            error, info = None, {}
+            error: str | None = None
+            info: dict[str, float] = {}
             try:
-                reply = remote.predict(eid, img)
-                info = reply.info
-                remote_label = int(reply_answers(reply, classes[eid], gen_probs, rc.combine, rc.mix_weight)[0])
+                remote_replies = [remote.predict(eid, img) for eid in asked]
+                for reply in remote_replies:  # sequential calls: their times, bytes and joules add up
+                    info = {key: info.get(key, 0.0) + value for key, value in reply.info.items()}
+                remote_label = _answer(remote_replies, [classes[e] for e in asked], probs, rc.combine, rc.mix_weight)
             except BackendError as exc:
                 remote_label, error = OTHER, str(exc)
             offload_s = time.perf_counter() - t0
+            eid = "+".join(asked)
             rows.append(
                 SampleMeasurement.from_dict(
                     {
@@ -109,6 +124,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                         "local_expert_s": local_s,
                         "offload_s": offload_s,
                         "error": error,
+                        "requests": float(len(asked)),
                         **info,
                     }
                 )
@@ -157,4 +173,5 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
         mode = "model: loopback + analytic link model" + (f" ({reason})" if reason else " (--emulate off)")
     cfg_models = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
     rule = cfg.routing.combine + (f" (w={cfg.routing.mix_weight:g})" if cfg.routing.combine in POOLED_RULES else "")
+    rule += f", 2nd expert within {cfg.routing.second_within:g}" if cfg.routing.second_within > 0 else ""
     return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models, rule)

@@ -56,6 +56,7 @@ class SampleMeasurement:
     compute_ms: float = 0.0
     batch_size: float = 1.0
     retries: float = 0.0
+    requests: float = 1.0  # experts asked (2: the runner-up too); times, bytes and joules are their sums
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
