@@ -244,7 +244,10 @@ def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> No
     assert "## Headline" in (system.root / "testbed" / "testbed.md").read_text()
 
 
-def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("second_within", [0.0, 1.0])
+def test_testbed_answers_follow_the_combination_rule(
+    trained_system: Path, tmp_path: Path, second_within: float
+) -> None:
     from askexpert.data import load_splits
     from askexpert.inference.edge import edge_classifier
     from askexpert.models.local_experts import LocalExpertBackend
@@ -254,7 +257,9 @@ def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_p
     root = tmp_path / "sys"
     shutil.copytree(trained_system, root)
     system = SystemDir.open(root)
-    system.update_config("test", routing={"combine": "mix", "mix_weight": 0.3})
+    # k = 3 (the micro config's max_k): a sample whose Top-3 reaches both experts asks both at second_within = 1
+    routing = {"combine": "mix", "mix_weight": 0.3, "top_k": 3, "second_within": second_within}
+    system.update_config("test", routing=routing)
     summary = run_testbed(system, spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi"), samples=24, taus=[1.0])
     records = [json.loads(line) for line in (root / "testbed" / "records.jsonl").read_text().splitlines()]
     part = Partition.from_json(system.partition_path)
@@ -270,6 +275,13 @@ def test_testbed_answers_follow_the_combination_rule(trained_system: Path, tmp_p
     assert OTHER not in {r["local_label"] for r in records}  # mix never abstains ("other" goes to the generalist)
     assert "mix (w=0.3)" in (root / "testbed" / "testbed.md").read_text()
     assert summary["routing"]["combine"] == "mix"
+    # a close call asks two experts, live and in the testbed alike, and pays for two offloads
+    requests = [r["requests"] for r in records]
+    assert [r["expert"] for r in records] == live.expert.tolist()
+    assert (2.0 in requests) == bool(second_within) and set(requests) <= {1.0, 2.0}
+    table = json.loads((root / "testbed" / "testbed.json").read_text())["table"]
+    offloaded = next(r for r in table if r["strategy"] == "collaborative" and r["tau"] == 1.0)
+    assert offloaded["offload_rate"] == pytest.approx(sum(requests) / len(requests))
 
 
 def test_server_metered_joules_count_only_when_the_near_edge_profile_is_this_machine() -> None:
