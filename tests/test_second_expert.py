@@ -162,3 +162,14 @@ def test_the_live_edge_asks_both_experts_once_and_survives_one_down(down: set[st
         assert all("one expert answered" in r and "e0 is down" in r for r in out.reason)
     else:  # both down: the generalist's class 2 stands
         assert (out.labels == 2).all() and (out.source == "fallback").all()
+
+
+def test_two_calls_for_one_sample_add_their_costs_but_not_their_batch() -> None:
+    from askexpert.protocol.backend import add_call_info
+
+    first = {"bytes_sent": 3096.0, "compute_ms": 1.5, "rtt_ms": 12.0, "batch_size": 1.0, "server_energy_j": 0.2}
+    second = {"bytes_sent": 3096.0, "compute_ms": 2.5, "rtt_ms": 14.0, "batch_size": 1.0, "server_energy_j": 0.3}
+    both = add_call_info(add_call_info({}, first), second)
+    assert both == pytest.approx(
+        {"bytes_sent": 6192.0, "compute_ms": 4.0, "rtt_ms": 26.0, "batch_size": 1.0, "server_energy_j": 0.5}
+    )

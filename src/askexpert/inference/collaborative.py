@@ -24,6 +24,7 @@ from askexpert.protocol.backend import (
     BackendError,
     ExpertBackend,
     ExpertReply,
+    add_call_info,
     check_images,
     pair_reply_answers,
     reply_answers,
@@ -158,7 +159,7 @@ class CollaborativeClassifier:
             if isinstance(reply, ExpertReply) and reply.info:
                 share = dict(reply.info, bytes_sent=reply.info.get("bytes_sent", 0.0) / len(asked))
                 for i in asked:  # a sample that asked two experts paid for both calls
-                    info[i] = {key: info[i].get(key, 0.0) + value for key, value in share.items()}
+                    info[i] = add_call_info(info[i], share)
         for a, b in sorted({(int(x), int(y)) for x, y in zip(chosen[offload], second[offload], strict=True)}):
             idx = np.flatnonzero(offload & (chosen == a) & (second == b))
             asked_experts = [a] if b == NO_SECOND else [a, b]

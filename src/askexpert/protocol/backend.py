@@ -81,6 +81,15 @@ def reply_answers(
     return expert_answer(reply.probs, classes, gen_probs, rule, mix_weight)
 
 
+def add_call_info(total: dict[str, float], info: dict[str, float]) -> dict[str, float]:
+    """What two sequential calls for one sample cost: times, bytes, retries and joules add up; `batch_size`
+    (the server's merged batch each call rode in, the divisor of its compute time) does not."""
+    out = {key: total.get(key, 0.0) + value for key, value in info.items()}
+    if "batch_size" in info:
+        out["batch_size"] = max(total.get("batch_size", 0.0), info["batch_size"])
+    return out
+
+
 def pair_reply_answers(
     replies: tuple[ExpertReply, ExpertReply],
     classes: tuple[np.ndarray, np.ndarray],

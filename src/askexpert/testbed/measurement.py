@@ -23,7 +23,13 @@ from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.progress import progress
 from askexpert.protocol import OTHER, POOLED_RULES, softmax
-from askexpert.protocol.backend import BackendError, ExpertReply, pair_reply_answers, reply_answers
+from askexpert.protocol.backend import (
+    BackendError,
+    ExpertReply,
+    add_call_info,
+    pair_reply_answers,
+    reply_answers,
+)
 from askexpert.routing import NO_SECOND, system_router
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -105,7 +111,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
             try:
                 remote_replies = [remote.predict(eid, img) for eid in asked]
                 for reply in remote_replies:  # sequential calls: their times, bytes and joules add up
-                    info = {key: info.get(key, 0.0) + value for key, value in reply.info.items()}
+                    info = add_call_info(info, reply.info)
                 remote_label = _answer(remote_replies, [classes[e] for e in asked], probs, rc.combine, rc.mix_weight)
             except BackendError as exc:
                 remote_label, error = OTHER, str(exc)
