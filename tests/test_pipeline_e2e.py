@@ -119,7 +119,8 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
     for schedule, chosen in summary["chosen_on_validation"].items():
         point = RoutingConfig(**chosen)
         rows = [r for r in summary["combination_rules"] if r["schedule"] == schedule]
-        assert {r["rule"] for r in rows} == {"replace", "mix", "logmix"}
+        one = {"replace", "mix", "logmix"}
+        assert {r["rule"] for r in rows} == one | {f"{r} + 2nd expert" for r in one}
         reported = max(r["val_accuracy"] for r in rows)  # the chosen point's validation accuracy
         clf, _ = _classifier(trained_system, schedule)
 
@@ -128,11 +129,14 @@ def test_choices_are_made_on_validation(trained_system: Path) -> None:
             return float((clf(val.images).labels == val.labels).mean())
 
         grid = [
-            point.model_copy(update={"gate": g, "tau": t, "top_k": k, "combine": r, "mix_weight": w})
+            point.model_copy(
+                update={"gate": g, "tau": t, "top_k": k, "combine": r, "mix_weight": w, "second_within": s}
+            )
             for g in ("max_prob", "margin", "entropy")
             for t in taus
             for k in range(1, cfg.evaluate.max_k + 1)
             for r, w in rules
+            for s in {0.0, *cfg.evaluate.second_withins}
         ]
         best = max(live(p) for p in grid)
         assert best <= reported + 1e-12, f"{schedule}: a grid point scores {best} on validation, the chosen {reported}"
