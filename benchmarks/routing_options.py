@@ -15,7 +15,7 @@ and costs two requests. Two answers become one as the combination rule says: `re
 takes the more confident answer that is not "other"; `mix` pools the two experts' full
 distributions (each one's "other" spread by the generalist) before mixing with the
 generalist. For each request budget (requests per sample), τ is set on validation to
-spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert, today's path), and
+spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert), and
 the test split reports accuracy and the routing hit rate (offloaded samples whose asked
 experts include the one holding the true class).
 3. Partitions that serve the router, by hit rate alone (their experts are not trained here):
