@@ -173,3 +173,12 @@ def test_two_calls_for_one_sample_add_their_costs_but_not_their_batch() -> None:
     assert both == pytest.approx(
         {"bytes_sent": 6192.0, "compute_ms": 4.0, "rtt_ms": 26.0, "batch_size": 1.0, "server_energy_j": 0.5}
     )
+
+
+def test_a_window_no_sample_can_use_is_chosen_as_one_expert() -> None:
+    from askexpert.evaluate.metrics import choose_point
+
+    cache, out = _cache()
+    # k = 1: only the top-1 class's expert scores above 0, so no runner-up is ever asked
+    point, _ = choose_point(cache, out, np.linspace(0, 1, 5), [1], [("replace", 0.0)], withins=(0.25,))
+    assert point.second_within == 0.0 and "2nd" not in point.describe()

@@ -90,6 +90,11 @@ def second_expert(
     return SecondExpert(second, answer)
 
 
+def asks_two(second: SecondExpert | None) -> bool:
+    """Whether any sample asks a second expert."""
+    return second is not None and bool((second.expert != NO_SECOND).any())
+
+
 def outcomes(
     cache: LogitCache,
     outputs: ScheduleOutputs,
@@ -294,7 +299,8 @@ def choose_point(
                                 "scoring": scoring,
                                 "combine": rule[0],
                                 "mix_weight": rule[1],
-                                "second_within": within if second is not None else 0.0,
+                                # a window no sample can use (k = 1: only one expert scores) is one expert
+                                "second_within": within if asks_two(second) else 0.0,
                             }
                         )
     return choice, (best[0] if best else float("nan"))
