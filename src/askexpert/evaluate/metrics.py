@@ -120,17 +120,17 @@ def outcomes(
     expert_label = (outputs.labels if answers is None else answers)[chosen, cols]  # (T, N)
     membership = cache.partition.membership()
     hit = membership[chosen, np.broadcast_to(y, offload.shape)]
-    asks_two = np.zeros(n, dtype=bool)
+    pair = np.zeros(n, dtype=bool)
     if second is not None:
-        asks_two = second.expert != NO_SECOND
-        expert_label = np.where(asks_two[None, :], second.answer[None, :], expert_label)
-        hit = hit | (asks_two & membership[np.where(asks_two, second.expert, 0), y])[None, :]
+        pair = second.expert != NO_SECOND
+        expert_label = np.where(pair[None, :], second.answer[None, :], expert_label)
+        hit = hit | (pair & membership[np.where(pair, second.expert, 0), y])[None, :]
     final, answered = final_labels(cache.gen_pred[None, :], expert_label, offload)
     n_off = offload.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         result = {
             "accuracy": (final == y).mean(axis=1),
-            "offload_rate": (n_off + (offload & asks_two).sum(axis=1)) / n,
+            "offload_rate": (n_off + (offload & pair).sum(axis=1)) / n,
             "offloaded_samples": n_off / n,
             "routing_hit_rate": np.where(n_off > 0, (hit & offload).sum(axis=1) / n_off, np.nan),
             "abstain_rate": np.where(n_off > 0, (offload & ~answered).sum(axis=1) / n_off, np.nan),
@@ -390,9 +390,9 @@ def fixes_and_breaks(
     hit = cache.partition.membership()[chosen, y]
     second = point_second(cache, outputs, point)
     if second is not None:  # a sample that asks two experts takes the pair's answer; either may hold its class
-        asks_two = second.expert != NO_SECOND
-        answers = np.where(asks_two, second.answer, answers)
-        hit = hit | (asks_two & cache.partition.membership()[np.where(asks_two, second.expert, 0), y])
+        pair = second.expert != NO_SECOND
+        answers = np.where(pair, second.answer, answers)
+        hit = hit | (pair & cache.partition.membership()[np.where(pair, second.expert, 0), y])
     final, _ = final_labels(cache.gen_pred, answers, np.ones(n, dtype=bool))
     gen_right = cache.gen_pred == y
     fixes = ~gen_right & (final == y)
