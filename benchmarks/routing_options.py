@@ -11,10 +11,12 @@ Two tables from a system's cached outputs (validation and test; `askexpert evalu
    `--budgets` shares; the test split reports accuracy and hit rate.
 2. A second expert on close calls: an offloaded sample whose two best experts' Top-k
 scores lie within δ is sent to both experts,
-and costs two requests. Two answers become one as the combination rule says: `replace`
-takes the more confident answer that is not "other"; `mix` pools the two experts' full
-distributions (each one's "other" spread by the generalist) before mixing with the
-generalist. For each request budget (requests per sample), τ is set on validation to
+and costs two requests. Two answers become one as the live edge's combination rule says
+(`askexpert.protocol.pair_answer`): `replace` takes the more confident answer that is not
+"other"; `mix` / `logmix` average the two experts' full distributions (each one's "other"
+spread by the generalist; arithmetically / geometrically) before pooling with the
+generalist. (The live edge's own window, `routing.second_within`, is a share of the best
+score; this probe's δ is an absolute gap.) For each request budget (requests per sample), τ is set on validation to
 spend it, δ is chosen on validation among `--deltas` (δ = 0: one expert), and
 the test split reports accuracy and the routing hit rate (offloaded samples whose asked
 experts include the one holding the true class).
@@ -36,7 +38,7 @@ import numpy as np
 from askexpert.evaluate.cache import LogitCache, build_cache
 from askexpert.evaluate.report import markdown_table, write_csv
 from askexpert.partition import Partition, confusion_partition, with_overlap
-from askexpert.protocol import OTHER, expert_full_distribution, softmax
+from askexpert.protocol import COMBINE_RULES, OTHER, expert_answer, pair_answer, softmax
 from askexpert.routing import choose_expert, expert_scores, gate_offloads, uncertainty
 from askexpert.system import SystemDir
 
@@ -56,25 +58,32 @@ class Outputs:
         rows = np.arange(n)
         self.gap = scores[rows, self.first] - scores[rows, self.second]
         outputs = cache.schedules[schedule]
-        probs = [softmax(outputs.logits[e]) for e in part.expert_ids]
-        classes = part.output_classes()
-        self.full = np.stack([expert_full_distribution(p, c, self.gen) for p, c in zip(probs, classes, strict=True)])
-        self.answer = outputs.labels  # (E, N) replace answers
-        self.confidence = outputs.confidence
+        self.probs = [softmax(outputs.logits[e]) for e in part.expert_ids]
+        self.classes = part.output_classes()
         self.owner = part.membership()[:, self.labels].argmax(axis=0)
+        self._answers: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+
+    def answers(self, rule: str, weight: float) -> tuple[np.ndarray, np.ndarray]:
+        """(the first expert's answer, the two experts' answer) per sample under a rule, by the protocol's
+        own functions (`expert_answer`, `pair_answer`): the live edge's rules, computed once per rule."""
+        if (rule, weight) not in self._answers:
+            single = np.empty(len(self.labels), dtype=np.int64)
+            both = np.empty(len(self.labels), dtype=np.int64)
+            for a, b in {(int(a), int(b)) for a, b in zip(self.first, self.second, strict=True)}:
+                rows = np.flatnonzero((self.first == a) & (self.second == b))
+                gen, pa, pb = self.gen[rows], self.probs[a][rows], self.probs[b][rows]
+                single[rows] = expert_answer(pa, self.classes[a], gen, rule, weight)
+                both[rows] = pair_answer((pa, pb), (self.classes[a], self.classes[b]), gen, rule, weight)
+            self._answers[(rule, weight)] = (single, both)
+        return self._answers[(rule, weight)]
 
     def run(self, gate: str, tau: float, delta: float, rule: str, weight: float) -> dict[str, float]:
-        n, rows = len(self.labels), np.arange(len(self.labels))
+        n = len(self.labels)
         offload = gate_offloads(self.stat, gate, tau)
         two = offload & (self.gap < delta)
         e1, e2 = self.first, self.second
-        if rule == "mix":
-            expert = np.where(two[:, None], 0.5 * (self.full[e1, rows] + self.full[e2, rows]), self.full[e1, rows])
-            asked = (weight * self.gen + (1 - weight) * expert).argmax(axis=1)
-        else:
-            a1, a2 = self.answer[e1, rows], self.answer[e2, rows]
-            c1, c2 = self.confidence[e1, rows], self.confidence[e2, rows]
-            asked = np.where(two & (a2 != OTHER) & ((a1 == OTHER) | (c2 > c1)), a2, a1)
+        single, both = self.answers(rule, weight)
+        asked = np.where(two, both, single)
         final = np.where(offload & (asked != OTHER), asked, self.gen.argmax(axis=1))
         hit = (e1 == self.owner) | (two & (e2 == self.owner))
         return {
@@ -183,9 +192,9 @@ def main() -> None:
     ap.add_argument("--deltas", default="0,0.05,0.1,0.2,0.3,1.01")
     ap.add_argument("--rules", default="replace,mix:0.3,mix:0.5")
     args = ap.parse_args()
-    for spec in args.rules.split(","):  # this probe pools two experts itself: the rules it knows, no others
-        if spec.partition(":")[0] not in ("replace", "mix"):
-            ap.error(f"--rules: {spec!r} is not one this probe runs (replace, or mix:W)")
+    for spec in args.rules.split(","):
+        if spec.partition(":")[0] not in COMBINE_RULES:
+            ap.error(f"--rules: {spec!r} is not a combination rule (replace, mix:W or logmix:W)")
     system = SystemDir.open(args.system)
     schedule = args.schedule or system.config().serving.schedule
     val_cache = build_cache(system, [schedule], split="val")
