@@ -95,6 +95,16 @@ def asks_two(second: SecondExpert | None) -> bool:
     return second is not None and bool((second.expert != NO_SECOND).any())
 
 
+def _with_second(
+    cache: LogitCache, second: SecondExpert, answers: np.ndarray, hit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(answers, hit, pair): a sample that asks two experts takes the pair's answer, and counts as a hit when
+    either expert holds its class. `answers` and `hit` are (N,) or (T, N); `pair` is (N,)."""
+    pair = second.expert != NO_SECOND
+    held = cache.partition.membership()[np.where(pair, second.expert, 0), cache.labels]
+    return np.where(pair, second.answer, answers), hit | (pair & held), pair
+
+
 def outcomes(
     cache: LogitCache,
     outputs: ScheduleOutputs,
@@ -118,13 +128,10 @@ def outcomes(
     chosen = np.broadcast_to(chosen, offload.shape)
     cols = np.broadcast_to(np.arange(n), offload.shape)
     expert_label = (outputs.labels if answers is None else answers)[chosen, cols]  # (T, N)
-    membership = cache.partition.membership()
-    hit = membership[chosen, np.broadcast_to(y, offload.shape)]
+    hit = cache.partition.membership()[chosen, np.broadcast_to(y, offload.shape)]
     pair = np.zeros(n, dtype=bool)
     if second is not None:
-        pair = second.expert != NO_SECOND
-        expert_label = np.where(pair[None, :], second.answer[None, :], expert_label)
-        hit = hit | (pair & membership[np.where(pair, second.expert, 0), y])[None, :]
+        expert_label, hit, pair = _with_second(cache, second, expert_label, hit)
     final, answered = final_labels(cache.gen_pred[None, :], expert_label, offload)
     n_off = offload.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -389,10 +396,8 @@ def fixes_and_breaks(
     answers = expert_labels(cache, outputs, point.combine, point.mix_weight)[chosen, np.arange(n)]
     hit = cache.partition.membership()[chosen, y]
     second = point_second(cache, outputs, point)
-    if second is not None:  # a sample that asks two experts takes the pair's answer; either may hold its class
-        pair = second.expert != NO_SECOND
-        answers = np.where(pair, second.answer, answers)
-        hit = hit | (pair & cache.partition.membership()[np.where(pair, second.expert, 0), y])
+    if second is not None:
+        answers, hit, _ = _with_second(cache, second, answers, hit)
     final, _ = final_labels(cache.gen_pred, answers, np.ones(n, dtype=bool))
     gen_right = cache.gen_pred == y
     fixes = ~gen_right & (final == y)
