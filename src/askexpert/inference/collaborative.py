@@ -26,8 +26,7 @@ from askexpert.protocol.backend import (
     ExpertReply,
     add_call_info,
     check_images,
-    pair_reply_answers,
-    reply_answers,
+    replies_answers,
 )
 from askexpert.routing import NO_SECOND, Router
 
@@ -172,12 +171,9 @@ class CollaborativeClassifier:
                 source[idx], reason[idx] = FALLBACK, failed[0]
                 continue
             try:
-                if len(ok) == 2:
-                    answers = pair_reply_answers(
-                        (ok[0][1], ok[1][1]), (self._classes[a], self._classes[b]), probs[idx], *self._rule
-                    )
-                else:
-                    answers = reply_answers(ok[0][1], self._classes[ok[0][0]], probs[idx], *self._rule)
+                answers = replies_answers(
+                    [r for _, r in ok], [self._classes[e] for e, _ in ok], probs[idx], *self._rule
+                )
             except BackendError as exc:
                 source[idx], reason[idx] = FALLBACK, f"error: expert {name} {exc}"
                 continue

@@ -10,6 +10,7 @@ between them and imports neither torch nor either side.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,20 +91,25 @@ def add_call_info(total: dict[str, float], info: dict[str, float]) -> dict[str, 
     return out
 
 
-def pair_reply_answers(
-    replies: tuple[ExpertReply, ExpertReply],
-    classes: tuple[np.ndarray, np.ndarray],
+def replies_answers(
+    replies: Sequence[ExpertReply],
+    classes: Sequence[np.ndarray],
     gen_probs: np.ndarray,
     rule: str = "replace",
     mix_weight: float = 0.5,
 ) -> np.ndarray:
-    """Two experts' replies on the same images → global answers (`pair_answer`): the live edge and the testbed."""
+    """One expert's reply, or two experts' on the same images (`pair_answer`), → global answers under the
+    combination rule: one place for the live edge and the testbed."""
+    if len(replies) == 1:
+        return reply_answers(replies[0], classes[0], gen_probs, rule, mix_weight)
+    if len(replies) != 2 or len(classes) != 2:
+        raise ValueError(f"one or two experts' replies, each with its classes; got {len(replies)}, {len(classes)}")
     first, second = replies
     if rule == "replace":
         return replace_pair((first.labels, second.labels), (first.confidence, second.confidence))
     if first.probs is None or second.probs is None:
         raise BackendError(f"sent no probabilities for '{rule}'")
-    return pair_answer((first.probs, second.probs), classes, gen_probs, rule, mix_weight)
+    return pair_answer((first.probs, second.probs), (classes[0], classes[1]), gen_probs, rule, mix_weight)
 
 
 def check_images(images: np.ndarray, size: int | None = None) -> None:

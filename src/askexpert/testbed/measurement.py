@@ -3,7 +3,7 @@
 For each sample the edge runs the generalist and routes, runs the routed expert
 *locally* (edge execution), and asks the real server over the link (offload):
 over an emulated link (root: namespace + tbf + relay/netem) or loopback. Both
-answers go through the config's combination rule (`reply_answers`), as on the
+answers go through the config's combination rule (`replies_answers`), as on the
 live edge.
 """
 
@@ -23,13 +23,7 @@ from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.progress import progress
 from askexpert.protocol import OTHER, POOLED_RULES, softmax
-from askexpert.protocol.backend import (
-    BackendError,
-    ExpertReply,
-    add_call_info,
-    pair_reply_answers,
-    reply_answers,
-)
+from askexpert.protocol.backend import BackendError, add_call_info, replies_answers
 from askexpert.routing import NO_SECOND, system_router
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -62,18 +56,11 @@ def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
     return best, result
 
 
-def _answer(replies: list[ExpertReply], classes: list[np.ndarray], probs: np.ndarray, rule: str, w: float) -> int:
-    """The edge's answer from one expert's reply or two (the live classifier's rules)."""
-    if len(replies) == 2:
-        return int(pair_reply_answers((replies[0], replies[1]), (classes[0], classes[1]), probs, rule, w)[0])
-    return int(reply_answers(replies[0], classes[0], probs, rule, w)[0])
-
-
 def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: int) -> list[SampleMeasurement]:
     """Per sample: generalist, routing, local expert (edge execution), remote expert (offload)."""
     cfg = system.config()
     part = system.partition()
-    rc = cfg.routing
+    rule = (cfg.routing.combine, cfg.routing.mix_weight)  # how every expert answer becomes the edge's
     router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
@@ -104,7 +91,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                 seconds, reply = _best_of(EDGE_REPEATS, local.predict, eid, img)
                 local_s += seconds
                 local_replies.append(reply)
-            local_label = _answer(local_replies, [classes[e] for e in asked], probs, rc.combine, rc.mix_weight)
+            local_label = int(replies_answers(local_replies, [classes[e] for e in asked], probs, *rule)[0])
             t0 = time.perf_counter()
             error: str | None = None
             info: dict[str, float] = {}
@@ -112,7 +99,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
                 remote_replies = [remote.predict(eid, img) for eid in asked]
                 for reply in remote_replies:  # sequential calls: their times, bytes and joules add up
                     info = add_call_info(info, reply.info)
-                remote_label = _answer(remote_replies, [classes[e] for e in asked], probs, rc.combine, rc.mix_weight)
+                remote_label = int(replies_answers(remote_replies, [classes[e] for e in asked], probs, *rule)[0])
             except BackendError as exc:
                 remote_label, error = OTHER, str(exc)
             offload_s = time.perf_counter() - t0
