@@ -39,12 +39,22 @@ class ValidationView:
 
     cache: LogitCache
     outputs: ScheduleOutputs
-    gate: str
-    scoring: str
+    point: RoutingConfig  # the config's operating point: gate, scoring, k, rule, second expert
     answers: np.ndarray  # (E, N) every expert's answer under the combination rule
     stat: np.ndarray  # (N,) the gate's statistic
-    k: int  # the config's k (the learned gate's statistic holds for it alone)
-    point: RoutingConfig  # the config's operating point (its second expert is asked at any k)
+
+    @property
+    def gate(self) -> str:
+        return self.point.gate
+
+    @property
+    def scoring(self) -> str:
+        return self.point.scoring
+
+    @property
+    def k(self) -> int:
+        """The config's k (the learned gate's statistic holds for it alone)."""
+        return self.point.top_k
 
     @classmethod
     def of(cls, system: SystemDir) -> ValidationView:
@@ -59,9 +69,10 @@ class ValidationView:
             if rc.gate == LEARNED
             else gate_statistic(cache, rc.gate)
         )
-        return cls(cache, outputs, rc.gate, rc.scoring, answers, stat, rc.top_k, rc)
+        return cls(cache, outputs, rc, answers, stat)
 
     def second(self, k: int) -> SecondExpert | None:
+        """The config's second expert (if any) at another k."""
         return point_second(self.cache, self.outputs, self.point.updated(top_k=k))
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
