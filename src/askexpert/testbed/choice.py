@@ -39,22 +39,11 @@ class ValidationView:
 
     cache: LogitCache
     outputs: ScheduleOutputs
-    point: RoutingConfig  # the config's operating point: gate, scoring, k, rule, second expert
+    # the config's operating point: gate, scoring, k (the learned gate's statistic holds for it alone),
+    # rule and second expert
+    point: RoutingConfig
     answers: np.ndarray  # (E, N) every expert's answer under the combination rule
     stat: np.ndarray  # (N,) the gate's statistic
-
-    @property
-    def gate(self) -> str:
-        return self.point.gate
-
-    @property
-    def scoring(self) -> str:
-        return self.point.scoring
-
-    @property
-    def k(self) -> int:
-        """The config's k (the learned gate's statistic holds for it alone)."""
-        return self.point.top_k
 
     @classmethod
     def of(cls, system: SystemDir) -> ValidationView:
@@ -77,16 +66,17 @@ class ValidationView:
 
     def outcomes(self, taus: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Accuracy, offload rate, ... at every τ (arrays of len(taus))."""
-        if self.gate == LEARNED and k != self.k:
-            raise ConfigError(f"the learned gate was fitted for k={self.k}; it cannot score routing at k={k}")
-        masks = offload_masks(self.stat, self.gate, np.asarray(taus, dtype=np.float64))
-        chosen = routed_experts(self.cache, k, self.scoring)
+        gate, fitted_k = self.point.gate, self.point.top_k
+        if gate == LEARNED and k != fitted_k:
+            raise ConfigError(f"the learned gate was fitted for k={fitted_k}; it cannot score routing at k={k}")
+        masks = offload_masks(self.stat, gate, np.asarray(taus, dtype=np.float64))
+        chosen = routed_experts(self.cache, k, self.point.scoring)
         return outcomes(self.cache, self.outputs, masks, chosen, self.answers, self.second(k))
 
     def edge_execution_accuracy(self, k: int) -> float:
         """Every sample answered by its routed expert(s) (edge execution, or near-edge only: the same answers)."""
         everything = np.ones((1, len(self.cache.labels)), dtype=bool)
-        chosen = routed_experts(self.cache, k, self.scoring)
+        chosen = routed_experts(self.cache, k, self.point.scoring)
         res = outcomes(self.cache, self.outputs, everything, chosen, self.answers, self.second(k))
         return float(res["accuracy"][0])
 
