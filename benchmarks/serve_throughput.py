@@ -115,8 +115,7 @@ def main() -> None:
     system = SystemDir.open(args.system)
     cfg = system.config()
     size = input_size(cfg.data)
-    part = system.partition()
-    backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
+    backend = LocalExpertBackend.of_system(system)
     bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url

@@ -188,6 +188,10 @@ def test_metered_near_edge_energy_replaces_the_power_model() -> None:
     table, _ = strategies(run, TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio), [1.0])
     collab = next(r for r in table if r["strategy"] == "collaborative")
     assert collab["energy_near_edge_mj"] == pytest.approx(0.8 / 4 * 1e3)  # metered J per image at batch 4
+    run.expert_views = 2  # serving.test_time_flip: two forward passes per expert answer, each one measured
+    table, _ = strategies(run, TestbedSpec(spec.edge, near, spec.link_name, spec.link, spec.radio), [1.0])
+    collab = next(r for r in table if r["strategy"] == "collaborative")
+    assert collab["energy_near_edge_mj"] == pytest.approx(2 * 0.8 / 4 * 1e3)
 
 
 def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> None:

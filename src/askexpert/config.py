@@ -326,9 +326,22 @@ class ServingConfig(_Strict):
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(5.0, ge=0.0)
     handshake_retry_s: float = Field(5.0, gt=0.0)  # server unreachable at start: edge-only, handshake retried
+    # How the experts run, on both engines and in the evaluation and the testbed alike (one answer per image).
+    # test_time_flip: each expert's logits averaged over the image and its mirror image, at twice the expert's
+    # compute (chosen on validation, README "Choices made on validation"). cpu_bfloat16: bfloat16 autocast on a
+    # CPU with native bfloat16 (AVX512-BF16, AMX; about half the time there, float32 with a warning elsewhere);
+    # on CUDA the experts always run in bfloat16. Neither reaches the edge's generalist.
+    test_time_flip: bool = False
+    cpu_bfloat16: bool = False
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
     ray_num_gpus: float = Field(0.0, ge=0.0)  # GPUs per expert replica; > 0 runs the expert on CUDA
+
+    def expert_runtime(self) -> list[dict[str, bool]]:
+        """How the experts run, for the fingerprints of their outputs (the evaluation's cache, the deferral
+        gate): empty at the defaults, so that outputs computed before these settings existed stay current."""
+        runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16}
+        return [runtime] if any(runtime.values()) else []
 
 
 class EvaluateConfig(_Strict):

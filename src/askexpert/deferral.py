@@ -186,4 +186,5 @@ def gate_fingerprint(system: SystemDir, schedule: str) -> str:
     part = system.partition()
     shas = [system.generalist_meta().sha256]
     shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in part.expert_ids]
-    return fingerprint("deferral/1", shas, [list(s) for s in part.subsets])
+    runtime = system.config().serving.expert_runtime()  # the outputs it was fitted on depend on how experts run
+    return fingerprint("deferral/1", shas, [list(s) for s in part.subsets], *runtime)

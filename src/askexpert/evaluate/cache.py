@@ -73,7 +73,8 @@ def cache_key(
     shas = [system.generalist_meta().sha256]
     for schedule in schedules:
         shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in partition.expert_ids]
-    return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images)
+    runtime = system.config().serving.expert_runtime()
+    return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images, *runtime)
 
 
 def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:
@@ -98,7 +99,7 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None, split: st
     generalist, _ = load_checkpoint(system.generalist_path, device)
     arrays = {"labels": test.labels, "gen_logits": predict_logits(generalist, test.images, device, desc="generalist")}
     for schedule in schedules:
-        backend = LocalExpertBackend.from_dir(system.experts_dir(schedule), partition, device)
+        backend = LocalExpertBackend.of_system(system, schedule, device)
         for eid in progress(partition.expert_ids, desc=f"{schedule} experts", leave=False):
             arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
     system.cache_dir.mkdir(parents=True, exist_ok=True)

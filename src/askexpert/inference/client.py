@@ -116,8 +116,7 @@ class EdgeClient:
                     f"local experts run in torch ({exc.name} is not installed): pip install 'askexpert[train]', "
                     "or ask a server (--server)"
                 ) from None
-            part = system.partition()
-            backend = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
+            backend = LocalExpertBackend.of_system(system)
         else:
             backend = RefusingBackend(_NoServer("no expert server given: the edge answers alone"))
         classifier = edge_classifier(system, backend, runtime=runtime, threads=threads)

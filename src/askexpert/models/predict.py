@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -29,30 +30,73 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+# Images per forward pass. On a CPU small batches keep the activations in cache: a `cpu-cct-expert` pass
+# took 0.63 ms per image at 32-128 images against 0.97 ms at 512 (2 cores, float32; the logits bit-identical).
+CPU_BATCH = 64
+CUDA_BATCH = 512
+
+
+def native_cpu_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX); elsewhere
+    torch emulates them, slower than float32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_bfloat16_usable(requested: bool, device: torch.device) -> bool:
+    """`serving.cpu_bfloat16` as it can be honoured here: on a CPU without native bfloat16 it would be
+    slower than float32, so the experts run in float32 and a warning says so."""
+    if not requested or device.type != "cpu":
+        return False
+    if native_cpu_bfloat16():
+        return True
+    warnings.warn(
+        "serving.cpu_bfloat16 is set, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+        "the experts run in float32",
+        stacklevel=2,
+    )
+    return False
+
+
 @torch.inference_mode()
 def predict_logits(
     model: ImageClassifier,
     images: np.ndarray,
     device: torch.device | str = "cpu",
-    batch_size: int = 512,
+    batch_size: int | None = None,
     desc: str | None = None,
+    flip: bool = False,
+    cpu_bfloat16: bool = False,
 ) -> np.ndarray:
-    """Logits (N, outputs) as float32, computed in eval mode in batches."""
+    """Logits (N, outputs) as float32, computed in eval mode in batches (default: `CPU_BATCH` images on a CPU,
+    `CUDA_BATCH` on a GPU).
+
+    `flip`: the mean of the logits of each image and of its mirror image (test-time
+    augmentation; both halves in one forward pass, so a batch's images share its cost).
+    `cpu_bfloat16`: bfloat16 autocast on a CPU too (CUDA always uses it); callers check
+    `cpu_bfloat16_usable` first.
+    """
     device = torch.device(device)
     model.eval()
     if model.mean.device != device:  # moving is not free; serving calls this per batch
         model.to(device)
+    if batch_size is None:
+        batch_size = CUDA_BATCH if device.type == "cuda" else CPU_BATCH
     out = np.empty((len(images), model.num_outputs), dtype=np.float32)
     starts: Iterable[int] = range(0, len(images), batch_size)
     if desc is not None:
         starts = progress(starts, desc=desc, unit="batch", leave=False)
+    bf16 = device.type == "cuda" or (cpu_bfloat16 and device.type == "cpu")
     for start in starts:
         chunk = images[start : start + batch_size]
         # torch wants writable memory; a server's decoded body is a read-only view (copying it is cheap)
         batch = torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        out[start : start + len(batch)] = logits.float().cpu().numpy()
+        if flip:  # images are (N, H, W, C): mirror the width
+            batch = torch.cat([batch, batch.flip(2)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch).float()
+        if flip:
+            logits = (logits[: len(chunk)] + logits[len(chunk) :]) / 2
+        out[start : start + len(chunk)] = logits.cpu().numpy()
     return out
 
 
@@ -69,5 +113,5 @@ class TorchGeneralist:
         self.device = resolve_device(device)
         self.num_outputs = model.num_outputs
 
-    def __call__(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def __call__(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         return predict_logits(self.model, images, self.device, batch_size)

@@ -26,6 +26,7 @@ from ray import serve
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
+from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, metered
 from askexpert.serving.server import ServiceBase, create_app
@@ -50,13 +51,24 @@ def _images_in(calls: list[Call]) -> int:
 class ExpertReplica:
     """One expert's model; each call carries one image batch, Ray merges concurrent calls."""
 
-    def __init__(self, weights: str, max_batch_size: int, max_wait_ms: float, torch_threads: int, device: str) -> None:
-        if torch_threads:
-            import torch
+    def __init__(
+        self,
+        weights: str,
+        max_batch_size: int,
+        max_wait_ms: float,
+        torch_threads: int,
+        device: str,
+        flip: bool = False,
+        cpu_bfloat16: bool = False,
+    ) -> None:
+        import torch
 
+        if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device
         self.model, _ = load_checkpoint(weights, device)
+        self.flip = flip  # serving.test_time_flip and .cpu_bfloat16, as the plain engine's LocalExpertBackend
+        self.cpu_bfloat16 = cpu_bfloat16_usable(cpu_bfloat16, torch.device(device))
         self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
@@ -74,7 +86,7 @@ class ExpertReplica:
         if live:
             merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
             t0 = time.perf_counter()
-            logits, joules = metered(self.meter, predict_logits, self.model, merged, self.device)
+            logits, joules = metered(self.meter, self.logits, merged)
             compute = time.perf_counter() - t0
             source = self.meter.source if self.meter is not None else None
             offset = 0
@@ -85,6 +97,9 @@ class ExpertReplica:
                 out[i] = BatchResult(rows, wait, compute, len(merged), offset == 0, joules, source)
                 offset += len(images)
         return [r for r in out if r is not None]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return predict_logits(self.model, images, self.device, flip=self.flip, cpu_bfloat16=self.cpu_bfloat16)
 
 
 class RayExpertService(ServiceBase):
@@ -138,7 +153,13 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
         read_meta(weights)  # fail here, with the file's name, rather than inside a replica
         experts.append(
             replica.options(name=f"expert-{eid}").bind(
-                str(weights), sc.max_batch_size, sc.max_wait_ms, sc.torch_threads, device
+                str(weights),
+                sc.max_batch_size,
+                sc.max_wait_ms,
+                sc.torch_threads,
+                device,
+                sc.test_time_flip,
+                sc.cpu_bfloat16,
             )
         )
     ingress = serve.deployment(

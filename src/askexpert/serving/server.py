@@ -198,7 +198,7 @@ class ExpertService(ServiceBase):
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
         part = system.partition()
-        backend = LocalExpertBackend.from_dir(system.experts_dir(schedule or cfg.serving.schedule), part, device)
+        backend = LocalExpertBackend.of_system(system, schedule, device)
         service = cls(backend, part, input_size(cfg.data), cfg.serving)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         return service

@@ -84,8 +84,9 @@ def strategies(
     if timed["edge_generalist_ms"] is not None:  # measured on the device: replaces this machine × slowdown
         gen_s = np.full(n, timed["edge_generalist_ms"] / 1e3)
     requests = np.array([r.requests for r in rows])  # experts asked per sample (a second one counts)
+    passes = requests * run.expert_views  # a profile's measured expert times and joules are per forward pass
     if timed["edge_expert_ms"] is not None:
-        local_s = requests * timed["edge_expert_ms"] / 1e3
+        local_s = passes * timed["edge_expert_ms"] / 1e3
     ok = np.array([r.ok for r in rows])  # the server answered (an abstention counts as an answer)
     net_s = np.array([_network_s(r, spec, emulated) for r in rows])
     encode_s = np.array([r.encode_ms / 1e3 for r in rows])
@@ -99,9 +100,9 @@ def strategies(
         if measured is not None and presets.get("expert"):  # the device's own figures replace × slowdown
             per_image = measured.per_image_ms("expert", presets["expert"], int(r.batch_size))
             if per_image is not None:
-                near_s_scaled[i] = r.requests * per_image / 1e3
+                near_s_scaled[i] = passes[i] * per_image / 1e3
             joules = measured.per_image_j("expert", presets["expert"], int(r.batch_size))
-            near_j[i] = None if joules is None else r.requests * joules
+            near_j[i] = None if joules is None else passes[i] * joules
         if near_j[i] is None and spec.near_edge.host:  # the server ran on the profiled machine and metered it
             near_j[i] = r.extra.get("server_energy_j")
     queue_s = np.array([r.queue_ms / 1e3 for r in rows])

@@ -44,6 +44,8 @@ class Measurement:
     gate: str
     presets: dict[str, str] = field(default_factory=dict)  # role → preset, to match measured profiles
     rule: str = "replace"  # the combination rule every expert answer went through
+    # forward passes per expert answer (2 with serving.test_time_flip): a profile's measured times are per pass
+    expert_views: int = 1
 
 
 def _best_of(repeats: int, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
@@ -64,7 +66,7 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
-    local = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part)
+    local = LocalExpertBackend.of_system(system)
     remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -167,4 +169,6 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
     cfg_models = {"generalist": cfg.generalist.preset, "expert": cfg.expert.preset}
     rule = cfg.routing.combine + (f" (w={cfg.routing.mix_weight:g})" if cfg.routing.combine in POOLED_RULES else "")
     rule += f", 2nd expert within {cfg.routing.second_within:g}" if cfg.routing.second_within > 0 else ""
-    return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models, rule)
+    rule += ", experts averaged over each image and its mirror" if cfg.serving.test_time_flip else ""
+    views = 2 if cfg.serving.test_time_flip else 1
+    return Measurement(rows, labels.tolist(), mode, use_ns, threads, cfg.routing.gate, cfg_models, rule, views)

@@ -1,0 +1,114 @@
+"""How the experts run (`serving.test_time_flip`, `serving.cpu_bfloat16`): one answer per image everywhere."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from askexpert.config import SystemConfig
+from askexpert.models import load_checkpoint, predict_logits
+from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.protocol.wire import MEDIA_TYPE, encode_images
+from askexpert.system import SystemDir
+
+
+def _copy_with(trained_system: Path, tmp_path: Path, **serving: object) -> SystemDir:
+    """A copy of the session's micro system with `serving` settings changed (the original stays as it is)."""
+    root = tmp_path / "system"
+    shutil.copytree(trained_system, root)
+    system = SystemDir.open(root)
+    raw = system.config().model_dump(mode="json")
+    raw["serving"] |= serving
+    SystemConfig.from_dict(raw).to_yaml(system.config_path)
+    return SystemDir.open(root)
+
+
+def _images(n: int = 5) -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_flip_is_the_mean_of_the_image_and_its_mirror(trained_system: Path) -> None:
+    system = SystemDir.open(trained_system)
+    model, _ = load_checkpoint(system.expert_path("progressive", "e0"))
+    images = _images()
+    plain = predict_logits(model, images)
+    mirrored = predict_logits(model, np.ascontiguousarray(images[:, :, ::-1]))  # (N, H, W, C): W reversed
+    flipped = predict_logits(model, images, flip=True, batch_size=2)  # batches of 2, 2, 1: each its own mirror
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, atol=1e-5)
+    assert not np.allclose(flipped, plain, atol=1e-3)  # the option does something on these images
+    symmetric = np.concatenate([images[:, :, :16], images[:, :, :16][:, :, ::-1]], axis=2)
+    np.testing.assert_allclose(predict_logits(model, symmetric, flip=True), predict_logits(model, symmetric), atol=1e-5)
+
+
+def test_server_cache_and_local_experts_answer_alike_with_flip(trained_system: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from askexpert.evaluate.cache import build_cache
+    from askexpert.serving.server import ExpertService, create_app
+
+    system = _copy_with(trained_system, tmp_path, test_time_flip=True)
+    images = system.splits().test.images[:4]
+    local = LocalExpertBackend.of_system(system)
+    assert local.flip
+    expected = local.predict("e1", images)
+    plain = LocalExpertBackend.of_system(SystemDir.open(trained_system)).logits("e1", images)
+    assert not np.allclose(local.logits("e1", images), plain, atol=1e-3)
+    cache = build_cache(system)  # a new key: the flip's outputs, not the copied cache of plain ones
+    np.testing.assert_allclose(cache.schedules["progressive"].logits["e1"][:4], local.logits("e1", images), atol=1e-4)
+    with TestClient(create_app(ExpertService.from_system(system))) as client:
+        body = encode_images(images)
+        reply = client.post("/v1/experts/e1/predict", content=body, headers={"content-type": MEDIA_TYPE}).json()
+    assert reply["labels"] == expected.labels.tolist()
+    assert expected.probs is not None
+    np.testing.assert_allclose(reply["probs"], expected.probs, atol=1e-5)
+
+
+def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(trained_system: Path, tmp_path: Path) -> None:
+    from askexpert.deferral import gate_fingerprint
+    from askexpert.evaluate.cache import cache_key
+    from askexpert.fingerprint import fingerprint
+    from askexpert.models import read_meta
+
+    before = SystemDir.open(trained_system)
+    assert before.config().serving.expert_runtime() == []  # the defaults: keys as before the settings existed
+    part = before.partition()
+    shas = [before.generalist_meta().sha256] + [
+        read_meta(before.expert_path("progressive", e)).sha256 for e in part.expert_ids
+    ]
+    assert gate_fingerprint(before, "progressive") == fingerprint("deferral/1", shas, [list(s) for s in part.subsets])
+    test = before.splits().test
+    key = cache_key(before, part, ["progressive"], test.labels, test.images)
+    for setting in ("test_time_flip", "cpu_bfloat16"):
+        changed = _copy_with(trained_system, tmp_path / setting, **{setting: True})
+        assert cache_key(changed, part, ["progressive"], test.labels, test.images) != key
+        assert gate_fingerprint(changed, "progressive") != gate_fingerprint(before, "progressive")
+
+
+def test_bfloat16_asked_on_a_cpu_without_it_runs_float32_and_says_so(
+    trained_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import askexpert.models.predict as predict
+
+    system = _copy_with(trained_system, tmp_path, cpu_bfloat16=True)
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        backend = LocalExpertBackend.of_system(system)
+    assert not backend.cpu_bfloat16
+    plain = LocalExpertBackend.of_system(SystemDir.open(trained_system))
+    np.testing.assert_array_equal(backend.logits("e0", _images()), plain.logits("e0", _images()))
+
+
+@pytest.mark.skipif(
+    not __import__("askexpert.models.predict", fromlist=["x"]).native_cpu_bfloat16(), reason="no native bfloat16"
+)
+def test_bfloat16_on_a_cpu_with_it_changes_only_the_last_bits(trained_system: Path, tmp_path: Path) -> None:
+    system = _copy_with(trained_system, tmp_path, cpu_bfloat16=True)
+    backend = LocalExpertBackend.of_system(system)
+    assert backend.cpu_bfloat16
+    fast = backend.logits("e0", _images(64))
+    exact = LocalExpertBackend.of_system(SystemDir.open(trained_system)).logits("e0", _images(64))
+    assert fast.dtype == np.float32 and not np.array_equal(fast, exact)  # bfloat16 did run
+    np.testing.assert_allclose(fast, exact, atol=0.1 * float(np.abs(exact).max()))
