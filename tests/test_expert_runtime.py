@@ -112,3 +112,14 @@ def test_bfloat16_on_a_cpu_with_it_changes_only_the_last_bits(trained_system: Pa
     exact = LocalExpertBackend.of_system(SystemDir.open(trained_system)).logits("e0", _images(64))
     assert fast.dtype == np.float32 and not np.array_equal(fast, exact)  # bfloat16 did run
     np.testing.assert_allclose(fast, exact, atol=0.1 * float(np.abs(exact).max()))
+
+
+def test_the_ray_replica_runs_its_expert_as_the_plain_engine_does(trained_system: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve")
+    from askexpert.serving.ray_app import ExpertReplica
+
+    system = _copy_with(trained_system, tmp_path, test_time_flip=True)
+    replica = ExpertReplica(str(system.expert_path("progressive", "e0")), 64, 5.0, 0, "cpu", flip=True)
+    images = _images()
+    expected = LocalExpertBackend.of_system(system).logits("e0", images)
+    np.testing.assert_allclose(replica.logits(images), expected, atol=1e-6)
