@@ -138,7 +138,7 @@ def test_learned_gate_decides_the_same_live_in_the_cache_and_in_the_testbed(lear
     part = Partition.from_json(system.partition_path)
     test = load_splits(cfg.data, learned_system).test
     live = edge_classifier(
-        system, LocalExpertBackend.from_dir(learned_system / "experts" / "progressive", part), runtime="torch"
+        system, LocalExpertBackend.of_system(system, "progressive"), runtime="torch"
     )  # against the torch cache
     pred = live(test.images)
     offloaded = pred.source != "edge"
@@ -166,8 +166,7 @@ def test_a_gate_fitted_on_other_models_is_refused(learned_system: Path, tmp_path
     root = tmp_path / "system"
     shutil.copytree(learned_system, root, ignore=shutil.ignore_patterns("cache", "report"))
     system = SystemDir.open(root)
-    part = Partition.from_json(system.partition_path)
-    backend = LocalExpertBackend.from_dir(root / "experts" / "progressive", part)
+    backend = LocalExpertBackend.of_system(system, "progressive")
     data = json.loads(system.deferral_gate_path.read_text())
     data["fitted_on"] = "0123456789abcdef"
     system.deferral_gate_path.write_text(json.dumps(data))

@@ -54,8 +54,10 @@ def test_server_cache_and_local_experts_answer_alike_with_flip(trained_system: P
     local = LocalExpertBackend.of_system(system)
     assert local.flip
     expected = local.predict("e1", images)
-    plain = LocalExpertBackend.of_system(SystemDir.open(trained_system)).logits("e1", images)
-    assert not np.allclose(local.logits("e1", images), plain, atol=1e-3)
+    plain = LocalExpertBackend.of_system(_copy_with(trained_system, tmp_path / "plain", test_time_flip=False))
+    assert not plain.flip
+    plain_logits = plain.logits("e1", images)
+    assert not np.allclose(local.logits("e1", images), plain_logits, atol=1e-3)
     cache = build_cache(system)  # a new key: the flip's outputs, not the copied cache of plain ones
     np.testing.assert_allclose(cache.schedules["progressive"].logits["e1"][:4], local.logits("e1", images), atol=1e-4)
     with TestClient(create_app(ExpertService.from_system(system))) as client:
@@ -72,8 +74,9 @@ def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(trained_syst
     from askexpert.fingerprint import fingerprint
     from askexpert.models import read_meta
 
-    before = SystemDir.open(trained_system)
-    assert before.config().serving.expert_runtime() == []  # the defaults: keys as before the settings existed
+    assert SystemConfig().serving.test_time_flip and not SystemConfig().serving.cpu_bfloat16  # the defaults
+    before = _copy_with(trained_system, tmp_path / "plain", test_time_flip=False, cpu_bfloat16=False)
+    assert before.config().serving.expert_runtime() == []  # run plainly: keyed as before the settings existed
     part = before.partition()
     shas = [before.generalist_meta().sha256] + [
         read_meta(before.expert_path("progressive", e)).sha256 for e in part.expert_ids
@@ -82,7 +85,7 @@ def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(trained_syst
     test = before.splits().test
     key = cache_key(before, part, ["progressive"], test.labels, test.images)
     for setting in ("test_time_flip", "cpu_bfloat16"):
-        changed = _copy_with(trained_system, tmp_path / setting, **{setting: True})
+        changed = _copy_with(trained_system, tmp_path / setting, **{"test_time_flip": False, setting: True})
         assert cache_key(changed, part, ["progressive"], test.labels, test.images) != key
         assert gate_fingerprint(changed, "progressive") != gate_fingerprint(before, "progressive")
 

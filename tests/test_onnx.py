@@ -10,7 +10,6 @@ from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.onnx_export import compare_runtimes
 from askexpert.models.onnx_runtime import OnnxGeneralist, source_path
-from askexpert.partition import Partition
 from askexpert.system import SystemDir
 from askexpert.training.export_stage import export_generalist
 
@@ -38,8 +37,7 @@ def test_onnx_and_int8_match_pytorch(trained_system: Path, tmp_path: Path) -> No
     )
     assert rows[0]["accuracy"] == pytest.approx(27 / 37) and rows[1]["accuracy"] == pytest.approx(27 / 37)
     assert rows[1]["agreement"] == 1.0
-    part = Partition.from_json(system.partition_path)
-    backend = LocalExpertBackend.from_dir(system.experts_dir("static"), part)
+    backend = LocalExpertBackend.of_system(system, "static")
     a = edge_classifier(system, backend, runtime="torch")(images)
     b = edge_classifier(system, backend, runtime="onnx")(images)
     assert a.labels.tolist() == b.labels.tolist()

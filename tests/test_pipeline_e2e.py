@@ -18,8 +18,7 @@ from askexpert.system import SystemDir
 
 def _classifier(root: Path, schedule: str, backend=None) -> tuple[CollaborativeClassifier, object]:
     system = SystemDir.open(root)
-    part = Partition.from_json(system.partition_path)
-    backend = backend or LocalExpertBackend.from_dir(root / "experts" / schedule, part)
+    backend = backend or LocalExpertBackend.of_system(system, schedule)  # the experts as the system runs them
     return edge_classifier(system, backend, runtime="torch"), load_splits(system.config().data, root).test
 
 

@@ -54,9 +54,8 @@ def test_edge_over_http_gives_the_same_labels_as_in_process(
         for record in _client(system, backend).classify_split(test):
             writer.write(record)
     backend.close()
-    local = edge_classifier(
-        system, LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), part := system.partition())
-    )
+    local = edge_classifier(system, LocalExpertBackend.of_system(system))
+    part = system.partition()
     ref = local(test.images)
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["path"] for r in records] == [f"test[{i}]" for i in range(len(test))]
@@ -237,8 +236,7 @@ def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProce
     images = np.random.default_rng(3).integers(0, 256, (cfg.max_batch_size * 2 + 5, 32, 32, 3), dtype=np.uint8)
     reply = backend.predict("e0", images)
     backend.close()
-    part = Partition.from_json(trained_system / "partition.json")
-    ref = LocalExpertBackend.from_dir(trained_system / "experts" / cfg.schedule, part).predict("e0", images)
+    ref = LocalExpertBackend.of_system(SystemDir.open(trained_system)).predict("e0", images)
     assert reply.labels.tolist() == ref.labels.tolist()
     assert reply.info["bytes_sent"] > images.nbytes
 

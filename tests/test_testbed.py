@@ -207,7 +207,7 @@ def test_headline_tau_is_chosen_on_validation(bed: tuple[SystemDir, dict]) -> No
     h, cfg = summary["headline"], system.config()
     assert cfg.routing.gate != "learned"  # live and cached share the statistic only for a confidence gate
     val = system.splits().val
-    experts = LocalExpertBackend.from_dir(system.experts_dir(cfg.serving.schedule), system.partition())
+    experts = LocalExpertBackend.of_system(system)
     clf = edge_classifier(system, experts, runtime="torch")  # the cache holds torch logits
 
     def live(tau: float) -> tuple[float, float]:
@@ -255,7 +255,6 @@ def test_testbed_answers_follow_the_combination_rule(
     from askexpert.data import load_splits
     from askexpert.inference.edge import edge_classifier
     from askexpert.models.local_experts import LocalExpertBackend
-    from askexpert.partition import Partition
     from askexpert.protocol import OTHER
 
     root = tmp_path / "sys"
@@ -266,9 +265,8 @@ def test_testbed_answers_follow_the_combination_rule(
     system.update_config("test", routing=routing)
     summary = run_testbed(system, spec_from_names("raspberry-pi-4", "desktop-gpu", "wifi"), samples=24, taus=[1.0])
     records = [json.loads(line) for line in (root / "testbed" / "records.jsonl").read_text().splitlines()]
-    part = Partition.from_json(system.partition_path)
     clf = edge_classifier(  # torch, as the testbed measures the generalist: the same probabilities to mix
-        system, LocalExpertBackend.from_dir(root / "experts" / system.config().serving.schedule, part), runtime="torch"
+        system, LocalExpertBackend.of_system(system), runtime="torch"
     )
     everything = {"gate": "max_prob", "tau": 1.0}  # every sample asks its expert
     clf.router = clf.router.at(clf.router.point.updated(**everything))

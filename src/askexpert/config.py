@@ -327,11 +327,13 @@ class ServingConfig(_Strict):
     breaker_cooldown_s: float = Field(5.0, ge=0.0)
     handshake_retry_s: float = Field(5.0, gt=0.0)  # server unreachable at start: edge-only, handshake retried
     # How the experts run, on both engines and in the evaluation and the testbed alike (one answer per image).
-    # test_time_flip: each expert's logits averaged over the image and its mirror image, at twice the expert's
-    # compute (chosen on validation, README "Choices made on validation"). cpu_bfloat16: bfloat16 autocast on a
-    # CPU with native bfloat16 (AVX512-BF16, AMX; about half the time there, float32 with a warning elsewhere);
-    # on CUDA the experts always run in bfloat16. Neither reaches the edge's generalist.
-    test_time_flip: bool = False
+    # test_time_flip: each expert's logits averaged over the image and its mirror image (the classes are
+    # mirror-invariant, as training's crop/flip assumes), at twice the expert's compute at the near-edge and
+    # none at the edge: +1.0 / +0.3-0.4 points on the demo's / CIFAR-100's validation (README "Serving").
+    # cpu_bfloat16: bfloat16 autocast on a CPU with native bfloat16 (AVX512-BF16, AMX; about half the time
+    # there, float32 with a warning elsewhere; off by default, as the last bits then depend on the CPU); on
+    # CUDA the experts always run in bfloat16. Neither reaches the edge's generalist.
+    test_time_flip: bool = True
     cpu_bfloat16: bool = False
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
@@ -339,7 +341,8 @@ class ServingConfig(_Strict):
 
     def expert_runtime(self) -> list[dict[str, bool]]:
         """How the experts run, for the fingerprints of their outputs (the evaluation's cache, the deferral
-        gate): empty at the defaults, so that outputs computed before these settings existed stay current."""
+        gate): empty when they run plainly, so that outputs computed before these settings existed stay
+        current for a config that turns both off."""
         runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16}
         return [runtime] if any(runtime.values()) else []
 

@@ -51,7 +51,10 @@ class LocalExpertBackend:
         flip: bool = False,
         cpu_bfloat16: bool = False,
     ) -> LocalExpertBackend:
-        """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree."""
+        """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree.
+
+        The experts run plainly unless `flip` / `cpu_bfloat16` say otherwise: `of_system` runs
+        them as a system's config says, which is what its server and evaluation do."""
         folder = Path(folder)
         experts = {}
         for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
