@@ -69,16 +69,21 @@ class LocalExpertBackend:
 
     @classmethod
     def of_system(
-        cls, system: SystemDir, schedule: str | None = None, device: str | torch.device = "cpu"
+        cls,
+        system: SystemDir,
+        schedule: str | None = None,
+        device: str | torch.device = "cpu",
+        cpu_bfloat16: bool | None = None,
     ) -> LocalExpertBackend:
-        """A system's expert set (default: the served schedule), run as its `serving` section says."""
+        """A system's expert set (default: the served schedule), run as its `serving` section says
+        (`cpu_bfloat16` overrides it: the testbed's edge execution models an edge CPU, in float32)."""
         cfg = system.config()
         return cls.from_dir(
             system.experts_dir(schedule or cfg.serving.schedule),
             system.partition(),
             device,
             flip=cfg.serving.test_time_flip,
-            cpu_bfloat16=cfg.serving.cpu_bfloat16,
+            cpu_bfloat16=cfg.serving.cpu_bfloat16 if cpu_bfloat16 is None else cpu_bfloat16,
         )
 
     @property

@@ -66,7 +66,9 @@ def _measure_samples(system: SystemDir, images: np.ndarray, url: str, threads: i
     router = system_router(system, part)
     classes = dict(zip(part.expert_ids, part.output_classes(), strict=True))
     generalist, _ = load_checkpoint(system.generalist_path)
-    local = LocalExpertBackend.of_system(system)
+    # edge execution: the served experts' answers (the mirror too) as an edge CPU computes them, in float32
+    # (a Raspberry Pi has no bfloat16; at batch 1 it is slower than float32 on this one as well)
+    local = LocalExpertBackend.of_system(system, cpu_bfloat16=False)
     remote = HttpExpertBackend(url, cfg.serving.model_copy(update={"retries": 0, "timeout_s": 30.0}))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
