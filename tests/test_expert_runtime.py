@@ -111,6 +111,7 @@ def test_bfloat16_on_a_cpu_with_it_changes_only_the_last_bits(trained_system: Pa
     system = _copy_with(trained_system, tmp_path, cpu_bfloat16=True)
     backend = LocalExpertBackend.of_system(system)
     assert backend.cpu_bfloat16
+    assert not LocalExpertBackend.of_system(system, cpu_bfloat16=False).cpu_bfloat16  # the testbed's edge execution
     fast = backend.logits("e0", _images(64))
     exact = LocalExpertBackend.of_system(SystemDir.open(trained_system)).logits("e0", _images(64))
     assert fast.dtype == np.float32 and not np.array_equal(fast, exact)  # bfloat16 did run
