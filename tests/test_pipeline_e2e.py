@@ -98,7 +98,7 @@ def test_bad_inputs_give_clear_errors(trained_system: Path, tmp_path: Path) -> N
     part = Partition.from_json(trained_system / "partition.json")
     swapped = Partition("manual", part.num_classes, part.expert_ids, tuple(reversed(part.subsets)))
     with pytest.raises(CheckpointError, match="retrain the experts"):
-        LocalExpertBackend.from_dir(trained_system / "experts" / "static", swapped)
+        LocalExpertBackend.from_dir(trained_system / "experts" / "static", swapped, flip=True)
 
 
 def test_choices_are_made_on_validation(trained_system: Path) -> None:

@@ -48,13 +48,15 @@ class LocalExpertBackend:
         folder: str | Path,
         partition: Partition,
         device: str | torch.device = "cpu",
-        flip: bool = False,
+        *,
+        flip: bool,
         cpu_bfloat16: bool = False,
     ) -> LocalExpertBackend:
         """Load `<folder>/<id>.safetensors` for every expert of `partition`, checking subsets agree.
 
-        The experts run plainly unless `flip` / `cpu_bfloat16` say otherwise: `of_system` runs
-        them as a system's config says, which is what its server and evaluation do."""
+        `flip` has no default: a folder does not say how its system runs the experts (the
+        mirror is on by default there). `of_system` runs them as a system's config says, which
+        is what its server and evaluation do."""
         folder = Path(folder)
         experts = {}
         for eid, subset in zip(partition.expert_ids, partition.subsets, strict=True):
