@@ -123,7 +123,8 @@ def test_the_ray_replica_runs_its_expert_as_the_plain_engine_does(trained_system
     from askexpert.serving.ray_app import ExpertReplica
 
     system = _copy_with(trained_system, tmp_path, test_time_flip=True)
-    replica = ExpertReplica(str(system.expert_path("progressive", "e0")), 64, 5.0, 0, "cpu", flip=True)
+    weights = str(system.expert_path("progressive", "e0"))
+    replica = ExpertReplica(weights, 64, 5.0, 0, "cpu", flip=True, cpu_bfloat16=False)
     images = _images()
     expected = LocalExpertBackend.of_system(system).logits("e0", images)
     np.testing.assert_allclose(replica.logits(images), expected, atol=1e-6)

@@ -58,8 +58,9 @@ class ExpertReplica:
         max_wait_ms: float,
         torch_threads: int,
         device: str,
-        flip: bool = False,
-        cpu_bfloat16: bool = False,
+        *,
+        flip: bool,
+        cpu_bfloat16: bool,
     ) -> None:
         import torch
 
@@ -158,8 +159,8 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
                 sc.max_wait_ms,
                 sc.torch_threads,
                 device,
-                sc.test_time_flip,
-                sc.cpu_bfloat16,
+                flip=sc.test_time_flip,
+                cpu_bfloat16=sc.cpu_bfloat16,
             )
         )
     ingress = serve.deployment(
