@@ -109,6 +109,54 @@ def test_distillation_pulls_the_student_toward_its_teacher() -> None:
     assert kl["distilled"] < 0.5 * kl["labels only"], kl
 
 
+def _colour_task(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64 flat-colour images labelled by their colour, and 60 steps of 32 of them."""
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 4, 64)
+    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)
+    images = np.broadcast_to(palette[colour][:, None, None, :], (64, 32, 32, 3)).copy()
+    return images, colour, np.stack([rng.permutation(64)[:32] for _ in range(60)])
+
+
+def _train_colours(cpu_bfloat16: bool) -> torch.nn.Module:
+    images, labels, plan = _colour_task()
+    tc = TrainConfig(epochs=1, batch_size=32, lr=3e-3, augment=False, cpu_bfloat16=cpu_bfloat16)
+    torch.manual_seed(0)
+    model = create_model("micro-cct-generalist", 4)
+    train_model(model, images, labels, plan, tc, torch.device("cpu"), 0, desc="colours")
+    return model
+
+
+def test_cpu_bfloat16_is_left_out_of_fingerprints_while_off() -> None:
+    assert "cpu_bfloat16" not in TrainConfig(epochs=1).model_dump()  # stages trained before it stay current
+    assert TrainConfig(epochs=1, cpu_bfloat16=True).model_dump()["cpu_bfloat16"] is True
+
+
+def test_cpu_bfloat16_training_without_native_support_runs_float32_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from askexpert.models import predict
+
+    exact = _train_colours(cpu_bfloat16=False)
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="colours: cpu_bfloat16 is set, but this CPU has no native bfloat16"):
+        fallback = _train_colours(cpu_bfloat16=True)
+    for (name, a), b in zip(exact.state_dict().items(), fallback.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(
+    not __import__("askexpert.models.predict", fromlist=["x"]).native_cpu_bfloat16(), reason="no native bfloat16"
+)
+def test_cpu_bfloat16_training_learns_and_keeps_float32_weights() -> None:
+    images, labels, _ = _colour_task()
+    exact, fast = _train_colours(cpu_bfloat16=False), _train_colours(cpu_bfloat16=True)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())  # autocast: the weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(exact.parameters(), fast.parameters(), strict=True))
+    for model in (exact, fast):
+        assert (predict_logits(model, images).argmax(1) == labels).mean() == 1.0  # type: ignore[arg-type]
+
+
 def test_teacher_rows_must_match_the_images() -> None:
     model = create_model("micro-cct-generalist", 4)
     images = np.zeros((8, 32, 32, 3), np.uint8)

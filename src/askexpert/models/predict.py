@@ -42,16 +42,16 @@ def native_cpu_bfloat16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def cpu_bfloat16_usable(requested: bool, device: torch.device) -> bool:
-    """`serving.cpu_bfloat16` as it can be honoured here: on a CPU without native bfloat16 it would be
-    slower than float32, so the experts run in float32 and a warning says so."""
+def cpu_bfloat16_usable(requested: bool, device: torch.device, setting: str = "serving.cpu_bfloat16") -> bool:
+    """A `cpu_bfloat16` setting (`serving.` or a training budget's) as it can be honoured here: on a CPU
+    without native bfloat16 it would be slower than float32, so the work runs in float32 and a warning
+    names the setting."""
     if not requested or device.type != "cpu":
         return False
     if native_cpu_bfloat16():
         return True
     warnings.warn(
-        "serving.cpu_bfloat16 is set, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
-        "the experts run in float32",
+        f"{setting} is set, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): it runs in float32",
         stacklevel=2,
     )
     return False

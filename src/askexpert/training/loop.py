@@ -3,7 +3,8 @@
 What differs between the generalist and the experts' schedules is only the
 *batch plan* (which sample indices each optimizer step sees) and the targets;
 the optimiser (AdamW), warm-up + cosine schedule, label smoothing,
-augmentation (`askexpert.training.augment`), bf16 autocast on GPU, progress bar and resume live
+augmentation (`askexpert.training.augment`), bf16 autocast (on GPU, and on a CPU with native bfloat16
+where `cpu_bfloat16` asks), progress bar and resume live
 here once. A teacher's logits (DeiT-style distillation) are one more optional target.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from askexpert.config import DistillConfig, TrainConfig
+from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.models.registry import ImageClassifier
 from askexpert.progress import progress
 from askexpert.training.augment import Augmenter
@@ -47,6 +49,7 @@ def training_loss(
     (DeiT's hard-label distillation).
     """
     soft_labels = labels.ndim == 2
+    logits = logits.float()  # under bf16 autocast the head's output is bfloat16: the loss is taken in float32
     ce = F.cross_entropy(logits, labels, label_smoothing=0.0 if soft_labels else label_smoothing)
     if teacher is None or distill is None or distill.teacher == "none" or distill.alpha == 0.0:
         return ce
@@ -113,7 +116,7 @@ def train_model(
     teacher_t = (
         torch.from_numpy(np.ascontiguousarray(teacher_logits, dtype=np.float32)) if teacher_logits is not None else None
     )
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" or cpu_bfloat16_usable(cfg.cpu_bfloat16, device, f"{desc}: cpu_bfloat16")
     save_every = max(1, total // 10)
     tail: list[float] = []
     bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
