@@ -58,7 +58,7 @@ def training_loss(
     else:
         t = distill.temperature
         kd = F.kl_div(
-            F.log_softmax(logits.float() / t, dim=1),
+            F.log_softmax(logits / t, dim=1),
             F.log_softmax(teacher.float() / t, dim=1),
             reduction="batchmean",
             log_target=True,
