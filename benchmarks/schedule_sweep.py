@@ -31,7 +31,7 @@ from askexpert.config import LEGACY_PROGRESSIVE, ExpertTrainConfig
 from askexpert.models import load_checkpoint, resolve_device
 from askexpert.system import SystemDir
 from askexpert.training.experts import routing_pools, train_expert
-from askexpert.training.shared import pretrained_for, train_shared_stage
+from askexpert.training.shared import pretrained_for, stage1_logits, train_shared_stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,9 +82,11 @@ def main() -> None:
     device = resolve_device(cfg.device)
     schedules = tc.schedules
     stage1 = None
-    if any(s.init == "shared" for s in schedules.values()):
+    if any(s.init == "shared" or s.distills for s in schedules.values()):
         train_shared_stage(system)
         stage1, _ = load_checkpoint(system.stage1_path)
+    # stage 1's logits on train, once for every schedule that distils from it
+    teacher = stage1_logits(system, train.images, "sweep") if any(s.distills for s in schedules.values()) else None
     needs_routing = any(s.correct_other or any(st.others == "routed" for st in s.stages) for s in schedules.values())
     pools = routing_pools(sweep_cfg, system, part, train, val, device) if needs_routing else None
     pretrained = pretrained_for(system, "expert")
@@ -109,6 +111,7 @@ def main() -> None:
                 stage1=stage1,
                 pools=pools,
                 pretrained_file=pretrained,
+                teacher=teacher,
             )
             rows.append(
                 {

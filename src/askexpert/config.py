@@ -64,49 +64,6 @@ class ModelConfig(_Strict):
     pretrained_file: str | None = None
 
 
-class Stage(_Strict):
-    """One stage of an expert schedule.
-
-    `fraction`: share of the expert's optimizer steps spent in this stage.
-    `subset_share`: probability that a training sample is drawn from the
-    expert's own classes; the rest are out-of-subset samples labelled "other".
-    `null` means the natural share (sample uniformly from the whole training set).
-    `others`: where the out-of-subset samples come from: `all` of them, or
-    `routed`, those the generalist's Top-k router would send to this expert
-    (the confusable ones it will really be asked about; `all` when too few).
-    """
-
-    fraction: float = Field(gt=0.0, le=1.0)
-    subset_share: float | None = Field(None, gt=0.0, le=1.0)
-    others: Literal["all", "routed"] = "all"
-
-
-class Schedule(_Strict):
-    """How one expert set is trained: where it starts and which stages follow.
-
-    `init`: `pretrained` (the expert preset's `pretrained_file`, head replaced:
-    the paper's static baseline) or `shared` (the shared all-class stage 1
-    model, head swapped to subset + "other": Hinton et al. 2015's specialists).
-    `correct_other`: after training, shift the "other" logit by the log-odds
-    between the "other" share the last stage trained with and the share the
-    expert meets when the generalist routes validation samples to it.
-    """
-
-    init: Literal["pretrained", "shared"] = "pretrained"
-    stages: list[Stage]
-    correct_other: bool = False
-
-    @field_validator("stages")
-    @classmethod
-    def _fractions_sum_to_one(cls, stages: list[Stage]) -> list[Stage]:
-        if not stages:
-            raise ValueError("a schedule needs at least one stage")
-        total = sum(s.fraction for s in stages)
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"stage fractions sum to {total:g}, not 1")
-        return stages
-
-
 class _OmitsUnused(_Strict):
     """Options left out of dumps while they are off: `_omit_when_off` maps each such field to the
     switch whose off value (0, 0.0, False) omits it (its own name, or the option it qualifies).
@@ -124,6 +81,75 @@ class _OmitsUnused(_Strict):
             if key in data and not getattr(self, switch):
                 del data[key]
         return data
+
+
+class DistillConfig(_Strict):
+    """Train a model against a stronger all-class model as well as the labels (after DeiT).
+
+    `teacher: stage1` is the expert preset trained on all classes (the progressive
+    schedule's stage 1, trained first and reused). Its logits on the un-augmented
+    training images are computed once; the student sees them beside its crop/flip
+    augmented copies. Loss: (1 − alpha)·CE(labels) + alpha·distillation, where
+    `soft` is T²·KL(teacher_T ‖ student_T) and `hard` is CE against the teacher's argmax.
+    The top-level `distill` teaches the generalist; a schedule's `distill` teaches its
+    experts, the teacher's logits folded onto subset + "other" (`training.experts`).
+    """
+
+    teacher: Literal["none", "stage1"] = "none"
+    mode: Literal["soft", "hard"] = "soft"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)
+
+
+class Stage(_Strict):
+    """One stage of an expert schedule.
+
+    `fraction`: share of the expert's optimizer steps spent in this stage.
+    `subset_share`: probability that a training sample is drawn from the
+    expert's own classes; the rest are out-of-subset samples labelled "other".
+    `null` means the natural share (sample uniformly from the whole training set).
+    `others`: where the out-of-subset samples come from: `all` of them, or
+    `routed`, those the generalist's Top-k router would send to this expert
+    (the confusable ones it will really be asked about; `all` when too few).
+    """
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    subset_share: float | None = Field(None, gt=0.0, le=1.0)
+    others: Literal["all", "routed"] = "all"
+
+
+class Schedule(_OmitsUnused):
+    """How one expert set is trained: where it starts and which stages follow.
+
+    `init`: `pretrained` (the expert preset's `pretrained_file`, head replaced:
+    the paper's static baseline) or `shared` (the shared all-class stage 1
+    model, head swapped to subset + "other": Hinton et al. 2015's specialists).
+    `correct_other`: after training, shift the "other" logit by the log-odds
+    between the "other" share the last stage trained with and the share the
+    expert meets when the generalist routes validation samples to it.
+    `distill`: train the experts against stage 1's logits as well as their labels
+    (stage 1's classes outside the subset folded into "other"); off by default.
+    """
+
+    init: Literal["pretrained", "shared"] = "pretrained"
+    stages: list[Stage]
+    correct_other: bool = False
+    distill: DistillConfig = DistillConfig()
+    _omit_when_off: ClassVar[dict[str, str]] = {"distill": "distills"}
+
+    @property
+    def distills(self) -> bool:
+        return self.distill.teacher != "none" and self.distill.alpha > 0.0
+
+    @field_validator("stages")
+    @classmethod
+    def _fractions_sum_to_one(cls, stages: list[Stage]) -> list[Stage]:
+        if not stages:
+            raise ValueError("a schedule needs at least one stage")
+        total = sum(s.fraction for s in stages)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"stage fractions sum to {total:g}, not 1")
+        return stages
 
 
 class StrongAugmentation(_OmitsUnused):
@@ -243,22 +269,6 @@ class BackboneConfig(_Strict):
 
     data: DataConfig | None = None  # None: no pretraining stage in `demo`/the benchmark
     training: TrainConfig = TrainConfig(epochs=5, lr=2e-3)
-
-
-class DistillConfig(_Strict):
-    """Train the generalist against a stronger all-class model as well as the labels (after DeiT).
-
-    `teacher: stage1` is the expert preset trained on all classes (the progressive
-    schedule's stage 1, trained first and reused). Its logits on the un-augmented
-    training images are computed once; the student sees them beside its crop/flip
-    augmented copies. Loss: (1 − alpha)·CE(labels) + alpha·distillation, where
-    `soft` is T²·KL(teacher_T ‖ student_T) and `hard` is CE against the teacher's argmax.
-    """
-
-    teacher: Literal["none", "stage1"] = "none"
-    mode: Literal["soft", "hard"] = "soft"
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-    temperature: float = Field(2.0, gt=0.0)
 
 
 class PartitionConfig(_OmitsUnused):
@@ -400,6 +410,12 @@ class SystemConfig(_Strict):
             raise ValueError(
                 "generalist_training: mixup/cutmix cannot be combined with distill.teacher "
                 f"{self.distill.teacher!r} (the teacher's logits are computed once, on unmixed images)"
+            )
+        taught = [name for name, sched in self.expert_training.schedules.items() if sched.distills]
+        if taught and self.expert_training.mixes:
+            raise ValueError(
+                "expert_training: mixup/cutmix cannot be combined with the distill of schedule(s) "
+                f"{', '.join(taught)} (the teacher's logits are computed once, on unmixed images)"
             )
         return self
 

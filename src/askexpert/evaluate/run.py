@@ -118,7 +118,10 @@ def budgets(system: SystemDir, cache: LogitCache) -> list[dict[str, Any]]:
         metas = [read_meta(system.expert_path(schedule, e)) for e in ids]
         own = float(np.mean([m.extra.get("steps", 0) * m.extra.get("batch_size", 0) for m in metas]))
         shared = 0.0
-        if any((m.extra.get("schedule") or {}).get("init") == "shared" for m in metas) and system.stage1_path.is_file():
+        # stage 1 is this schedule's cost when its experts start from it or learn from it (`distill`)
+        specs = [m.extra.get("schedule") or {} for m in metas]
+        uses_stage1 = any(s.get("init") == "shared" or "distill" in s for s in specs)  # distill: dumped when on
+        if uses_stage1 and system.stage1_path.is_file():
             s1 = read_meta(system.stage1_path)
             shared = float(s1.extra.get("steps", 0) * s1.extra.get("batch_size", 0))
         rows.append(

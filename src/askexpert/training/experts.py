@@ -40,7 +40,7 @@ from askexpert.routing import choose_expert
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps, expert_targets, plan_schedule
-from askexpert.training.shared import pretrained_for, stored_if_current, train_shared_stage
+from askexpert.training.shared import pretrained_for, stage1_logits, stored_if_current, train_shared_stage
 
 
 def schedule_of(cfg: SystemConfig, schedule: str) -> Schedule:
@@ -100,6 +100,26 @@ def _classifier(model: ImageClassifier) -> torch.nn.Linear:
     if not isinstance(head, torch.nn.Linear):
         raise CheckpointError(f"preset {model.preset_name!r} has no linear classifier head; cannot swap it")
     return head
+
+
+def fold_teacher(logits: np.ndarray, subset: tuple[int, ...]) -> np.ndarray:
+    """An all-class teacher's logits on an expert's outputs: the subset's columns, then "other".
+
+    "other" is the log of the summed exp of the remaining classes' logits, so the softmax of
+    a folded row is the teacher's own distribution with the classes outside the subset
+    merged: the expert learns the teacher's ranking inside its subset and the mass it puts
+    outside (the head swap's rule, applied to targets instead of weights).
+    """
+    if logits.ndim != 2 or max(subset) >= logits.shape[1]:
+        raise CheckpointError(f"teacher logits of shape {logits.shape} do not cover subset class {max(subset)}")
+    rest = np.setdiff1d(np.arange(logits.shape[1]), np.asarray(subset))
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    other = (
+        torch.logsumexp(t[:, torch.from_numpy(rest)], dim=1, keepdim=True)
+        if len(rest)
+        else torch.full((len(t), 1), -1e4)  # nothing outside the subset: "other" gets no mass (finite, for the KL)
+    )
+    return torch.cat([t[:, list(subset)], other], dim=1).numpy()
 
 
 def other_logit_correction(trained_share: float, deployed_share: float) -> float:
@@ -180,12 +200,14 @@ def train_expert(
     stage1: ImageClassifier | None = None,
     pools: RoutingPools | None = None,
     pretrained_file: Path | None = None,
+    teacher: np.ndarray | None = None,
 ) -> TrainedExpert:
     """Train the `index`-th expert on `subset` under `schedule`, and score it on validation.
 
     The seed depends on the expert's index and `expert_training.seed` only, so every
     schedule of one expert draws the same augmentation and, from the same `init`, the
-    same weights: schedules compare paired.
+    same weights: schedules compare paired. `teacher`: the schedule's teacher's logits
+    on every training image over all classes (`distill`), folded here onto the subset.
     """
     sched = schedule_of(cfg, schedule)
     seed = cfg.expert_training.seed * 1000 + index
@@ -199,8 +221,21 @@ def train_expert(
     else:
         model = create_model(cfg.expert.preset, len(subset) + 1, pretrained_file)
     targets = expert_targets(train.labels, subset)
+    if sched.distills and teacher is None:
+        raise ConfigError(f"schedule {schedule!r} distils from stage 1, whose logits were not given")
+    folded = fold_teacher(teacher, subset) if sched.distills and teacher is not None else None
     stats = train_model(
-        model, train.images, targets, plan, cfg.expert_training, device, seed, resume_path=resume_path, desc=desc
+        model,
+        train.images,
+        targets,
+        plan,
+        cfg.expert_training,
+        device,
+        seed,
+        resume_path=resume_path,
+        desc=desc,
+        teacher_logits=folded,
+        distill=sched.distill if folded is not None else None,
     )
     correction = 0.0
     if sched.correct_other:
@@ -232,9 +267,10 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
     pretrained = pretrained_for(system, "expert")
     depends: dict[str, Any] = {"init_file": file_sha256(pretrained) if pretrained else None}
     stage1: ImageClassifier | None = None
-    if sched.init == "shared":
+    if sched.init == "shared" or sched.distills:
         stage1_meta = train_shared_stage(system, force=False)
         depends["stage1"] = stage1_meta.sha256
+    teacher: np.ndarray | None = None  # stage 1's logits on train, once for all experts (`distill`)
     pools: RoutingPools | None = None
     if needs_routing:
         depends["generalist"] = system.generalist_meta().sha256 if system.generalist_path.is_file() else None
@@ -264,6 +300,8 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             stage1, _ = load_checkpoint(system.stage1_path)
         if needs_routing and pools is None:
             pools = routing_pools(cfg, system, part, train, val, device)
+        if sched.distills and teacher is None:
+            teacher = stage1_logits(system, train.images, f"{schedule} experts")
         path.parent.mkdir(parents=True, exist_ok=True)
         resume = path.with_suffix(".resume.pt")
         trained = train_expert(
@@ -279,6 +317,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             stage1=stage1,
             pools=pools,
             pretrained_file=pretrained,
+            teacher=teacher,
         )
         meta = CheckpointMeta(
             role="expert",

@@ -9,23 +9,17 @@ paid by the progressive schedule, plus one forward pass over train.
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
-
-from askexpert.data import Splits
 from askexpert.fingerprint import fingerprint
-from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, resolve_device
+from askexpert.models import CheckpointMeta, resolve_device
 from askexpert.system import SystemDir
 from askexpert.training.shared import (
     fit_and_save,
     init_fingerprint,
     pretrained_for,
+    stage1_logits,
     stored_if_current,
     train_shared_stage,
 )
-
-log = logging.getLogger("askexpert")
 
 
 def generalist_fingerprint(system: SystemDir) -> str:
@@ -44,18 +38,6 @@ def generalist_fingerprint(system: SystemDir) -> str:
     return fingerprint(*parts)
 
 
-def teacher_logits(system: SystemDir, teacher: CheckpointMeta | None, splits: Splits) -> np.ndarray | None:
-    """The teacher's logits on the training images, or None without a teacher."""
-    if teacher is None:
-        return None
-    log.info(
-        "generalist: distilling from stage 1 (val accuracy %.4f)", teacher.metrics.get("val_accuracy", float("nan"))
-    )
-    device = resolve_device(system.config().device)
-    model, _ = load_checkpoint(system.stage1_path, device)
-    return predict_logits(model, splits.train.images, device)
-
-
 def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     """Train (or reuse, when the stored one was made from the same settings) the generalist."""
     cfg = system.config()
@@ -67,7 +49,7 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     if meta is not None:
         return meta
     splits = system.splits()
-    soft = teacher_logits(system, teacher, splits)
+    soft = stage1_logits(system, splits.train.images, "generalist") if teacher is not None else None
     extra = {
         "fingerprint": key,
         "class_names": list(splits.train.class_names),

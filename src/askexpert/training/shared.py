@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from askexpert.models import (
     CheckpointMeta,
     ImageClassifier,
     create_model,
+    load_checkpoint,
     predict_logits,
     read_meta,
     resolve_device,
@@ -42,6 +44,8 @@ from askexpert.models.checkpoint import file_sha256
 from askexpert.system import SystemDir
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps, plan_schedule
+
+log = logging.getLogger("askexpert")
 
 
 def pretrained_for(system: SystemDir, role: str) -> Path | None:
@@ -205,3 +209,12 @@ def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta
     return fit_and_save(
         "stage1", cfg.expert.preset, splits, stage_tc, tc.stage1_seed, device, init, path, extra, "stage 1"
     )
+
+
+def stage1_logits(system: SystemDir, images: np.ndarray, student: str) -> np.ndarray:
+    """Stage 1's logits on `images` (un-augmented): a teacher's targets, computed once per training run."""
+    device = resolve_device(system.config().device)
+    model, meta = load_checkpoint(system.stage1_path, device)
+    accuracy = meta.metrics.get("val_accuracy", float("nan"))
+    log.info("%s: distilling from stage 1 (val accuracy %.4f)", student, accuracy)
+    return predict_logits(model, images, device, desc=f"stage 1 teaching {student}")
