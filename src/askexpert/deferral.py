@@ -92,6 +92,11 @@ class DeferralGate:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # one memory layout however the gate was made (scikit-learn's coef_ is Fortran-ordered, a loaded one is
+        # not): BLAS may sum in another order for another layout, and the live edge, the cache and a reloaded
+        # gate must score bit-identically
+        for name in ("mean", "scale", "coef", "intercept"):
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
         f = self.mean.shape[0]
         rows = 3 if len(self.outcomes) == 3 else 1  # scikit-learn: one row for a binary fit
         if self.scale.shape != (f,) or self.coef.shape != (rows, f) or not np.all(self.scale > 0):
