@@ -100,6 +100,11 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     temperature: float = Field(2.0, gt=0.0)
 
+    @property
+    def active(self) -> bool:
+        """A teacher with a weight: alpha 0 is no distillation at all."""
+        return self.teacher != "none" and self.alpha > 0.0
+
 
 class Stage(_Strict):
     """One stage of an expert schedule.
@@ -139,7 +144,7 @@ class Schedule(_OmitsUnused):
 
     @property
     def distills(self) -> bool:
-        return self.distill.teacher != "none" and self.distill.alpha > 0.0
+        return self.distill.active
 
     @field_validator("stages")
     @classmethod

@@ -221,9 +221,11 @@ def train_expert(
     else:
         model = create_model(cfg.expert.preset, len(subset) + 1, pretrained_file)
     targets = expert_targets(train.labels, subset)
-    if sched.distills and teacher is None:
-        raise ConfigError(f"schedule {schedule!r} distils from stage 1, whose logits were not given")
-    folded = fold_teacher(teacher, subset) if sched.distills and teacher is not None else None
+    folded = None
+    if sched.distills:
+        if teacher is None:
+            raise ConfigError(f"schedule {schedule!r} distils from stage 1, whose logits were not given")
+        folded = fold_teacher(teacher, subset)
     stats = train_model(
         model,
         train.images,
@@ -235,7 +237,7 @@ def train_expert(
         resume_path=resume_path,
         desc=desc,
         teacher_logits=folded,
-        distill=sched.distill if folded is not None else None,
+        distill=sched.distill if sched.distills else None,
     )
     correction = 0.0
     if sched.correct_other:

@@ -51,7 +51,7 @@ def training_loss(
     soft_labels = labels.ndim == 2
     logits = logits.float()  # under bf16 autocast the head's output is bfloat16: the loss is taken in float32
     ce = F.cross_entropy(logits, labels, label_smoothing=0.0 if soft_labels else label_smoothing)
-    if teacher is None or distill is None or distill.teacher == "none" or distill.alpha == 0.0:
+    if teacher is None or distill is None or not distill.active:
         return ce
     if distill.mode == "hard":
         kd = F.cross_entropy(logits, teacher.argmax(1), label_smoothing=label_smoothing)
