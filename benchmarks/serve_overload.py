@@ -7,7 +7,8 @@ Open loop: requests are sent at a constant rate whatever the server does (a came
 does not slow down because the server is busy), unlike the closed-loop clients of
 `serve_throughput.py`. Each run starts a fresh server, measures its capacity
 closed-loop (the best goodput of 8, 16 and 32 back-to-back clients), then offers
-each load level. Meanwhile an edge client (HttpExpertBackend, everything offloaded)
+each load level. Meanwhile an edge client (HttpExpertBackend, everything offloaded, its generalist
+on one thread)
 classifies 8 images every `--edge-interval` seconds and checks that every sample is
 answered, by an expert or by a fallback; it runs through the capacity measurement
 too, so that capacity and levels share one background. Per level it reports goodput
@@ -42,6 +43,7 @@ from typing import Any
 import aiohttp
 import matplotlib
 import numpy as np
+import uvloop
 
 from askexpert.data import input_size
 from askexpert.evaluate.report import finish_plot, markdown_table, write_csv
@@ -76,6 +78,13 @@ def _tree_cpu_s(root: int) -> float:
         total += cpu.get(pid, 0.0)
         todo += [child for child, ppid in parent.items() if ppid == pid]
     return total
+
+
+def _run(coro: Any) -> Any:
+    """The generator's event loop is uvloop's, as the server's is: on shared cores every cycle the generator
+    spends per request comes out of the server's share (asyncio's own loop: 23 % of a core at 4×, uvloop 18 %,
+    one probe)."""
+    return uvloop.run(coro)
 
 
 def _own_cpu_s() -> float:
@@ -163,7 +172,9 @@ def _edge_in_the_loop(root: str, url: str, images: np.ndarray, stop: Any, counts
     system = SystemDir.open(root)
     backend, http = connect(system, url)
     try:
-        clf = edge_classifier(system, backend)
+        # one compute thread, as on a small board: a runtime's own thread pool (ONNX Runtime's spins between
+        # runs) would take 15-26 % of a core from the server it shares these cores with (measured)
+        clf = edge_classifier(system, backend, threads=1)
         clf.router = clf.router.at(clf.router.point.updated(gate="max_prob", tau=1.0))  # offload everything
         tick = time.perf_counter()
         while not stop.is_set():
@@ -201,17 +212,17 @@ def one_run(
         while counts[0] == 0 and edge_proc.is_alive():  # started (imports done) before the load begins
             time.sleep(0.1)
         url = f"{server.url}/v1/experts/{args.expert}/predict"
-        asyncio.run(_closed_loop(url, body, 32, 2.0))  # warm-up: first batches, the throughput estimate
+        _run(_closed_loop(url, body, 32, 2.0))  # warm-up: first batches, the throughput estimate
         # capacity: the best closed-loop goodput over client counts. Too many clients overfill the
         # queue-delay target and their refusals (retried at once) eat the capacity being measured
-        tries = {n: asyncio.run(_closed_loop(url, body, n, min(5.0, args.seconds))) for n in CAPACITY_CLIENTS}
+        tries = {n: _run(_closed_loop(url, body, n, min(5.0, args.seconds))) for n in CAPACITY_CLIENTS}
         capacity = max(tries.values())
         said = ", ".join(f"{n} clients {rps:.0f}" for n, rps in tries.items())
         print(f"run {run}: capacity {capacity:.1f} requests/s (closed loop: {said})", flush=True)
         for level in [float(x) for x in args.levels.split(",")]:
             before = list(counts)
             own0, srv0, t0 = _own_cpu_s(), _tree_cpu_s(server.proc.pid), time.perf_counter()
-            row = asyncio.run(_open_loop(url, body, level * capacity, args.seconds))
+            row = _run(_open_loop(url, body, level * capacity, args.seconds))
             wall = time.perf_counter() - t0
             samples, answered, expert, failed = (now - then for now, then in zip(counts, before, strict=True))
             row = {"run": run, "level": level, "capacity_rps": capacity, **row}

@@ -181,3 +181,38 @@ def test_a_full_queue_refuses_at_once_and_expired_work_is_dropped() -> None:
 
     first, expired = asyncio.run(late())
     assert not isinstance(first, Exception) and isinstance(expired, DeadlineExpired)
+
+
+class _SharedThread:
+    """Two experts on the one model thread: "slow" takes 0.2 s a call, "fast" 0.01 s."""
+
+    max_batch_size = 16
+    max_wait_ms = 0.0
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    @dynamic_batch()
+    def run(self, key: str, images: np.ndarray) -> np.ndarray:
+        import time
+
+        self.calls.append((key, len(images)))
+        time.sleep(0.2 if key == "slow" else 0.01)
+        return images
+
+
+def test_the_wait_for_another_experts_batch_is_queue_time_not_compute() -> None:
+    service = _SharedThread()
+
+    async def go() -> list:
+        slow = asyncio.ensure_future(service.run("slow", np.zeros((1, 1, 1, 3), np.uint8)))
+        await asyncio.sleep(0.03)  # the slow call holds the thread
+        fast = asyncio.ensure_future(service.run("fast", np.full((2, 1, 1, 3), 7, np.uint8)))
+        return await asyncio.gather(slow, fast)
+
+    slow, fast = asyncio.run(go())
+    assert service.calls == [("slow", 1), ("fast", 2)]  # one at a time, in turn
+    assert (fast.rows == 7).all()
+    assert slow.compute_s >= 0.2 and slow.queue_s < 0.05
+    assert fast.compute_s < 0.1  # its own call, ~0.01 s: not the ~0.17 s it spent behind the slow one
+    assert fast.queue_s > 0.1  # that wait is queue time

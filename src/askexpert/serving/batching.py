@@ -11,7 +11,9 @@ class Service:
 Requests queue per key (per expert). A batch closes when it holds
 `max_batch_size` images or `max_wait_ms` after its first request arrived. The
 wrapped function runs in a one-thread executor, off the event loop, one batch at
-a time (so CPU threads are not oversubscribed). An instance attribute
+a time (so CPU threads are not oversubscribed), every key's batches in turn. A
+batch's `compute_s` is the model call alone, timed in the executor thread: the wait
+for the thread (another key's batch running) is queue time. An instance attribute
 `max_batch_size` / `max_wait_ms` / `max_queue_images` overrides the decorator's default;
 an instance attribute `energy_meter` (an `askexpert.measure.energy.EnergyMeter`) is read
 around every model call, and each caller gets its share of the batch's joules.
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class BatchResult:
     rows: np.ndarray
-    queue_s: float  # from enqueue to the start of this caller's batch
-    compute_s: float  # the model call for the whole batch
+    queue_s: float  # from enqueue to the start of this caller's model call (another key's turn included)
+    compute_s: float  # the model call for the whole batch, alone
     batch_size: int  # images in the merged batch
     first_in_batch: bool  # exactly one caller per model call, so per-batch figures are counted once
     batch_energy_j: float | None = None  # metered joules of the whole model call (None: no meter)
@@ -126,9 +128,12 @@ class DynamicBatcher:
         await queue.put(pending)
         return await pending.future
 
-    def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """The model call, with the meter read around it (in the executor thread, next to the work)."""
-        return metered(self.meter, self.fn, key, batch)
+    def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None, float, float]:
+        """The model call, with the meter read around it and its start and seconds timed (in the executor
+        thread, next to the work: what waited for the thread is not compute)."""
+        start = time.perf_counter()
+        rows, joules = metered(self.meter, self.fn, key, batch)
+        return rows, joules, start, time.perf_counter() - start
 
     async def _collect(
         self, queue: asyncio.Queue[_Pending], carry: _Pending | None
@@ -149,48 +154,48 @@ class DynamicBatcher:
         return items, None
 
     async def _worker(self, key: str, queue: asyncio.Queue[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         carry: _Pending | None = None
         while True:
             items, carry = await self._collect(queue, carry)
-            self.queued[key] -= sum(len(p.images) for p in items)
-            now = time.perf_counter()
+            await self._run(key, items)
+
+    async def _run(self, key: str, items: list[_Pending]) -> None:
+        """One model call for `items`; every caller gets its rows or the error."""
+        self.queued[key] -= sum(len(p.images) for p in items)
+        now = time.perf_counter()
+        for p in items:
+            if p.deadline is not None and now > p.deadline and not p.future.done():
+                p.future.set_exception(DeadlineExpired(f"the caller's budget ran out after {now - p.enqueued:.3f} s"))
+        items = [p for p in items if not p.future.done()]
+        if not items:
+            return
+        batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
+        try:
+            call = asyncio.get_running_loop().run_in_executor(self.executor, self._call, key, batch)
+            rows, joules, start, compute = await call
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
             for p in items:
-                if p.deadline is not None and now > p.deadline and not p.future.done():
-                    p.future.set_exception(
-                        DeadlineExpired(f"the caller's budget ran out after {now - p.enqueued:.3f} s")
-                    )
-            items = [p for p in items if not p.future.done()]
-            if not items:
-                continue
-            batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
-            start = time.perf_counter()
-            try:
-                rows, joules = await loop.run_in_executor(self.executor, self._call, key, batch)
-            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-                for p in items:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            compute = time.perf_counter() - start
-            if compute > 0:
-                self.images_per_s[key] = len(batch) / compute
-            offset = 0
-            for p in items:
-                n = len(p.images)
                 if not p.future.done():
-                    p.future.set_result(
-                        BatchResult(
-                            rows[offset : offset + n],
-                            start - p.enqueued,
-                            compute,
-                            len(batch),
-                            offset == 0,
-                            joules,
-                            self.meter.source if self.meter is not None else None,
-                        )
+                    p.future.set_exception(exc)
+            return
+        if compute > 0:
+            self.images_per_s[key] = len(batch) / compute
+        offset = 0
+        for p in items:
+            n = len(p.images)
+            if not p.future.done():
+                p.future.set_result(
+                    BatchResult(
+                        rows[offset : offset + n],
+                        start - p.enqueued,
+                        compute,
+                        len(batch),
+                        offset == 0,
+                        joules,
+                        self.meter.source if self.meter is not None else None,
                     )
-                offset += n
+                )
+            offset += n
 
     def close(self) -> None:
         for task in self.workers.values():
