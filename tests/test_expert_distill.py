@@ -51,6 +51,10 @@ def test_schedule_distill_cannot_be_combined_with_mixup() -> None:
     }
     with pytest.raises(ConfigError, match="distill of schedule.s. progressive"):
         SystemConfig.from_dict(raw)
+    generalist = {"generalist_training": {"epochs": 1, "mixup": 0.2}}
+    with pytest.raises(ConfigError, match="generalist_training: mixup/cutmix cannot be combined with distill"):
+        SystemConfig.from_dict(generalist | {"distill": {"teacher": "stage1", "alpha": 0.5}})
+    assert not SystemConfig.from_dict(generalist | {"distill": {"teacher": "stage1", "alpha": 0.0}}).distill.active
 
 
 def _kl_to_folded_teacher(system_root: Path, schedule: str, teacher: np.ndarray) -> float:

@@ -190,6 +190,10 @@ def test_micro_system_distills_its_generalist_from_stage1(tmp_path: Path) -> Non
     key = generalist_fingerprint(system)
     system.update_config("test", distill={"teacher": "stage1", "mode": "hard", "alpha": 0.5})
     assert generalist_fingerprint(system) != key  # another distillation setting retrains the generalist
+    system.update_config("test", distill={"teacher": "none"})
+    untaught = generalist_fingerprint(system)
+    system.update_config("test", distill={"teacher": "stage1", "mode": "soft", "alpha": 0.0})
+    assert generalist_fingerprint(system) == untaught  # alpha 0 is no teacher: no retraining, no stage 1 to wait for
 
 
 def test_fixes_and_breaks_on_a_hand_built_cache() -> None:

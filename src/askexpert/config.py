@@ -411,7 +411,7 @@ class SystemConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_mixing_without_teacher(self) -> SystemConfig:
-        if self.distill.teacher != "none" and self.generalist_training.mixes:
+        if self.distill.active and self.generalist_training.mixes:
             raise ValueError(
                 "generalist_training: mixup/cutmix cannot be combined with distill.teacher "
                 f"{self.distill.teacher!r} (the teacher's logits are computed once, on unmixed images)"

@@ -45,7 +45,7 @@ def run_pipeline(system: SystemDir, log: Callable[[str], None] = print) -> dict[
     if cfg.backbone.data is not None:
         stage("pretrain backbones", lambda: train_backbones(system))
     stage1 = "train stage 1 (all classes, shared by the experts)"
-    teaches = cfg.distill.teacher == "stage1"
+    teaches = cfg.distill.active
     if teaches:  # stage 1 teaches the generalist: trained first
         stage(stage1, lambda: train_shared_stage(system))
     stage("train generalist", lambda: train_generalist(system))

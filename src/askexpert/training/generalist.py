@@ -32,7 +32,7 @@ def generalist_fingerprint(system: SystemDir) -> str:
         cfg.seed,
         init_fingerprint(pretrained_for(system, "generalist")),
     ]
-    if cfg.distill.teacher != "none":  # no teacher: the key stays what it was before distillation existed
+    if cfg.distill.active:  # no teacher (or alpha 0): the key stays what it was before distillation existed
         teacher = system.stage1_path
         parts += [cfg.distill.model_dump(), init_fingerprint(teacher) if teacher.is_file() else None]
     return fingerprint(*parts)
@@ -43,7 +43,7 @@ def train_generalist(system: SystemDir, force: bool = False) -> CheckpointMeta:
     cfg = system.config()
     # a current teacher first (reused when its settings did not change): its hash is part of the generalist's key,
     # so a stale stage 1 must be retrained before the key is computed, not after
-    teacher = train_shared_stage(system) if cfg.distill.teacher != "none" else None
+    teacher = train_shared_stage(system) if cfg.distill.active else None
     key = generalist_fingerprint(system)
     meta = stored_if_current(system.generalist_path, key, force)
     if meta is not None:
