@@ -112,6 +112,20 @@ def test_stage1_can_have_augmentation_of_its_own(tmp_path: Path) -> None:
     assert key(False) == key(False)
 
 
+def test_stage1_key_follows_the_learning_rate_it_trains_with(tmp_path: Path) -> None:
+    """With `shared_lr` set, the experts' `lr` does not reach stage 1, so changing it must not retrain stage 1
+    (nor the generalist it teaches); without `shared_lr`, stage 1 trains at `lr`, and its key follows it."""
+
+    def key(**tc: float) -> str:
+        cfg = SystemConfig.from_dict({"expert_training": {"epochs": 1, **tc}})
+        assert stage1_training(cfg.expert_training).lr == tc.get("shared_lr", tc["lr"])
+        return shared_stage_fingerprint(SystemDir.create(tmp_path / "system", cfg, overwrite=True), cfg)
+
+    assert key(lr=1e-3, shared_lr=4e-3) == key(lr=2e-3, shared_lr=4e-3)
+    assert key(lr=2e-3, shared_lr=4e-3) != key(lr=2e-3, shared_lr=3e-3)
+    assert key(lr=1e-3) != key(lr=2e-3)
+
+
 def test_training_with_every_option_on_lowers_the_loss() -> None:
     rng = np.random.default_rng(0)
     palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)

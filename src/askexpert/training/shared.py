@@ -178,13 +178,16 @@ def stage1_training(tc: ExpertTrainConfig) -> TrainConfig:
 
 def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
     tc = cfg.expert_training
-    # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out)
+    # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out),
+    # and on the experts' learning rate only when no shared_lr replaces it (/2: /1 keyed on it regardless)
     excluded = {"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set())
+    if tc.shared_lr is not None:
+        excluded.add("lr")
     if tc.shared_augment is not True:  # the experts' stronger augmentation does not reach stage 1
         excluded |= set(STRONG_AUGMENTATION)
     settings = tc.model_dump(exclude=excluded)
     return fingerprint(
-        "stage1/1",
+        "stage1/2",
         cfg.data.model_dump(),
         cfg.expert.model_dump(),
         {k: v for k, v in settings.items() if v is not None},
