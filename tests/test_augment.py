@@ -112,7 +112,7 @@ def test_stage1_can_have_augmentation_of_its_own(tmp_path: Path) -> None:
     assert key(False) == key(False)
 
 
-def test_stage1_key_follows_the_learning_rate_it_trains_with(tmp_path: Path) -> None:
+def test_stage1_key_follows_the_learning_rate_and_seed_it_trains_with(tmp_path: Path) -> None:
     """With `shared_lr` set, the experts' `lr` does not reach stage 1, so changing it must not retrain stage 1
     (nor the generalist it teaches); without `shared_lr`, stage 1 trains at `lr`, and its key follows it."""
 
@@ -124,6 +124,9 @@ def test_stage1_key_follows_the_learning_rate_it_trains_with(tmp_path: Path) -> 
     assert key(lr=1e-3, shared_lr=4e-3) == key(lr=2e-3, shared_lr=4e-3)
     assert key(lr=2e-3, shared_lr=4e-3) != key(lr=2e-3, shared_lr=3e-3)
     assert key(lr=1e-3) != key(lr=2e-3)
+    # and the seed: the expert stage's, unless shared_seed pins stage 1's
+    assert key(lr=2e-3, seed=1) != key(lr=2e-3, seed=0)
+    assert key(lr=2e-3, seed=1, shared_seed=0) == key(lr=2e-3, seed=0)
 
 
 def test_training_with_every_option_on_lowers_the_loss() -> None:

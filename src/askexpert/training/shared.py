@@ -177,20 +177,15 @@ def stage1_training(tc: ExpertTrainConfig) -> TrainConfig:
 
 
 def shared_stage_fingerprint(system: SystemDir, cfg: SystemConfig) -> str:
+    """Stage 1's key: exactly what it trains with (`stage1_training`: its epochs, learning rate and
+    augmentation; its seed), so an expert-only setting never retrains it, nor the generalist it teaches."""
     tc = cfg.expert_training
-    # stage 1 depends on the expert stage's seed only when no shared_seed pins it (then `seed` is left out),
-    # and on the experts' learning rate only when no shared_lr replaces it (/2: /1 keyed on it regardless)
-    excluded = {"schedules", "epochs"} | ({"seed"} if tc.shared_seed is not None else set())
-    if tc.shared_lr is not None:
-        excluded.add("lr")
-    if tc.shared_augment is not True:  # the experts' stronger augmentation does not reach stage 1
-        excluded |= set(STRONG_AUGMENTATION)
-    settings = tc.model_dump(exclude=excluded)
     return fingerprint(
-        "stage1/2",
+        "stage1/2",  # /1 keyed on the expert settings minus exclusions, the experts' own `lr` among them
         cfg.data.model_dump(),
         cfg.expert.model_dump(),
-        {k: v for k, v in settings.items() if v is not None},
+        stage1_training(tc).model_dump(),
+        tc.stage1_seed,
         init_fingerprint(pretrained_for(system, "expert")),
     )
 
