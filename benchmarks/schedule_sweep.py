@@ -83,7 +83,8 @@ def main() -> None:
     schedules = tc.schedules
     stage1 = None
     if any(s.init == "shared" or s.distills for s in schedules.values()):
-        train_shared_stage(system)
+        train_shared_stage(system)  # current before its weights or its logits are read
+    if any(s.init == "shared" for s in schedules.values()):  # a distilling schedule needs only the logits below
         stage1, _ = load_checkpoint(system.stage1_path)
     # stage 1's logits on train, once for every schedule that distils from it
     teacher = stage1_logits(system, train.images, "sweep") if any(s.distills for s in schedules.values()) else None
