@@ -25,6 +25,7 @@ def test_default_config_round_trips_through_yaml(tmp_path: Path) -> None:
         ({"routing": {"tua": 0.5}}, "routing.tua"),
         ({"expert_training": {"epochs": 1, "schedules": {"x": [{"fraction": 0.5}]}}}, "sum to 0.5"),
         ({"data": {"source": "imagenet"}}, "data.source"),
+        ({"serving": {"model_workers": 0}}, "serving.model_workers"),
     ],
 )
 def test_bad_values_name_the_field(raw: dict[str, object], fragment: str) -> None:
@@ -79,3 +80,16 @@ def test_a_system_directory_parses_its_files_once_and_again_when_they_change(
     assert system.partition().subsets == system.partition().subsets and parses["partition"] == 1
     random_partition(10, 2, seed=1).to_json(system.partition_path)  # a stage rewrote it
     assert system.partition().subsets == real_json(system.partition_path).subsets and parses["partition"] == 2
+
+
+def test_model_workers_share_the_cores_unless_torch_threads_is_set() -> None:
+    import os
+
+    from askexpert.config import ServingConfig
+    from askexpert.serving.server import compute_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert compute_threads(ServingConfig()) == 0  # one worker: torch's own default
+    assert compute_threads(ServingConfig(model_workers=2)) == max(1, cores // 2)
+    assert compute_threads(ServingConfig(model_workers=4 * cores)) == 1  # never below one thread
+    assert compute_threads(ServingConfig(model_workers=2, torch_threads=3)) == 3  # an explicit count wins

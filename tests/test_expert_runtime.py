@@ -128,3 +128,31 @@ def test_the_ray_replica_runs_its_expert_as_the_plain_engine_does(trained_system
     images = _images()
     expected = LocalExpertBackend.of_system(system).logits("e0", images)
     np.testing.assert_allclose(replica.logits(images), expected, atol=1e-6)
+
+
+def test_model_calls_side_by_side_answer_as_the_local_experts_do(trained_system: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    import torch
+
+    from askexpert.serving.server import ExpertService
+
+    system = _copy_with(trained_system, tmp_path, model_workers=2, max_batch_size=2, max_wait_ms=0.0)
+    images = system.splits().test.images[:8]
+    calls = [(eid, i) for eid in system.partition().expert_ids for i in range(0, 8, 2)]
+    threads = torch.get_num_threads()
+    try:
+        service = ExpertService.from_system(system)  # sets torch's threads to the cores ÷ 2 for its model calls
+
+        async def go() -> list:
+            return await asyncio.gather(*(service(eid, images[i : i + 2]) for eid, i in calls))
+
+        replies = asyncio.run(go())
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session keeps its own
+    local = LocalExpertBackend.of_system(system)
+    for (eid, i), reply in zip(calls, replies, strict=True):
+        expected = local.predict(eid, images[i : i + 2])
+        assert reply.labels == expected.labels.tolist()
+        assert expected.probs is not None and reply.probs is not None
+        np.testing.assert_allclose(reply.probs, expected.probs, atol=1e-5)

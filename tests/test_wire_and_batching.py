@@ -216,3 +216,81 @@ def test_the_wait_for_another_experts_batch_is_queue_time_not_compute() -> None:
     assert slow.compute_s >= 0.2 and slow.queue_s < 0.05
     assert fast.compute_s < 0.1  # its own call, ~0.01 s: not the ~0.17 s it spent behind the slow one
     assert fast.queue_s > 0.1  # that wait is queue time
+
+
+class _Rendezvous:
+    """Each model call waits (up to 2 s) for a second call to be running at the same time."""
+
+    max_batch_size = 4
+    max_wait_ms = 0.0
+
+    def __init__(self, workers: int, hold_s: float = 0.0) -> None:
+        import threading
+
+        self.model_workers = workers
+        self.hold_s = hold_s  # how long each call computes once both are running
+        self.barrier = threading.Barrier(2, timeout=2.0)
+        self.met: list[bool] = []
+
+    @dynamic_batch()
+    def run(self, key: str, images: np.ndarray) -> np.ndarray:
+        import threading
+        import time
+
+        try:
+            self.barrier.wait()
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+        time.sleep(self.hold_s)
+        return images + 1
+
+
+@pytest.mark.parametrize("keys", [("e0", "e1"), ("e0", "e0")], ids=["two experts", "one expert"])
+def test_model_workers_run_batches_side_by_side(keys: tuple[str, str]) -> None:
+    async def go(service: _Rendezvous) -> list:
+        # 4 images each: two full batches, whether of one expert or of two
+        return await asyncio.gather(*(service.run(k, np.zeros((4, 1, 1, 3), np.uint8)) for k in keys))
+
+    two = _Rendezvous(workers=2)
+    results = asyncio.run(go(two))
+    assert two.met == [True, True]  # both calls ran at once
+    assert all((r.rows == 1).all() and r.batch_size == 4 for r in results)
+    one = _Rendezvous(workers=1)
+    asyncio.run(go(one))
+    assert one.met == [False, False]  # one thread: the first call waited alone, then the second
+
+
+class _WallMeter:
+    """One joule per second of wall time: what a meter of the whole device reads while calls overlap."""
+
+    source = "wall"
+
+    def __init__(self) -> None:
+        import time
+
+        self.t0 = time.perf_counter()
+
+    def read_j(self) -> float:
+        import time
+
+        return time.perf_counter() - self.t0
+
+
+def test_overlapping_calls_split_the_metered_joules_instead_of_counting_them_twice() -> None:
+    service = _Rendezvous(workers=2, hold_s=0.2)  # 0.2 s of overlap: metered once, not once per call
+    meter = _WallMeter()
+    service.energy_meter = meter  # type: ignore[attr-defined]
+
+    async def go() -> list:
+        return await asyncio.gather(*(service.run(k, np.zeros((4, 1, 1, 3), np.uint8)) for k in ("e0", "e1")))
+
+    before = meter.read_j()
+    results = asyncio.run(go())
+    metered = meter.read_j() - before
+    assert service.met == [True, True]
+    joules = [r.batch_energy_j for r in results]
+    assert all(j is not None and j > 0 for j in joules)
+    assert sum(joules) <= metered  # each reading's increase went to the calls running, shared, not copied
+    assert sum(joules) >= 0.2  # and none of the overlap was lost
+    assert all(r.energy_meter == "wall" for r in results)

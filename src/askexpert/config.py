@@ -337,9 +337,13 @@ class ServingConfig(_Strict):
     max_inflight_requests: int = Field(512, ge=1)  # admitted requests at once, all experts (429 beyond)
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    # 0: torch's default; on a small box shared with other work, cores - 1 leaves the event loop a core
-    # (README "Under overload": goodput then holds at what the server can serve)
+    # 0: torch's default (with model_workers > 1: the cores this process may use ÷ model_workers); on a
+    # small box shared with other work, cores - 1 leaves the event loop a core (README "Under overload")
     torch_threads: int = Field(0, ge=0)
+    # model calls at once on the plain engine, each on its own thread (any expert's batch); on a CPU, calls
+    # on one thread each serve more images per second than one call on every core (README "Serving";
+    # with --engine ray, ray_replicas plays this part)
+    model_workers: int = Field(1, ge=1)
     client_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
     retries: int = Field(2, ge=0)

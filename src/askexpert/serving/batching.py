@@ -10,13 +10,19 @@ class Service:
 ```
 Requests queue per key (per expert). A batch closes when it holds
 `max_batch_size` images or `max_wait_ms` after its first request arrived. The
-wrapped function runs in a one-thread executor, off the event loop, one batch at
-a time (so CPU threads are not oversubscribed), every key's batches in turn. A
-batch's `compute_s` is the model call alone, timed in the executor thread: the wait
-for the thread (another key's batch running) is queue time. An instance attribute
-`max_batch_size` / `max_wait_ms` / `max_queue_images` overrides the decorator's default;
-an instance attribute `energy_meter` (an `askexpert.measure.energy.EnergyMeter`) is read
-around every model call, and each caller gets its share of the batch's joules.
+wrapped function runs off the event loop in an executor of `workers` threads
+(default 1: one batch at a time, every key's batches in turn). With more, that
+many batches run at once, any key's: each key's queue feeds `workers` collectors,
+so one busy expert can use every thread. On a CPU, several one-thread calls serve
+more images per second than one call on several threads (`serving.model_workers`).
+A batch's `compute_s` is the model call alone, timed in the executor thread: the
+wait for a thread (other batches running) is queue time. An instance attribute
+`max_batch_size` / `max_wait_ms` / `max_queue_images` / `model_workers` overrides the
+decorator's default; an instance attribute `energy_meter` (an
+`askexpert.measure.energy.EnergyMeter`) is read at the start and end of every model
+call, and each caller gets its share of the batch's joules. The meter counts the
+whole device, so while calls overlap its increase is split evenly among them: the
+joules of overlapping batches add up to what was metered, never twice over.
 
 Load shedding: a key's queue holds at most `max_queue_images` waiting images; a
 call beyond that fails at once with `QueueFull` (the server answers 429), so an
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,12 +68,45 @@ class BatchResult:
 
 
 def metered(meter: EnergyMeter | None, fn: Callable[..., np.ndarray], *args: Any) -> tuple[np.ndarray, float | None]:
-    """`fn(*args)` and the joules `meter` counted around it (None without a meter): both engines' model calls."""
+    """`fn(*args)` and the joules `meter` counted around it (None without a meter): a Ray replica's model call,
+    one at a time (the plain engine's batcher splits the joules of calls that overlap, `_EnergyShares`)."""
     if meter is None:
         return fn(*args), None
     start = meter.read_j()
     rows = fn(*args)
     return rows, meter.read_j() - start
+
+
+class _EnergyShares:
+    """Joules per model call from one meter of the whole device: every reading's increase is split evenly
+    among the calls running over it (one call at a time: exactly the joules read around it)."""
+
+    def __init__(self, meter: EnergyMeter) -> None:
+        self.meter = meter
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self.last = 0.0
+        self.running: dict[int, float] = {}
+
+    def _advance(self) -> None:
+        now = self.meter.read_j()
+        if self.running:
+            share = (now - self.last) / len(self.running)
+            for call in self.running:
+                self.running[call] += share
+        self.last = now
+
+    def start(self) -> int:
+        with self.lock:
+            self._advance()
+            call = next(self.ids)
+            self.running[call] = 0.0
+            return call
+
+    def stop(self, call: int) -> float:
+        with self.lock:
+            self._advance()
+            return self.running.pop(call)
 
 
 class QueueFull(Exception):
@@ -96,9 +137,10 @@ class DynamicBatcher:
         max_wait_s: float,
         max_queue_images: int | None = None,
         meter: EnergyMeter | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size must be ≥ 1 and max_wait_ms ≥ 0")
+        if max_batch_size < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError("max_batch_size and model_workers must be ≥ 1 and max_wait_ms ≥ 0")
         if max_queue_images is not None and max_queue_images < max_batch_size:
             raise ValueError("max_queue_images must hold at least one full batch")
         self.fn = fn
@@ -106,9 +148,11 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self.meter = meter
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="askexpert-batch")
+        self.shares = _EnergyShares(meter) if meter is not None else None
+        self.model_workers = workers
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="askexpert-batch")
         self.queues: dict[str, asyncio.Queue[_Pending]] = {}
-        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.workers: dict[str, list[asyncio.Task[None]]] = {}
         self.queued: dict[str, int] = {}  # images waiting per key (not yet in a running batch)
         self.images_per_s: dict[str, float] = {}  # recent model throughput per key, for Retry-After
 
@@ -118,7 +162,7 @@ class DynamicBatcher:
         if queue is None:
             queue = self.queues[key] = asyncio.Queue()
             self.queued[key] = 0
-            self.workers[key] = loop.create_task(self._worker(key, queue))
+            self.workers[key] = [loop.create_task(self._worker(key, queue)) for _ in range(self.model_workers)]
         waiting = self.queued[key]
         if self.max_queue_images is not None and waiting + len(images) > self.max_queue_images:
             rate = self.images_per_s.get(key, 0.0)
@@ -129,10 +173,16 @@ class DynamicBatcher:
         return await pending.future
 
     def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None, float, float]:
-        """The model call, with the meter read around it and its start and seconds timed (in the executor
-        thread, next to the work: what waited for the thread is not compute)."""
+        """The model call, with its share of the metered joules and its start and seconds timed (in the
+        executor thread, next to the work: what waited for a thread is not compute)."""
         start = time.perf_counter()
-        rows, joules = metered(self.meter, self.fn, key, batch)
+        if self.shares is None:
+            return self.fn(key, batch), None, start, time.perf_counter() - start
+        call = self.shares.start()
+        try:
+            rows = self.fn(key, batch)
+        finally:
+            joules = self.shares.stop(call)
         return rows, joules, start, time.perf_counter() - start
 
     async def _collect(
@@ -198,13 +248,14 @@ class DynamicBatcher:
             offset += n
 
     def close(self) -> None:
-        for task in self.workers.values():
-            task.cancel()
+        for tasks in self.workers.values():
+            for task in tasks:
+                task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def dynamic_batch(
-    max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queue_images: int | None = None
+    max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queue_images: int | None = None, model_workers: int = 1
 ) -> Callable[[Callable[[Any, str, np.ndarray], np.ndarray]], Callable[..., Awaitable[BatchResult]]]:
     def decorate(fn: Callable[[Any, str, np.ndarray], np.ndarray]) -> Callable[..., Awaitable[BatchResult]]:
         attr = f"_dynamic_batcher_{fn.__name__}"
@@ -219,6 +270,7 @@ def dynamic_batch(
                     float(getattr(self, "max_wait_ms", max_wait_ms)) / 1000.0,
                     getattr(self, "max_queue_images", max_queue_images),
                     getattr(self, "energy_meter", None),
+                    int(getattr(self, "model_workers", model_workers)),
                 )
                 setattr(self, attr, batcher)
             return await batcher(key, images, deadline)

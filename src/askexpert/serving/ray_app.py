@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,12 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
     schedule = schedule or sc.schedule
     part = system.partition()
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
+    if sc.model_workers > 1:
+        warnings.warn(
+            f"serving.model_workers ({sc.model_workers}) is the plain engine's; on Ray, "
+            "serving.ray_replicas runs an expert's batches side by side",
+            stacklevel=2,
+        )
     # Enough calls admitted per replica to fill one batch while the previous one computes
     # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.
     replica = serve.deployment(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import os
 import time
 from pathlib import Path
 
@@ -176,6 +177,14 @@ class ServiceBase:
         raise NotImplementedError
 
 
+def compute_threads(cfg: ServingConfig) -> int:
+    """torch threads per model call (0: torch's default): `torch_threads`, or with several model workers
+    the cores this process may use shared among them, so that the calls never oversubscribe the cores."""
+    if cfg.torch_threads or cfg.model_workers == 1:
+        return cfg.torch_threads
+    return max(1, len(os.sched_getaffinity(0)) // cfg.model_workers)
+
+
 class ExpertService(ServiceBase):
     """All experts of one system in this process, with dynamic batching per expert."""
 
@@ -186,6 +195,7 @@ class ExpertService(ServiceBase):
         self.max_batch_size = cfg.max_batch_size
         self.max_wait_ms = cfg.max_wait_ms
         self.max_queue_images = self.admission.max_images  # the batcher's bound: admission's memory cap
+        self.model_workers = cfg.model_workers
 
     @classmethod
     def from_system(
@@ -195,8 +205,9 @@ class ExpertService(ServiceBase):
         system = SystemDir.of(root)
         cfg = system.config()
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
-        if cfg.serving.torch_threads:
-            torch.set_num_threads(cfg.serving.torch_threads)
+        threads = compute_threads(cfg.serving)
+        if threads:
+            torch.set_num_threads(threads)  # every model thread takes it up at its first call
         part = system.partition()
         backend = LocalExpertBackend.of_system(system, schedule, device)
         service = cls(backend, part, input_size(cfg.data), cfg.serving)
