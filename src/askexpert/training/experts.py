@@ -269,6 +269,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
     pretrained = pretrained_for(system, "expert")
     depends: dict[str, Any] = {"init_file": file_sha256(pretrained) if pretrained else None}
     stage1: ImageClassifier | None = None
+    stage1_meta: CheckpointMeta | None = None
     if sched.init == "shared" or sched.distills:
         stage1_meta = train_shared_stage(system, force=False)
         depends["stage1"] = stage1_meta.sha256
@@ -303,7 +304,9 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         if needs_routing and pools is None:
             pools = routing_pools(cfg, system, part, train, val, device)
         if sched.distills and teacher is None:
-            teacher = stage1_logits(system, train.images, f"{schedule} experts")
+            # stage 1 already read as the experts' start: read once for both uses
+            loaded = (stage1, stage1_meta) if stage1 is not None and stage1_meta is not None else None
+            teacher = stage1_logits(system, train.images, f"{schedule} experts", loaded)
         path.parent.mkdir(parents=True, exist_ok=True)
         resume = path.with_suffix(".resume.pt")
         trained = train_expert(

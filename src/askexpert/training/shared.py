@@ -209,10 +209,14 @@ def train_shared_stage(system: SystemDir, force: bool = False) -> CheckpointMeta
     )
 
 
-def stage1_logits(system: SystemDir, images: np.ndarray, student: str) -> np.ndarray:
-    """Stage 1's logits on `images` (un-augmented): a teacher's targets, computed once per training run."""
+def stage1_logits(
+    system: SystemDir, images: np.ndarray, student: str, loaded: tuple[ImageClassifier, CheckpointMeta] | None = None
+) -> np.ndarray:
+    """Stage 1's logits on `images` (un-augmented): a teacher's targets, computed once per training run.
+    `loaded`: stage 1 already read by the caller (`load_checkpoint`), so that it is not read twice."""
     device = resolve_device(system.config().device)
-    model, meta = load_checkpoint(system.stage1_path, device)
+    model, meta = loaded if loaded is not None else load_checkpoint(system.stage1_path, device)
+    model.to(device)
     accuracy = meta.metrics.get("val_accuracy", float("nan"))
     log.info("%s: distilling from stage 1 (val accuracy %.4f)", student, accuracy)
     return predict_logits(model, images, device, desc=f"stage 1 teaching {student}")
