@@ -123,7 +123,7 @@ class ServiceBase:
         self.cfg = cfg
         self.metrics = ServiceMetrics()
         self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, meta in metas.items()}
-        self.energy_meter: EnergyMeter | None = None  # read around every model call where set
+        self.energy_meter: EnergyMeter | None = None  # read at every model call's start and end where set
         self.admission = Admission(cfg, image_size)
 
     @property
