@@ -398,7 +398,10 @@ def serve(
     if max_wait_ms is not None:
         service.max_wait_ms = max_wait_ms
     scheme = "https" if tls_cert is not None else "http"
-    console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port}", highlight=False)
+    import torch
+
+    calls = f"{service.model_workers} model call(s) at once, {torch.get_num_threads()} torch thread(s) each"
+    console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({calls})", highlight=False)
     uvicorn.run(
         create_app(service, token),
         host=host,
