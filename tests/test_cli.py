@@ -129,3 +129,25 @@ def test_choices_are_listed_in_help_and_refused_with_one_phrasing(
     main([args[0], "--help"])  # help returns normally
     text = capsys.readouterr().out
     assert all(c in text for c in choices), text
+
+
+def test_serve_overrides_are_validated_before_any_model_loads(
+    trained_system: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    code, text = _run(["serve", "--system", str(trained_system), "--max-wait-ms", "-1"], capsys)
+    assert code == 2 and "serving.max_wait_ms" in text and "Traceback" not in text
+    code, text = _run(["serve", "--system", str(trained_system), "--engine", "ray", "--max-wait-ms", "3"], capsys)
+    assert code == 2 and "--max-wait-ms is for the http engine" in text  # not silently ignored
+    from askexpert.config import SystemConfig
+    from askexpert.serving.server import ExpertService
+
+    before = SystemConfig.from_yaml(trained_system / "config.yaml").serving.max_wait_ms
+    service = ExpertService.from_system(trained_system, serving={"max_wait_ms": before + 3.0})
+    assert service.max_wait_ms == before + 3.0 == service.cfg.max_wait_ms  # validated, and what the batcher reads
+    assert SystemConfig.from_yaml(trained_system / "config.yaml").serving.max_wait_ms == before  # file unchanged

@@ -383,6 +383,8 @@ def serve(
             raise ConfigError(f"{path}: TLS file not found")
     if engine is Engine.ray and tls_cert is not None:
         raise ConfigError("--tls-cert is for the http engine; put a TLS proxy in front of Ray Serve")
+    if engine is Engine.ray and max_wait_ms is not None:
+        raise ConfigError("--max-wait-ms is for the http engine; set serving.max_wait_ms in config.yaml for Ray")
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
@@ -394,9 +396,8 @@ def serve(
 
     from askexpert.serving.server import ExpertService, create_app
 
-    service = ExpertService.from_system(system, schedule, device)
-    if max_wait_ms is not None:
-        service.max_wait_ms = max_wait_ms
+    overrides = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else None
+    service = ExpertService.from_system(system, schedule, device, serving=overrides)
     scheme = "https" if tls_cert is not None else "http"
     import torch
 

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from askexpert.config import ServingConfig
+from askexpert.config import ServingConfig, SystemConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError
 from askexpert.measure.energy import EnergyMeter, meter_for
@@ -199,11 +200,23 @@ class ExpertService(ServiceBase):
 
     @classmethod
     def from_system(
-        cls, root: str | Path | SystemDir, schedule: str | None = None, device: str | None = None
+        cls,
+        root: str | Path | SystemDir,
+        schedule: str | None = None,
+        device: str | None = None,
+        serving: dict[str, Any] | None = None,
     ) -> ExpertService:
-        """The system's served expert set (default `serving.schedule`) on `device` (default: the config's)."""
+        """The system's served expert set (default `serving.schedule`) on `device` (default: the config's).
+
+        `serving`: settings for this process only (a command line's), validated like config.yaml's, which
+        stays unchanged; a bad value is a ConfigError naming it, before any model is loaded.
+        """
         system = SystemDir.of(root)
         cfg = system.config()
+        if serving:
+            raw = cfg.model_dump(mode="json")
+            raw["serving"] |= serving
+            cfg = SystemConfig.from_dict(raw, origin="this run's serving settings")
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         threads = compute_threads(cfg.serving)
         if threads:
