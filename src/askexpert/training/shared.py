@@ -216,7 +216,6 @@ def stage1_logits(
     `loaded`: stage 1 already read by the caller (`load_checkpoint`), so that it is not read twice."""
     device = resolve_device(system.config().device)
     model, meta = loaded if loaded is not None else load_checkpoint(system.stage1_path, device)
-    model.to(device)
     accuracy = meta.metrics.get("val_accuracy", float("nan"))
     log.info("%s: distilling from stage 1 (val accuracy %.4f)", student, accuracy)
     return predict_logits(model, images, device, desc=f"stage 1 teaching {student}")
