@@ -67,19 +67,10 @@ class BatchResult:
         return self.batch_energy_j * len(self.rows) / max(1, self.batch_size)
 
 
-def metered(meter: EnergyMeter | None, fn: Callable[..., np.ndarray], *args: Any) -> tuple[np.ndarray, float | None]:
-    """`fn(*args)` and the joules `meter` counted around it (None without a meter): a Ray replica's model call,
-    one at a time (the plain engine's batcher splits the joules of calls that overlap, `_EnergyShares`)."""
-    if meter is None:
-        return fn(*args), None
-    start = meter.read_j()
-    rows = fn(*args)
-    return rows, meter.read_j() - start
-
-
-class _EnergyShares:
+class EnergyShares:
     """Joules per model call from one meter of the whole device: every reading's increase is split evenly
-    among the calls running over it (one call at a time: exactly the joules read around it)."""
+    among the calls running over it (one call at a time: exactly the joules read around it). Both engines'
+    model calls are metered through it (`metered`)."""
 
     def __init__(self, meter: EnergyMeter) -> None:
         self.meter = meter
@@ -107,6 +98,18 @@ class _EnergyShares:
         with self.lock:
             self._advance()
             return self.running.pop(call)
+
+
+def metered(shares: EnergyShares | None, fn: Callable[..., np.ndarray], *args: Any) -> tuple[np.ndarray, float | None]:
+    """`fn(*args)` and its share of the metered joules (None without a meter)."""
+    if shares is None:
+        return fn(*args), None
+    call = shares.start()
+    try:
+        rows = fn(*args)
+    finally:
+        joules = shares.stop(call)
+    return rows, joules
 
 
 class QueueFull(Exception):
@@ -148,7 +151,7 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self.meter = meter
-        self.shares = _EnergyShares(meter) if meter is not None else None
+        self.shares = EnergyShares(meter) if meter is not None else None
         self.model_workers = workers
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="askexpert-batch")
         self.queues: dict[str, asyncio.Queue[_Pending]] = {}
@@ -176,13 +179,7 @@ class DynamicBatcher:
         """The model call, with its share of the metered joules and its start and seconds timed (in the
         executor thread, next to the work: what waited for a thread is not compute)."""
         start = time.perf_counter()
-        if self.shares is None:
-            return self.fn(key, batch), None, start, time.perf_counter() - start
-        call = self.shares.start()
-        try:
-            rows = self.fn(key, batch)
-        finally:
-            joules = self.shares.stop(call)
+        rows, joules = metered(self.shares, self.fn, key, batch)
         return rows, joules, start, time.perf_counter() - start
 
     async def _collect(

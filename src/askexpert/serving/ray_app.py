@@ -29,7 +29,7 @@ from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
-from askexpert.serving.batching import BatchResult, DeadlineExpired, metered
+from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, metered
 from askexpert.serving.server import ServiceBase, create_app
 from askexpert.system import SystemDir
 
@@ -72,6 +72,7 @@ class ExpertReplica:
         self.flip = flip  # serving.test_time_flip and .cpu_bfloat16, as the plain engine's LocalExpertBackend
         self.cpu_bfloat16 = cpu_bfloat16_usable(cpu_bfloat16, torch.device(device))
         self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
+        self.shares = EnergyShares(self.meter) if self.meter is not None else None
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
@@ -88,7 +89,7 @@ class ExpertReplica:
         if live:
             merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
             t0 = time.perf_counter()
-            logits, joules = metered(self.meter, self.logits, merged)
+            logits, joules = metered(self.shares, self.logits, merged)
             compute = time.perf_counter() - t0
             source = self.meter.source if self.meter is not None else None
             offset = 0
