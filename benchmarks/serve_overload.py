@@ -6,9 +6,9 @@
 Open loop: requests are sent at a constant rate whatever the server does (a camera
 does not slow down because the server is busy), unlike the closed-loop clients of
 `serve_throughput.py`. Each run starts a fresh server, measures its capacity
-closed-loop (the best goodput of 8, 16 and 32 back-to-back clients), then offers
-each load level. Meanwhile an edge client (HttpExpertBackend, everything offloaded, its generalist
-on one thread)
+closed-loop (the best goodput of 8, 16 and 32 back-to-back clients, a refused client
+waiting out the drain its 429 names), then offers each load level. Meanwhile an
+edge client (HttpExpertBackend, everything offloaded, its generalist on one thread)
 classifies 8 images every `--edge-interval` seconds and checks that every sample is
 answered, by an expert or by a fallback; it runs through the capacity measurement
 too, so that capacity and levels share one background. Per level it reports goodput
@@ -93,7 +93,11 @@ def _own_cpu_s() -> float:
 
 
 async def _closed_loop(url: str, body: bytes, clients: int, seconds: float) -> float:
-    """Requests/s that `clients` back-to-back loops get answered: the capacity."""
+    """Requests/s that `clients` back-to-back loops get answered: the capacity.
+
+    A refused client waits as long as the server says its queue takes to drain (`retry_after_ms` of the
+    429's body) before it sends again, as a well-behaved client would: retried at once, refusals take the
+    very cores whose capacity is being measured, and the more clients, the less that capacity reads."""
     done = 0
     stop = time.perf_counter() + seconds
     async with aiohttp.ClientSession(headers={"content-type": MEDIA_TYPE}) as session:
@@ -102,8 +106,11 @@ async def _closed_loop(url: str, body: bytes, clients: int, seconds: float) -> f
             nonlocal done
             while time.perf_counter() < stop:
                 async with session.post(url, data=body) as r:
-                    await r.read()
+                    data = await r.read()
                     done += r.status == 200
+                if r.status == 429:
+                    wait_ms = json.loads(data).get("retry_after_ms") or 0.0
+                    await asyncio.sleep(min(wait_ms / 1e3, max(0.0, stop - time.perf_counter())))
 
         start = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(clients)))
@@ -213,8 +220,7 @@ def one_run(
             time.sleep(0.1)
         url = f"{server.url}/v1/experts/{args.expert}/predict"
         _run(_closed_loop(url, body, 32, 2.0))  # warm-up: first batches, the throughput estimate
-        # capacity: the best closed-loop goodput over client counts. Too many clients overfill the
-        # queue-delay target and their refusals (retried at once) eat the capacity being measured
+        # capacity: the best closed-loop goodput over client counts (refused clients wait out the drain)
         tries = {n: _run(_closed_loop(url, body, n, min(5.0, args.seconds))) for n in CAPACITY_CLIENTS}
         capacity = max(tries.values())
         said = ", ".join(f"{n} clients {rps:.0f}" for n, rps in tries.items())

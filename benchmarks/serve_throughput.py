@@ -18,33 +18,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import numpy as np
+import torch
 
 from askexpert.data import input_size
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
+from askexpert.serving.server import compute_threads
 from askexpert.system import SystemDir
 
 
-def bare_throughput(backend: LocalExpertBackend, expert: str, batch: int, size: int, windows: int = 5) -> list[float]:
-    """The model alone, batch after batch: images/s in `windows` one-second windows.
+def bare_throughput(
+    backend: LocalExpertBackend, expert: str, batch: int, size: int, windows: int = 5, calls: int = 1
+) -> list[float]:
+    """The model alone, batch after batch, `calls` at once (the server's `serving.model_workers`, each on
+    the server's torch threads): images/s in `windows` one-second windows.
 
     This machine's speed drifts by ±10 % from second to second, so the ratio is taken
     against the median of windows measured both before and after the server runs.
     """
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    backend.logits(expert, images)
-    rates = []
-    for _ in range(windows):
+
+    def for_a_second() -> int:
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < 1.0:
             backend.logits(expert, images)
             done += batch
-        rates.append(done / (time.perf_counter() - start))
+        return done
+
+    rates = []
+    with ThreadPoolExecutor(max_workers=calls) as pool:
+        list(pool.map(lambda _: backend.logits(expert, images), range(calls)))  # every thread's first call
+        for _ in range(windows):
+            start = time.perf_counter()
+            done = sum(pool.map(lambda _: for_a_second(), range(calls)))
+            rates.append(done / (time.perf_counter() - start))
     return rates
 
 
@@ -115,8 +129,12 @@ def main() -> None:
     system = SystemDir.open(args.system)
     cfg = system.config()
     size = input_size(cfg.data)
+    threads = compute_threads(cfg.serving)  # the model calls run as the server runs them
+    if threads:
+        torch.set_num_threads(threads)
     backend = LocalExpertBackend.of_system(system)
-    bare_windows = bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
+    measure_bare = functools.partial(bare_throughput, backend, args.expert, cfg.serving.max_batch_size, size)
+    bare_windows = measure_bare(calls=cfg.serving.model_workers)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url
     results = []
@@ -126,10 +144,11 @@ def main() -> None:
             results.append(load(url, args.expert, clients, args.images, size, args.requests, args.cap_s))
     finally:
         server.stop()
-    bare_windows += bare_throughput(backend, args.expert, cfg.serving.max_batch_size, size)
+    bare_windows += measure_bare(calls=cfg.serving.model_workers)
     bare = float(np.median(bare_windows))
     print(
-        f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}: "
+        f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}, "
+        f"{cfg.serving.model_workers} call(s) at once: "
         f"{bare:,.0f} images/s (median of {len(bare_windows)} one-second windows before and after, "
         f"range {min(bare_windows):,.0f}-{max(bare_windows):,.0f})"
     )

@@ -123,3 +123,21 @@ def test_without_a_spread_of_batch_sizes_there_is_no_gain() -> None:
     adm.observe("e1", 8, 0.02)
     adm.observe("e1", 16, 0.01)  # bigger and faster: no fixed cost plus per-image cost fits
     assert adm.batch_cost("e1") is None
+
+
+def test_with_calls_side_by_side_each_batch_is_the_queues_share() -> None:
+    """Two model workers split a queue of 64 images into two calls of 32: the gain is 32-image batches', not
+    one 64-image batch's, so the estimate does not promise a drain the workers cannot deliver."""
+    cfg = ServingConfig(max_batch_size=64, max_queue_images=4096)
+    one, two = Admission(cfg, image_size=32), Admission(cfg, image_size=32, parallel_calls=2)
+    for adm in (one, two):
+        for n in (8, 16, 8, 16, 12):  # 5 ms + 0.5 ms per image
+            adm.observe("e0", n, 0.005 + 0.0005 * n)
+    mean_n = (one.batch_cost("e0") or (0.0, 0.0, 0.0))[2]
+    at_recent = mean_n / (0.005 + 0.0005 * mean_n)
+    assert one.batching_gain("e0", 64) == pytest.approx((64 / 0.037) / at_recent)
+    assert two.batching_gain("e0", 64) == pytest.approx((32 / 0.021) / at_recent)
+    assert two.batching_gain("e0", 64) < one.batching_gain("e0", 64)
+    assert two.batching_gain("e0", 200) == one.batching_gain("e0", 200)  # both calls full: a full batch each
+    with pytest.raises(ValueError, match="parallel_calls"):
+        Admission(cfg, image_size=32, parallel_calls=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -264,11 +265,13 @@ def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(
     body = encode_images(np.zeros((8, 32, 32, 3), np.uint8))
     statuses: list[int] = []
     headers: list[str | None] = []
+    retry_ms: list[float | None] = []
 
     def post() -> None:
         r = httpx.post(f"{proc.url}/v1/experts/e0/predict", headers={"content-type": MEDIA_TYPE}, content=body)
         statuses.append(r.status_code)
         headers.append(r.headers.get("retry-after"))
+        retry_ms.append(r.json().get("retry_after_ms") if r.status_code == 429 else None)
 
     threads = [threading.Thread(target=post) for _ in range(24)]
     for t in threads:
@@ -277,6 +280,10 @@ def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(
         t.join()
     assert 429 in statuses and 200 in statuses and all(s in (200, 429) for s in statuses)
     assert all(h is not None and int(h) >= 1 for s, h in zip(statuses, headers, strict=True) if s == 429)
+    # the body says the drain to the millisecond; the header is that, in whole seconds rounded up
+    for status, header, ms in zip(statuses, headers, retry_ms, strict=True):
+        if status == 429:
+            assert ms is not None and ms > 0 and header == str(max(1, math.ceil(ms / 1e3)))
     text = httpx.get(f"{proc.url}/metrics").text
     assert 'askexpert_shed_total{expert="e0",reason="queue_full"}' in text
     # The edge client: a 429 is one attempt, no retries, a BackendError naming the overload.

@@ -143,6 +143,7 @@ def test_model_calls_side_by_side_answer_as_the_local_experts_do(trained_system:
     threads = torch.get_num_threads()
     try:
         service = ExpertService.from_system(system)  # sets torch's threads to the cores ÷ 2 for its model calls
+        assert service.admission.parallel_calls == 2  # its wait estimate splits a queue between the two calls
 
         async def go() -> list:
             return await asyncio.gather(*(service(eid, images[i : i + 2]) for eid, i in calls))

@@ -85,6 +85,9 @@ class ErrorReply(_Message):
 
     error: str
     status: int
+    # 429: the estimated time for the expert's admitted work to drain, to the millisecond (the Retry-After
+    # header carries it in whole seconds, as HTTP allows, which rounds every sub-second drain up to 1 s)
+    retry_after_ms: float | None = None
 
 
 class Readiness(_Message):

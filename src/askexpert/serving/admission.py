@@ -12,7 +12,10 @@ say (the expert, `Content-Length`, the caller's budget) and the queue's state:
   scaled by the **batching gain** of a deeper queue: a queue of Q images is drained
   in batches of min(Q, max batch), which run more images per second than the
   smaller batches the recent answers came from (a per-batch cost a + b·N fitted to
-  the model calls; the gain is never below 1). Without it the estimate, measured at
+  the model calls; the gain is never below 1). With several model calls side by
+  side (`serving.model_workers`, or Ray's `serving.ray_replicas`) the queue splits
+  among them, so each call's batch is the queue's share, not the whole queue.
+  Without the gain the estimate, measured at
   light load, refuses the very queue that would make batches efficient. It is shed
   (429) when that wait exceeds `serving.queue_delay_target_ms`, or the
   caller's budget if that is shorter. This is the queue-delay target of CoDel:
@@ -60,10 +63,13 @@ class Refused(Exception):
 
     @property
     def retry_after_header(self) -> str | None:
-        """HTTP's Retry-After is whole seconds: the drain time, rounded up, at least 1."""
-        if self.retry_after_s is None:
-            return None
-        return str(max(1, math.ceil(self.retry_after_s)))
+        return None if self.retry_after_s is None else retry_after_header(self.retry_after_s)
+
+
+def retry_after_header(seconds: float) -> str:
+    """HTTP's Retry-After is whole seconds: the drain time, rounded up, at least 1 (the error body carries it to
+    the millisecond)."""
+    return str(max(1, math.ceil(seconds)))
 
 
 @dataclass
@@ -78,7 +84,10 @@ class Ticket:
 class Admission:
     """Per-expert admitted work and throughput; `admit` decides, `release` frees, `observe` measures."""
 
-    def __init__(self, cfg: ServingConfig, image_size: int) -> None:
+    def __init__(self, cfg: ServingConfig, image_size: int, parallel_calls: int = 1) -> None:
+        if parallel_calls < 1:
+            raise ValueError(f"parallel_calls must be at least 1, got {parallel_calls}")
+        self.parallel_calls = parallel_calls  # model calls that drain one expert's queue side by side
         self.max_images = max(cfg.max_queue_images, cfg.max_batch_size)
         self.max_batch_size = cfg.max_batch_size
         self.target_s = cfg.queue_delay_target_ms / 1e3
@@ -123,12 +132,13 @@ class Admission:
         return a, b, mean_n
 
     def batching_gain(self, expert: str, images: int) -> float:
-        """How many times faster a queue of `images` drains than the batches recently run (≥ 1)."""
+        """How many times faster a queue of `images` drains than the batches recently run (≥ 1): each of the
+        side-by-side calls takes its share of the queue, at most a full batch."""
         cost = self.batch_cost(expert)
         if cost is None:
             return 1.0
         a, b, mean_n = cost
-        n = min(images, self.max_batch_size)
+        n = min(math.ceil(images / self.parallel_calls), self.max_batch_size)
         if n <= mean_n:
             return 1.0
         gain = (n / (a + b * n)) / (mean_n / (a + b * mean_n))

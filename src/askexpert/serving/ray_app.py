@@ -112,7 +112,8 @@ class RayExpertService(ServiceBase):
         system = SystemDir.open(root)
         cfg = system.config()
         metas = {e: read_meta(system.expert_path(schedule, e)) for e in handles}
-        super().__init__(metas, input_size(cfg.data), cfg.serving)
+        # each expert's replicas batch apart, side by side: its queue splits among them
+        super().__init__(metas, input_size(cfg.data), cfg.serving, parallel_calls=cfg.serving.ray_replicas)
         self.handles = handles
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:

@@ -14,7 +14,6 @@ that names the problem.
 from __future__ import annotations
 
 import hmac
-import math
 import os
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from askexpert.protocol.http import (
     Timing,
 )
 from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
-from askexpert.serving.admission import Admission, Refused, Ticket
+from askexpert.serving.admission import Admission, Refused, Ticket, retry_after_header
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
 from askexpert.system import SystemDir
 
@@ -118,14 +117,16 @@ def _authorised(given: bytes, expected: bytes | None) -> bool:
 class ServiceBase:
     """What the HTTP layer needs from a service: expert facts, metrics, and an async `__call__`."""
 
-    def __init__(self, metas: dict[str, CheckpointMeta], image_size: int, cfg: ServingConfig) -> None:
+    def __init__(
+        self, metas: dict[str, CheckpointMeta], image_size: int, cfg: ServingConfig, parallel_calls: int = 1
+    ) -> None:
         self.metas = metas
         self.image_size = image_size
         self.cfg = cfg
         self.metrics = ServiceMetrics()
         self.classes = {eid: np.asarray(meta.classes, dtype=np.int64) for eid, meta in metas.items()}
         self.energy_meter: EnergyMeter | None = None  # read at every model call's start and end where set
-        self.admission = Admission(cfg, image_size)
+        self.admission = Admission(cfg, image_size, parallel_calls)  # calls that drain one expert side by side
 
     @property
     def ready(self) -> bool:
@@ -190,7 +191,8 @@ class ExpertService(ServiceBase):
     """All experts of one system in this process, with dynamic batching per expert."""
 
     def __init__(self, backend: LocalExpertBackend, partition: Partition, image_size: int, cfg: ServingConfig) -> None:
-        super().__init__({eid: meta for eid, (_, meta) in backend.experts.items()}, image_size, cfg)
+        metas = {eid: meta for eid, (_, meta) in backend.experts.items()}
+        super().__init__(metas, image_size, cfg, parallel_calls=cfg.model_workers)
         self.backend = backend
         self.partition = partition
         self.max_batch_size = cfg.max_batch_size
@@ -269,7 +271,7 @@ class AdmissionMiddleware:
             self.service.metrics.refused(label, exc.status, exc.kind)
             if exc.status == 429:
                 self.service.metrics.shed.labels(label, "queue_full").inc()
-            await _send_error(send, exc.status, str(exc), exc.retry_after_header)
+            await _send_error(send, exc.status, str(exc), exc.retry_after_s)
             return
         scope.setdefault("state", {})["admission"] = (ticket, start, budget_s)
         try:
@@ -302,9 +304,19 @@ class AdmissionMiddleware:
         return service.admission.admit(expert_id, service.admission.images_declared(length), budget_s), budget_s
 
 
-async def _send_error(send: Send, status: int, message: str, retry_after: str | None = None) -> None:
-    """A JSON error straight onto the ASGI channel (the same body as `_error`)."""
-    body = ErrorReply(error=message, status=status).model_dump_json().encode()
+def _error_reply(status: int, message: str, retry_after_s: float | None) -> tuple[ErrorReply, str | None]:
+    """An error's JSON body and its Retry-After header: a drain estimate goes in both, to the millisecond in
+    the body and in whole seconds in the header (None without one)."""
+    if retry_after_s is None:
+        return ErrorReply(error=message, status=status), None
+    retry_ms = round(retry_after_s * 1e3, 1)
+    return ErrorReply(error=message, status=status, retry_after_ms=retry_ms), retry_after_header(retry_ms / 1e3)
+
+
+async def _send_error(send: Send, status: int, message: str, retry_after_s: float | None = None) -> None:
+    """A JSON error straight onto the ASGI channel (the same body and headers as `_error`)."""
+    reply, retry_after = _error_reply(status, message, retry_after_s)
+    body = reply.model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", retry_after.encode()))
@@ -316,8 +328,13 @@ def _json(message: ErrorReply | Handshake | PredictReply | Readiness, status: in
     return Response(message.model_dump_json(), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return _json(ErrorReply(error=message, status=status), status)
+def _error(status: int, message: str, retry_after_s: float | None = None) -> Response:
+    """A JSON error (with a drain estimate: `_error_reply`)."""
+    reply, retry_after = _error_reply(status, message, retry_after_s)
+    response = _json(reply, status)
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    return response
 
 
 def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
@@ -326,13 +343,10 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
     limits = service.cfg
     expected_auth = _bearer(token)
 
-    def reject(label: str, status: int, kind: str, message: str, retry_after: str | None = None) -> Response:
+    def reject(label: str, status: int, kind: str, message: str, retry_after_s: float | None = None) -> Response:
         """Count a refused predict request and answer it with a JSON error (and Retry-After, where known)."""
         service.metrics.refused(label, status, kind)
-        response = _error(status, message)
-        if retry_after is not None:
-            response.headers["Retry-After"] = retry_after
-        return response
+        return _error(status, message, retry_after_s)
 
     @app.get(HEALTH_PATH)
     async def healthz() -> dict[str, str]:
@@ -387,7 +401,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
             reply = await service(expert_id, images, deadline)
         except QueueFull as exc:  # the batcher's own bound: admission normally refuses first
             m.shed.labels(expert_id, "queue_full").inc()
-            return reject(expert_id, 429, "overloaded", str(exc), str(math.ceil(exc.retry_after_s)))
+            return reject(expert_id, 429, "overloaded", str(exc), exc.retry_after_s)
         except DeadlineExpired as exc:
             m.shed.labels(expert_id, "deadline").inc()
             return reject(expert_id, 504, "deadline", str(exc))
