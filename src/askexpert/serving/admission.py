@@ -101,6 +101,7 @@ class Admission:
         self._last_answer: dict[str, tuple[float, bool]] = {}  # time of the last answer, work left behind it
         # model calls, decayed sums for the fit t(N) = a + b·N: weight, N, t, N², N·t, per expert
         self._calls: dict[str, tuple[float, float, float, float, float]] = {}
+        self._fits: dict[str, tuple[float, float, float] | None] = {}  # the fit of `_calls`, per expert
 
     def images_declared(self, content_length: int | None) -> int:
         """Images a body of this length holds (the wire format is fixed-size); unknown length: a full batch."""
@@ -117,7 +118,11 @@ class Admission:
 
     def batch_cost(self, expert: str) -> tuple[float, float, float] | None:
         """(a, b, mean N): the fitted seconds per model call, a + b·N, and the mean batch it saw; None without
-        a spread of batch sizes or with a fit that is not a fixed cost plus a per-image one."""
+        a spread of batch sizes or with a fit that is not a fixed cost plus a per-image one. Fitted once per
+        model call (`observe`), not per admission: under overload every refusal asks for it."""
+        return self._fits.get(expert)
+
+    def _fit(self, expert: str) -> tuple[float, float, float] | None:
         w, sn, st, snn, snt = self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0))
         if w <= 0:
             return None
@@ -220,6 +225,7 @@ class Admission:
         w, sn, st, snn, snt = (_FIT_DECAY * v for v in self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0)))
         n, t = float(batch_size), compute_s
         self._calls[expert] = (w + 1.0, sn + n, st + t, snn + n * n, snt + n * t)
+        self._fits[expert] = self._fit(expert)
         rate = batch_size / compute_s
         old = self.images_per_s.get(expert)
         self.images_per_s[expert] = rate if old is None else (1 - _RATE_SMOOTHING) * old + _RATE_SMOOTHING * rate
