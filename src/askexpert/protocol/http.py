@@ -6,7 +6,7 @@ GET  /readyz                        Readiness (503 until the experts are loaded)
 GET  /metrics                       Prometheus text
 GET  /v1/experts                    Handshake: api version, image size, the experts and their weights
 POST /v1/experts/{id}/predict       body: image batch (`protocol.wire`); reply: PredictReply
-any error                           ErrorReply, with Retry-After on 429
+any error                           ErrorReply; a 429 names the drain (retry_after_ms, Retry-After in s)
 ```
 The server builds these models and the edge parses them (pydantic, so a reply
 that is not what it claims is refused with the field named). Both import this
