@@ -48,6 +48,7 @@ import uvloop
 from askexpert.data import input_size
 from askexpert.evaluate.report import finish_plot, markdown_table, write_csv
 from askexpert.inference.edge import connect, edge_classifier
+from askexpert.protocol.http import ErrorReply
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -109,8 +110,8 @@ async def _closed_loop(url: str, body: bytes, clients: int, seconds: float) -> f
                     data = await r.read()
                     done += r.status == 200
                 if r.status == 429:
-                    wait_ms = json.loads(data).get("retry_after_ms") or 0.0
-                    await asyncio.sleep(min(wait_ms / 1e3, max(0.0, stop - time.perf_counter())))
+                    wait_s = ErrorReply.model_validate_json(data).retry_after_s
+                    await asyncio.sleep(min(wait_s, max(0.0, stop - time.perf_counter())))
 
         start = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(clients)))

@@ -7,7 +7,8 @@ Starts `askexpert serve` on a free loopback port, sends requests of
 bounded number of requests, with a time cap), and prints throughput, p50/p99 request
 latency, the ratio to the bare model's batched throughput, and the CPU the load
 generator itself burned; throughput and latency count answered requests only, and the
-requests admission refused (429 past `serving.queue_delay_target_ms`) are counted apart.
+requests admission refused (429 past `serving.queue_delay_target_ms`) are counted apart;
+a refused client waits out the drain the 429 names (`retry_after_ms`) before it sends again.
 Goal: >= 0.8 of bare at 32 clients.
 The clients and the server share this machine's cores, so the ratio is a
 lower bound of what a separate edge machine would see; the client CPU column says
@@ -28,6 +29,7 @@ import torch
 
 from askexpert.data import input_size
 from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.protocol.http import ErrorReply
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
 from askexpert.serving.server import compute_threads
@@ -91,11 +93,15 @@ def load(
                         return
                     t0 = time.perf_counter()
                     async with client.post(f"{url}/v1/experts/{expert}/predict", data=body) as response:
-                        await response.read()
+                        data = await response.read()
                         sent += 1
-                        if response.status != 200:
-                            errors += 1
-                            continue
+                    if response.status == 429:  # refused: wait out the drain the server names, then send again
+                        errors += 1
+                        await asyncio.sleep(ErrorReply.model_validate_json(data).retry_after_s)
+                        continue
+                    if response.status != 200:
+                        errors += 1
+                        continue
                     latencies.append(time.perf_counter() - t0)
 
             start = time.perf_counter()

@@ -89,6 +89,11 @@ class ErrorReply(_Message):
     # header carries it in whole seconds, as HTTP allows, which rounds every sub-second drain up to 1 s)
     retry_after_ms: float | None = None
 
+    @property
+    def retry_after_s(self) -> float:
+        """How long a refused client should wait before it sends again (0 when the server named no drain)."""
+        return (self.retry_after_ms or 0.0) / 1e3
+
 
 class Readiness(_Message):
     ready: bool
