@@ -409,7 +409,7 @@ def serve(
         port=port,
         log_level="warning",
         # no access log: at warning level it never prints, yet each request's line was still formatted
-        # (4 % of the event loop's time under 4x overload, py-spy: README "Benchmarks")
+        # (5 % of the event loop's time under 4x overload, py-spy: README "Benchmarks")
         access_log=False,
         limit_concurrency=service.cfg.max_connections,
         ssl_certfile=str(tls_cert) if tls_cert is not None else None,

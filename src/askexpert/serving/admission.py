@@ -26,7 +26,8 @@ say (the expert, `Content-Length`, the caller's budget) and the queue's state:
 * **Requests in flight.** At most `serving.max_inflight_requests` requests
   are admitted at once, so the event loop never becomes the queue.
 
-`Retry-After` is the estimated time for the expert's admitted work to drain.
+A refusal names the estimated time for the expert's admitted work to drain: to the
+millisecond in the 429's body (`retry_after_ms`), in whole seconds in `Retry-After`.
 Both engines (`serving.server` and `serving.ray_app`) admit through this one
 class, in the HTTP layer they share.
 """
