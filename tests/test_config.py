@@ -26,6 +26,8 @@ def test_default_config_round_trips_through_yaml(tmp_path: Path) -> None:
         ({"expert_training": {"epochs": 1, "schedules": {"x": [{"fraction": 0.5}]}}}, "sum to 0.5"),
         ({"data": {"source": "imagenet"}}, "data.source"),
         ({"serving": {"model_workers": 0}}, "serving.model_workers"),
+        ({"serving": {"model_runtime": "tensorrt"}}, "serving.model_runtime"),
+        ({"serving": {"model_runtime": "onnx", "cpu_bfloat16": True}}, "runs the experts in float32"),
     ],
 )
 def test_bad_values_name_the_field(raw: dict[str, object], fragment: str) -> None:

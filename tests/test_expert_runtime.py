@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from askexpert.config import SystemConfig
+from askexpert.errors import RoutingError
 from askexpert.models import load_checkpoint, predict_logits
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
@@ -157,3 +158,42 @@ def test_model_calls_side_by_side_answer_as_the_local_experts_do(trained_system:
         assert reply.labels == expected.labels.tolist()
         assert expected.probs is not None and reply.probs is not None
         np.testing.assert_allclose(reply.probs, expected.probs, atol=1e-5)
+
+
+def test_onnx_model_runtime_answers_as_torch_and_exports_once_per_checkpoint(
+    trained_system: Path, tmp_path: Path
+) -> None:
+    """`serving.model_runtime: onnx`: each expert exported beside its checkpoint, answers as torch's (mirror
+    included), kept while current, exported again when its checkpoint changes."""
+    import asyncio
+
+    from askexpert.models.onnx_runtime import source_path
+    from askexpert.serving.server import ExpertService
+
+    system = _copy_with(trained_system, tmp_path, model_runtime="onnx", test_time_flip=True)
+    schedule = system.config().serving.schedule
+    ids = system.partition().expert_ids
+    service = ExpertService.from_system(system)
+    assert service.onnx is not None
+    exports = {eid: system.expert_path(schedule, eid).with_suffix(".onnx") for eid in ids}
+    assert all(p.is_file() and source_path(p).is_file() for p in exports.values())
+    images = system.splits().test.images[:6]
+
+    async def ask() -> list:
+        return await asyncio.gather(*(service(eid, images) for eid in ids))
+
+    local = LocalExpertBackend.of_system(system)
+    for eid, reply in zip(ids, asyncio.run(ask()), strict=True):
+        expected = local.predict(eid, images)
+        assert reply.labels == expected.labels.tolist()
+        assert expected.probs is not None and reply.probs is not None
+        np.testing.assert_allclose(reply.probs, expected.probs, atol=1e-4)
+    with pytest.raises(RoutingError, match="unknown expert 'nope'"):
+        service.onnx.logits("nope", images)
+    stamps = {eid: p.stat().st_mtime_ns for eid, p in exports.items()}
+    ExpertService.from_system(system)  # current exports are kept
+    assert {eid: p.stat().st_mtime_ns for eid, p in exports.items()} == stamps
+    source_path(exports[ids[0]]).write_text('{"expert_sha256": "an older checkpoint"}')
+    ExpertService.from_system(system)  # a stale one is exported again, the others kept
+    assert exports[ids[0]].stat().st_mtime_ns != stamps[ids[0]]
+    assert all(exports[e].stat().st_mtime_ns == stamps[e] for e in ids[1:])

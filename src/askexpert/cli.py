@@ -401,7 +401,8 @@ def serve(
     scheme = "https" if tls_cert is not None else "http"
     import torch
 
-    calls = f"{service.model_workers} model call(s) at once, {torch.get_num_threads()} torch thread(s) each"
+    calls = f"{service.model_workers} model call(s) at once, {torch.get_num_threads()} thread(s) each"
+    calls += ", ONNX Runtime" if service.onnx is not None else ", torch"
     console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({calls})", highlight=False)
     uvicorn.run(
         create_app(service, token),

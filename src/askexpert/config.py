@@ -360,9 +360,19 @@ class ServingConfig(_Strict):
     # CUDA the experts always run in bfloat16. Neither reaches the edge's generalist.
     test_time_flip: bool = True
     cpu_bfloat16: bool = False
+    # what runs the experts' model calls on the plain engine: torch, or ONNX Runtime on each expert exported beside
+    # its checkpoint (CPU, float32; one call that does not come back to Python between operators, so an event loop
+    # busy with refusals does not stall it: README "Serving")
+    model_runtime: Literal["torch", "onnx"] = "torch"
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
     ray_num_gpus: float = Field(0.0, ge=0.0)  # GPUs per expert replica; > 0 runs the expert on CUDA
+
+    @model_validator(mode="after")
+    def _onnx_is_float32(self) -> ServingConfig:
+        if self.model_runtime == "onnx" and self.cpu_bfloat16:
+            raise ValueError("model_runtime 'onnx' runs the experts in float32: set cpu_bfloat16: false, or use torch")
+        return self
 
     def expert_runtime(self) -> list[dict[str, bool]]:
         """How the experts run, for the fingerprints of their outputs (the evaluation's cache, the deferral

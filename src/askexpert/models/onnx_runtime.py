@@ -20,17 +20,24 @@ def source_path(onnx: str | Path) -> Path:
     return Path(f"{onnx}.json")
 
 
-def exported_from(onnx: str | Path) -> str | None:
-    """The SHA-256 of the checkpoint `onnx` was exported from (None without a readable sidecar)."""
+def exported_from(onnx: str | Path, role: str = "generalist") -> str | None:
+    """The SHA-256 of the `role` checkpoint `onnx` was exported from (None without a readable sidecar)."""
     try:
-        return str(json.loads(source_path(onnx).read_text())["generalist_sha256"])
+        return str(json.loads(source_path(onnx).read_text())[f"{role}_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def is_current(onnx: str | Path, generalist_sha256: str) -> bool:
+def is_current(onnx: str | Path, sha256: str, role: str = "generalist") -> bool:
     """`onnx` exists and was exported from the checkpoint with this SHA-256: the one test of freshness."""
-    return Path(onnx).is_file() and exported_from(onnx) == generalist_sha256
+    return Path(onnx).is_file() and exported_from(onnx, role) == sha256
+
+
+def mark_exported(onnx: str | Path, sha256: str, source: str, role: str = "generalist") -> None:
+    """Write `onnx`'s sidecar; written last, so that a crash before it leaves an export that is refused."""
+    tmp = source_path(onnx).with_suffix(".tmp")
+    tmp.write_text(json.dumps({f"{role}_sha256": sha256, "source": source}, indent=1))
+    tmp.replace(source_path(onnx))
 
 
 class OnnxGeneralist:

@@ -151,6 +151,12 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
             "serving.ray_replicas runs an expert's batches side by side",
             stacklevel=2,
         )
+    if sc.model_runtime != "torch":
+        warnings.warn(
+            f"serving.model_runtime ({sc.model_runtime}) is the plain engine's; Ray's replicas run torch "
+            "(each in a process of its own, so the ingress's event loop does not hold their GIL)",
+            stacklevel=2,
+        )
     # Enough calls admitted per replica to fill one batch while the previous one computes
     # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.
     replica = serve.deployment(

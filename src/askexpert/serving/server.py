@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from askexpert.config import ServingConfig, SystemConfig
 from askexpert.data import input_size
-from askexpert.errors import AskExpertError
+from askexpert.errors import AskExpertError, ConfigError
 from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.models import CheckpointMeta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
@@ -54,6 +54,7 @@ from askexpert.protocol.http import (
 from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
 from askexpert.serving.admission import Admission, Refused, Ticket, retry_after_header
 from askexpert.serving.batching import BatchResult, DeadlineExpired, QueueFull, dynamic_batch
+from askexpert.serving.onnx_experts import OnnxExperts
 from askexpert.system import SystemDir
 
 
@@ -190,10 +191,18 @@ def compute_threads(cfg: ServingConfig) -> int:
 class ExpertService(ServiceBase):
     """All experts of one system in this process, with dynamic batching per expert."""
 
-    def __init__(self, backend: LocalExpertBackend, partition: Partition, image_size: int, cfg: ServingConfig) -> None:
+    def __init__(
+        self,
+        backend: LocalExpertBackend,
+        partition: Partition,
+        image_size: int,
+        cfg: ServingConfig,
+        onnx: OnnxExperts | None = None,
+    ) -> None:
         metas = {eid: meta for eid, (_, meta) in backend.experts.items()}
         super().__init__(metas, image_size, cfg, parallel_calls=cfg.model_workers)
         self.backend = backend
+        self.onnx = onnx  # `serving.model_runtime: onnx`: the model calls go to ONNX Runtime instead of torch
         self.partition = partition
         self.max_batch_size = cfg.max_batch_size
         self.max_wait_ms = cfg.max_wait_ms
@@ -225,13 +234,23 @@ class ExpertService(ServiceBase):
             torch.set_num_threads(threads)  # every model thread takes it up at its first call
         part = system.partition()
         backend = LocalExpertBackend.of_system(system, schedule, device)
-        service = cls(backend, part, input_size(cfg.data), cfg.serving)
+        onnx = None
+        if cfg.serving.model_runtime == "onnx":
+            if backend.device.type != "cpu":
+                raise ConfigError(
+                    f"serving.model_runtime 'onnx' runs the experts on the CPU, not on {backend.device}; "
+                    "use model_runtime: torch there"
+                )
+            served = schedule or cfg.serving.schedule
+            paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in backend.experts}
+            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads)
+        service = cls(backend, part, input_size(cfg.data), cfg.serving, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         return service
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
-        return self.backend.logits(expert_id, images)
+        return (self.onnx or self.backend).logits(expert_id, images)
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         return self.reply(expert_id, await self.run(expert_id, images, deadline))

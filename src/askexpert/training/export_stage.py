@@ -6,13 +6,12 @@ is kept, so the demo's rerun costs nothing and an edge never runs a stale one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from askexpert.data import input_size
 from askexpert.models import load_checkpoint
 from askexpert.models.onnx_export import export_onnx, quantize_int8
-from askexpert.models.onnx_runtime import is_current, source_path
+from askexpert.models.onnx_runtime import is_current, mark_exported
 from askexpert.system import SystemDir
 
 
@@ -28,7 +27,5 @@ def export_generalist(system: SystemDir, int8: bool = True, force: bool = False)
     if int8:
         quantize_int8(fp32, paths[1])
     for path in paths:  # the sidecars last: a crash before them leaves an export the edge refuses
-        tmp = source_path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"generalist_sha256": sha, "source": system.generalist_path.name}, indent=1))
-        tmp.replace(source_path(path))
+        mark_exported(path, sha, system.generalist_path.name)
     return paths
