@@ -3,7 +3,7 @@
 import pytest
 
 from askexpert.config import ServingConfig
-from askexpert.serving.admission import Admission, Refused
+from askexpert.serving.admission import Admission, Refused, retry_after_header
 
 IMAGE = 32 * 32 * 3  # bytes of one 32×32 RGB image on the wire
 
@@ -21,7 +21,7 @@ def test_the_wait_estimate_sheds_a_budget_shorter_than_the_drain_and_admits_a_lo
         adm.admit("e0", 64, budget_s=0.3)
     assert refused.value.status == 429 and "600 ms exceeds the budget of 300 ms" in str(refused.value)
     assert refused.value.retry_after_s == pytest.approx(0.5)  # the 320 admitted images drain in 0.5 s
-    assert refused.value.retry_after_header == "1"
+    assert retry_after_header(refused.value.retry_after_s) == "1"
     second = adm.admit("e0", 64, budget_s=0.7)
     assert adm.admitted["e0"] == 384
     adm.release(first)
@@ -37,7 +37,7 @@ def test_the_server_target_bounds_the_wait_when_no_budget_is_sent_and_a_budget_c
     for budget in (None, 5.0):
         with pytest.raises(Refused, match="exceeds the queue-delay target of 200 ms") as refused:
             adm.admit("e0", 8, budget_s=budget)
-        assert refused.value.retry_after_header == "2"  # 1,280 images at 1,000/s: 1.28 s, rounded up
+        assert retry_after_header(refused.value.retry_after_s) == "2"  # 1,280 images at 1,000/s: 1.28 s, rounded up
     assert adm.admit("e1", 8) is not None  # another expert's queue is its own
 
 
@@ -54,7 +54,7 @@ def test_the_image_cap_holds_before_any_throughput_is_measured() -> None:
     tickets = [adm.admit("e0", 8), adm.admit("e0", 8)]
     with pytest.raises(Refused, match=r"16 images already queued \(bound 16\)") as refused:
         adm.admit("e0", 1)
-    assert refused.value.retry_after_header == "1"  # nothing measured yet: come back in a second
+    assert retry_after_header(refused.value.retry_after_s) == "1"  # nothing measured yet: come back in a second
     adm.resize(tickets[0], 3)  # the body held 3 images, not the 8 its length promised
     assert adm.admit("e0", 5).images == 5
 

@@ -62,10 +62,6 @@ class Refused(Exception):
         self.kind = kind
         self.retry_after_s = retry_after_s
 
-    @property
-    def retry_after_header(self) -> str | None:
-        return None if self.retry_after_s is None else retry_after_header(self.retry_after_s)
-
 
 def retry_after_header(seconds: float) -> str:
     """HTTP's Retry-After is whole seconds: the drain time, rounded up, at least 1 (the error body carries it to

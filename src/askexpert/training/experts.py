@@ -268,8 +268,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
     needs_routing = sched.correct_other or any(s.others == "routed" for s in sched.stages)
     pretrained = pretrained_for(system, "expert")
     depends: dict[str, Any] = {"init_file": file_sha256(pretrained) if pretrained else None}
-    stage1: ImageClassifier | None = None
-    stage1_meta: CheckpointMeta | None = None
+    stage1: tuple[ImageClassifier, CheckpointMeta] | None = None  # read once: the experts' start and their teacher
     if sched.init == "shared" or sched.distills:
         stage1_meta = train_shared_stage(system, force=False)
         depends["stage1"] = stage1_meta.sha256
@@ -300,13 +299,11 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             metas.append(stored)
             continue
         if sched.init == "shared" and stage1 is None:
-            stage1, _ = load_checkpoint(system.stage1_path)
+            stage1 = load_checkpoint(system.stage1_path)
         if needs_routing and pools is None:
             pools = routing_pools(cfg, system, part, train, val, device)
         if sched.distills and teacher is None:
-            # stage 1 already read as the experts' start: read once for both uses
-            loaded = (stage1, stage1_meta) if stage1 is not None and stage1_meta is not None else None
-            teacher = stage1_logits(system, train.images, f"{schedule} experts", loaded)
+            teacher = stage1_logits(system, train.images, f"{schedule} experts", stage1)
         path.parent.mkdir(parents=True, exist_ok=True)
         resume = path.with_suffix(".resume.pt")
         trained = train_expert(
@@ -319,7 +316,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
             device,
             resume,
             desc=f"{schedule} {eid}",
-            stage1=stage1,
+            stage1=stage1[0] if stage1 is not None else None,
             pools=pools,
             pretrained_file=pretrained,
             teacher=teacher,
