@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -175,6 +176,9 @@ def test_onnx_model_runtime_answers_as_torch_and_exports_once_per_checkpoint(
     ids = system.partition().expert_ids
     service = ExpertService.from_system(system)
     assert service.onnx is not None
+    # threads per call: the cores this process may use (ONNX Runtime's own default counts the machine's)
+    cores = len(os.sched_getaffinity(0))
+    assert {r.session.get_session_options().intra_op_num_threads for r in service.onnx.runners.values()} == {cores}
     exports = {eid: system.expert_path(schedule, eid).with_suffix(".onnx") for eid in ids}
     assert all(p.is_file() and source_path(p).is_file() for p in exports.values())
     images = system.splits().test.images[:6]

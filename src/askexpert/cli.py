@@ -364,7 +364,7 @@ def serve(
         float | None, typer.Option(help="serving.max_wait_ms (batching wait) for this run; config.yaml is unchanged.")
     ] = None,
     tls_cert: Annotated[
-        Path | None, typer.Option(help="Serve https with this certificate (PEM; with --tls-key, http engine).")
+        Path | None, typer.Option(help="Serve https with this certificate (PEM; with --tls-key).")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
 ) -> None:
@@ -381,41 +381,31 @@ def serve(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: TLS file not found")
-    if engine is Engine.ray and tls_cert is not None:
-        raise ConfigError("--tls-cert is for the http engine; put a TLS proxy in front of Ray Serve")
     if engine is Engine.ray and max_wait_ms is not None:
         raise ConfigError("--max-wait-ms is for the http engine; set serving.max_wait_ms in config.yaml for Ray")
+    tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
         except ImportError:
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
-        run_ray(system, host, port, schedule, token)
+        url = f"{'https' if tls else 'http'}://{host}:{port}"
+        console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
+        run_ray(system, host, port, schedule, token, tls)
         return
-    import uvicorn
+    import uvicorn  # noqa: F401 - first: without the serve extra, that is the install line to name
 
-    from askexpert.serving.server import ExpertService, create_app
+    from askexpert.serving.server import ExpertService, create_app, serve_http
 
     overrides = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else None
     service = ExpertService.from_system(system, schedule, device, serving=overrides)
-    scheme = "https" if tls_cert is not None else "http"
+    scheme = "https" if tls is not None else "http"
     import torch
 
     calls = f"{service.model_workers} model call(s) at once, {torch.get_num_threads()} thread(s) each"
     calls += ", ONNX Runtime" if service.onnx is not None else ", torch"
     console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({calls})", highlight=False)
-    uvicorn.run(
-        create_app(service, token),
-        host=host,
-        port=port,
-        log_level="warning",
-        # no access log: at warning level it never prints, yet each request's line was still formatted
-        # (5 % of the event loop's time under 4x overload, py-spy: README "Benchmarks")
-        access_log=False,
-        limit_concurrency=service.cfg.max_connections,
-        ssl_certfile=str(tls_cert) if tls_cert is not None else None,
-        ssl_keyfile=str(tls_key) if tls_key is not None else None,
-    )
+    serve_http(create_app(service, token), host, port, service.cfg, tls)
 
 
 @app.command()

@@ -332,13 +332,15 @@ class ServingConfig(_Strict):
     max_wait_ms: float = Field(5.0, ge=0.0)
     max_queue_images: int = Field(256, ge=1)  # per expert, admitted and not yet answered: a memory cap (429 beyond)
     # the longest estimated queue wait a request is admitted into (429 beyond; a budget header can only shorten
-    # it): the p99 of accepted requests follows from it (serving/admission.py, README "Under overload")
+    # it): the p99 of accepted requests follows from it (serving/admission.py, README "Serving"). On a
+    # float32 CPU server, 30 with max_batch_size 8 and two ONNX Runtime workers; on Ray on a CPU, 70 (README
+    # "Benchmarks": measured on 2 cores; the defaults suit the torch engine's 64-image calls and a GPU's)
     queue_delay_target_ms: float = Field(100.0, gt=0.0)
     max_inflight_requests: int = Field(512, ge=1)  # admitted requests at once, all experts (429 beyond)
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # 0: torch's default (with model_workers > 1: the cores this process may use ÷ model_workers); on a
-    # small box shared with other work, cores - 1 leaves the event loop a core (README "Under overload")
+    # small box shared with other work, cores - 1 leaves the event loop a core (README "Serving")
     torch_threads: int = Field(0, ge=0)
     # model calls at once on the plain engine, each on its own thread (any expert's batch); on a CPU, calls
     # on one thread each serve more images per second than one call on every core (README "Serving";

@@ -1,16 +1,22 @@
 """The same expert server on Ray Serve, for a near-edge tier of several GPUs or nodes.
 
-One deployment per expert (`expert-<id>`), batching with `@serve.batch`, with
-`serving.ray_replicas` replicas each; an ingress deployment serves the very same
-FastAPI app as the plain server (`create_app`), so the edge client cannot tell
-the engines apart. The promises live in that shared layer or travel with each
-call: admission and shedding (`serving.admission`, in the ingress, before the
-body is read), the caller's deadline (a replica drops a call whose deadline
-passed before its batch starts: 504) and energy metering (read around every
-model call in the replica). What differs: the batching itself is Ray's, and the
-throughput the wait estimate divides by is measured per expert, not per replica.
-Ray is an optional dependency (`pip install askexpert[ray]`); this module is
-imported only for `askexpert serve --engine ray`.
+One Ray Serve application per expert (`askexpert-<id>`, its deployment
+`expert-<id>`), batching with `@serve.batch`, with `serving.ray_replicas`
+replicas each. The HTTP front is the plain engine's own: the very same FastAPI
+app (`create_app`) under uvicorn in this process, whose `RayExpertService`
+forwards each admitted request to its expert through a deployment handle. Ray's
+HTTP proxy is not started: it and an ingress replica behind it added two
+processes and two hops to every request, refused ones included (2-core box:
+capacity 45-56 requests/s with them, 80-90 without; at 4x load 0.53-0.84 of it
+kept, now 0.89-1.03; README "Benchmarks"). So the promises
+live in one place for both engines: admission and shedding
+(`serving.admission`, before the body is read), the caller's deadline (a
+replica drops a call whose deadline passed before its batch starts: 504) and
+energy metering (read around every model call in the replica). What differs:
+the batching itself is Ray's, and the throughput the wait estimate divides by
+is measured per expert, not per replica. Ray is an optional dependency
+(`pip install askexpert[ray]`); this module is imported only for
+`askexpert serve --engine ray`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve import RunTarget
 
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
@@ -30,16 +37,13 @@ from askexpert.models import load_checkpoint, predict_logits, read_meta
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, metered
-from askexpert.serving.server import ServiceBase, create_app
+from askexpert.serving.server import ServiceBase, create_app, serve_http
 from askexpert.system import SystemDir
 
-APP_NAME = "askexpert"
-# The ingress only validates and forwards (async), so it may hold many requests at once;
-# Ray Serve's default of 5 ongoing requests per replica would queue clients at the proxy.
-INGRESS_MAX_ONGOING = 1024
+APP_PREFIX = "askexpert-"  # each expert's Ray Serve application: askexpert-<id>
 
 
-# One call to an expert replica: the images, when the ingress sent them and the caller's
+# One call to an expert replica: the images, when the HTTP front sent them and the caller's
 # deadline (both wall-clock `time.time()`, as the replica may run in another process or node).
 Call = tuple[np.ndarray, float, float | None]
 
@@ -106,12 +110,12 @@ class ExpertReplica:
 
 
 class RayExpertService(ServiceBase):
-    """The ingress side: validates like the plain server, forwards to the expert deployments."""
+    """The HTTP front's service: admitted requests go to their expert's deployment through its handle."""
 
-    def __init__(self, root: str, schedule: str, handles: dict[str, Any]) -> None:
-        system = SystemDir.open(root)
+    def __init__(self, system: SystemDir, schedule: str | None, handles: dict[str, Any]) -> None:
         cfg = system.config()
-        metas = {e: read_meta(system.expert_path(schedule, e)) for e in handles}
+        served = schedule or cfg.serving.schedule
+        metas = {e: read_meta(system.expert_path(served, e)) for e in handles}
         # each expert's replicas batch apart, side by side: its queue splits among them
         super().__init__(metas, input_size(cfg.data), cfg.serving, parallel_calls=cfg.serving.ray_replicas)
         self.handles = handles
@@ -126,24 +130,10 @@ class RayExpertService(ServiceBase):
         return self.reply(expert_id, result)
 
 
-@serve.ingress()
-class Ingress:
-    """Receives the expert deployments' handles (bound below) and builds the shared HTTP app."""
-
-    def __init__(self, root: str, schedule: str, token: str | None, expert_ids: list[str], *handles: Any) -> None:
-        self.service = RayExpertService(root, schedule, dict(zip(expert_ids, handles, strict=True)))
-        self.token = token
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.service, self.token)
-
-
-def build_app(root: str | Path, schedule: str | None = None, token: str | None = None) -> Any:
-    """The Ray Serve application: one deployment per expert plus the HTTP ingress."""
-    system = SystemDir.open(root)
+def expert_apps(system: SystemDir, schedule: str | None = None) -> dict[str, Any]:
+    """One Ray Serve application per served expert (its replicas batch its calls), by expert id."""
     sc = system.config().serving
     schedule = schedule or sc.schedule
-    part = system.partition()
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
     if sc.model_workers > 1:
         warnings.warn(
@@ -154,7 +144,7 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
     if sc.model_runtime != "torch":
         warnings.warn(
             f"serving.model_runtime ({sc.model_runtime}) is the plain engine's; Ray's replicas run torch "
-            "(each in a process of its own, so the ingress's event loop does not hold their GIL)",
+            "(each in a process of its own, so the HTTP front's event loop does not hold their GIL)",
             stacklevel=2,
         )
     # Enough calls admitted per replica to fill one batch while the previous one computes
@@ -163,29 +153,32 @@ def build_app(root: str | Path, schedule: str | None = None, token: str | None =
         num_replicas=sc.ray_replicas, ray_actor_options=actor, max_ongoing_requests=2 * sc.max_batch_size
     )(ExpertReplica)
     device = "cuda" if sc.ray_num_gpus > 0 else "cpu"
-    experts = []
-    for eid in part.expert_ids:
+    apps = {}
+    for eid in system.partition().expert_ids:
         weights = system.expert_path(schedule, eid).resolve()
         read_meta(weights)  # fail here, with the file's name, rather than inside a replica
-        experts.append(
-            replica.options(name=f"expert-{eid}").bind(
-                str(weights),
-                sc.max_batch_size,
-                sc.max_wait_ms,
-                sc.torch_threads,
-                device,
-                flip=sc.test_time_flip,
-                cpu_bfloat16=sc.cpu_bfloat16,
-            )
+        apps[eid] = replica.options(name=f"expert-{eid}").bind(
+            str(weights),
+            sc.max_batch_size,
+            sc.max_wait_ms,
+            sc.torch_threads,
+            device,
+            flip=sc.test_time_flip,
+            cpu_bfloat16=sc.cpu_bfloat16,
         )
-    ingress = serve.deployment(
-        name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING
-    )(Ingress)
-    return ingress.bind(str(Path(root).resolve()), schedule, token, list(part.expert_ids), *experts)
+    return apps
 
 
-def run_ray(root: str | Path, host: str, port: int, schedule: str | None, token: str | None) -> None:
-    """Start a local Ray instance (or join the cluster in RAY_ADDRESS) and serve until interrupted."""
+def run_ray(
+    root: str | Path,
+    host: str,
+    port: int,
+    schedule: str | None,
+    token: str | None,
+    tls: tuple[Path, Path] | None = None,
+) -> None:
+    """Start a local Ray instance (or join the cluster in RAY_ADDRESS), deploy the experts, and serve the HTTP
+    API from this process until interrupted."""
     import signal
 
     import ray
@@ -193,15 +186,24 @@ def run_ray(root: str | Path, host: str, port: int, schedule: str | None, token:
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    app = build_app(root, schedule, token)
-    signal.signal(signal.SIGTERM, interrupt)  # so `kill` also tears the local Ray instance down
+    system = SystemDir.open(root)
+    apps = expert_apps(system, schedule)  # a bad system fails here, before Ray starts
+    # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the
+    # KeyboardInterrupt below, so `kill` also tears the local Ray instance down
+    signal.signal(signal.SIGTERM, interrupt)
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
+        serve.start(proxy_location="Disabled")  # the HTTP front is ours (serve_http below)
+        targets = [RunTarget(app, name=APP_PREFIX + eid, route_prefix=None) for eid, app in apps.items()]
+        handles = serve.run_many(targets)
+        service = RayExpertService(system, schedule, dict(zip(apps, handles, strict=True)))
+        serve_http(create_app(service, token), host, port, service.cfg, tls)
     except KeyboardInterrupt:
         pass
     finally:
-        if not os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_ADDRESS"):
+            for eid in apps:
+                serve.delete(APP_PREFIX + eid)  # leave a shared cluster as it was
+        else:
             serve.shutdown()
         ray.shutdown()

@@ -243,7 +243,9 @@ class ExpertService(ServiceBase):
                 )
             served = schedule or cfg.serving.schedule
             paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in backend.experts}
-            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads)
+            # ONNX Runtime's own default counts the machine's cores, not the ones this process may use: pinned
+            # to one core of two, its threads contended for that core (README "Benchmarks", pinned)
+            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or len(os.sched_getaffinity(0)))
         service = cls(backend, part, input_size(cfg.data), cfg.serving, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         return service
@@ -356,9 +358,11 @@ def _error(status: int, message: str, retry_after_s: float | None = None) -> Res
     return response
 
 
-def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
+def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
+    """The HTTP API: the FastAPI routes behind the admission middleware, which wraps them from outside, so that a
+    refused request never enters FastAPI's own middleware stack (error handling, telemetry, body limits): the
+    event loop's time fell 15 % under 4x overload (py-spy; README "Benchmarks")."""
     app = FastAPI(title="askexpert expert server", version=API_VERSION)
-    app.add_middleware(AdmissionMiddleware, service=service, token=token)
     limits = service.cfg
     expected_auth = _bearer(token)
 
@@ -433,4 +437,23 @@ def create_app(service: ServiceBase, token: str | None = None) -> FastAPI:
         server_ms = (time.perf_counter() - start) * 1e3
         return _json(reply.model_copy(update={"timing": reply.timing.model_copy(update={"server_ms": server_ms})}))
 
-    return app
+    return AdmissionMiddleware(app, service, token)
+
+
+def serve_http(app: ASGIApp, host: str, port: int, cfg: ServingConfig, tls: tuple[Path, Path] | None = None) -> None:
+    """Serve the HTTP API with uvicorn until interrupted: both engines' front (`tls`: certificate and key, PEM)."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        # no access log: at warning level it never prints, yet each request's line was still formatted
+        # (5 % of the event loop's time under 4x overload, py-spy: README "Benchmarks")
+        access_log=False,
+        proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* scan per request
+        limit_concurrency=cfg.max_connections,
+        ssl_certfile=str(tls[0]) if tls is not None else None,
+        ssl_keyfile=str(tls[1]) if tls is not None else None,
+    )
