@@ -1,7 +1,7 @@
 """Benchmark: the expert server under open-loop load at 0.5×, 1×, 2× and 4× its capacity.
 
     .venv/bin/python benchmarks/serve_overload.py --system askexpert-demo [--engine http|ray]
-        [--seconds 15] [--repeats 3] [--images 4] [--pin]
+        [--seconds 15] [--repeats 3] [--images 4] [--pin] [--set KEY=VALUE ...]
 
 Open loop: requests are sent at a constant rate whatever the server does (a camera
 does not slow down because the server is busy), unlike the closed-loop clients of
@@ -20,7 +20,8 @@ generator and the server each used (in % of one core; the edge client runs in a 
 of its own, not counted in either: on one host the generator
 takes its share from the server). `--pin` runs the server on core 1 and the
 generator on core 0, so that neither figure is the other's. The summary is the
-median over `--repeats` runs. Writes
+median over `--repeats` runs. `--set` passes serving settings to the server (`askexpert
+serve --set`: config.yaml unchanged; they are named in the report). Writes
 `DIR/report/serve_overload_<engine>[_pinned].{md,csv,json,png}`.
 
 Targets (issue 17): goodput at 2× and 4× ≥ 90 % of capacity; p99 at 1×, 2×, 4× ≤ 3×
@@ -206,7 +207,7 @@ def one_run(
     The edge client runs from before the capacity measurement to the end, so that the
     capacity and every level are measured beside the same background load.
     """
-    extra = ("--engine", args.engine)
+    extra = ("--engine", args.engine, *(part for setting in args.set for part in ("--set", setting)))
     prefix = ("taskset", "-c", "1") if args.pin else ()
     server = ServerProcess(system.root, *extra, prefix=prefix, env={"OMP_WAIT_POLICY": "PASSIVE"})
     rows: list[dict[str, Any]] = []
@@ -280,6 +281,9 @@ def main() -> None:
     ap.add_argument("--levels", default="0.5,1,2,4", help="multiples of the measured capacity")
     ap.add_argument("--pin", action="store_true", help="server on core 1, load generator on core 0")
     ap.add_argument("--edge-interval", type=float, default=0.1, help="seconds between the edge client's batches of 8")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a serving setting for the server (repeatable)"
+    )
     args = ap.parse_args()
     if args.pin:
         os.sched_setaffinity(0, {0})
@@ -305,7 +309,8 @@ def main() -> None:
     where = "server on core 1, generator on core 0" if args.pin else "server and generator share the cores"
     (out / f"{name}.md").write_text(
         f"# Open-loop overload, {args.engine} engine ({args.images} images per request, "
-        f"{args.seconds:g} s per level, median of {args.repeats} runs; {where})\n\n"
+        f"{args.seconds:g} s per level, median of {args.repeats} runs; {where}"
+        f"{'; serving: ' + ', '.join(args.set) if args.set else ''})\n\n"
         f"Capacity per run (best closed-loop goodput of {', '.join(map(str, CAPACITY_CLIENTS))} clients): "
         f"{capacities} requests/s. "
         "5xx and edge counts are summed over the runs; edge_expert: samples the expert answered, "

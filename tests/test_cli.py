@@ -142,8 +142,21 @@ def test_serve_overrides_are_validated_before_any_model_loads(
     monkeypatch.setattr(uvicorn, "run", started)
     code, text = _run(["serve", "--system", str(trained_system), "--max-wait-ms", "-1"], capsys)
     assert code == 2 and "serving.max_wait_ms" in text and "Traceback" not in text
-    code, text = _run(["serve", "--system", str(trained_system), "--engine", "ray", "--max-wait-ms", "3"], capsys)
-    assert code == 2 and "--max-wait-ms is for the http engine" in text  # not silently ignored
+    for bad, named in (
+        (["--set", "max_batch_size"], "--set wants serving.KEY=VALUE"),
+        (["--set", "nope=3"], "serving.nope"),
+        (["--set", "serving.max_batch_size=0"], "serving.max_batch_size"),
+        (["--engine", "ray", "--set", "model_workers=zero"], "serving.model_workers"),  # before Ray starts
+    ):
+        code, text = _run(["serve", "--system", str(trained_system), *bad], capsys)
+        assert code == 2 and named in text and "Traceback" not in text, text
+    served: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    settings = ["--set", "max_batch_size=8", "--set", "test_time_flip=no"]
+    main(["serve", "--system", str(trained_system), *settings])  # returns: uvicorn.run is the stand-in above
+    assert len(served) == 1
+    cfg = served[0].service.cfg  # type: ignore[attr-defined]  # the admission middleware around the app
+    assert (cfg.max_batch_size, cfg.test_time_flip) == (8, False)  # read as YAML: a number, a boolean
     from askexpert.config import SystemConfig
     from askexpert.serving.server import ExpertService
 

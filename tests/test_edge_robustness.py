@@ -198,6 +198,24 @@ def tight_server(trained_system: Path):
     proc.stop()
 
 
+def test_the_edge_sizes_its_requests_by_the_servers_limit(tight_server: ServerProcess, trained_system: Path) -> None:
+    """An edge whose config allows 64 images a request, a server that allows 8: the handshake says so, and 20
+    images go as 8 + 8 + 4 instead of one request the server refuses (400)."""
+    system = SystemDir.open(trained_system)
+    cfg = system.config()
+    assert cfg.serving.max_batch_size > 20
+    backend = HttpExpertBackend(tight_server.url, cfg.serving)
+    try:
+        doc = backend.handshake(system.partition(), 32)
+        assert doc.max_request_images == 8 == backend.request_images
+        images = np.random.default_rng(3).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+        reply = backend.predict("e0", images)
+        assert len(reply.labels) == 20
+        assert len(backend.predict("e0", images[:1]).labels) == 1
+    finally:
+        backend.close()
+
+
 def _admitted_images(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith('askexpert_admitted_images{expert="e0"}'):

@@ -323,6 +323,26 @@ def demo(
     console.print(f"total stage time: {total:.1f} s")
 
 
+def _serving_overrides(items: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` items as serving settings (values read as YAML: numbers, booleans, words); validated
+    later, with the rest of the config."""
+    import yaml
+
+    from askexpert.errors import ConfigError
+
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("serving.")
+        if not sep or not key:
+            raise ConfigError(f"--set wants serving.KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: {value!r} is not a value") from None
+    return overrides
+
+
 def _read_token(token_file: Path | None) -> str | None:
     from askexpert.errors import ConfigError
 
@@ -363,6 +383,14 @@ def serve(
     max_wait_ms: Annotated[
         float | None, typer.Option(help="serving.max_wait_ms (batching wait) for this run; config.yaml is unchanged.")
     ] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="serving.KEY=VALUE for this run (repeatable; YAML values, e.g. --set max_batch_size=8); "
+            "config.yaml is unchanged.",
+        ),
+    ] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Serve https with this certificate (PEM; with --tls-key).")
     ] = None,
@@ -381,8 +409,9 @@ def serve(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: TLS file not found")
-    if engine is Engine.ray and max_wait_ms is not None:
-        raise ConfigError("--max-wait-ms is for the http engine; set serving.max_wait_ms in config.yaml for Ray")
+    overrides = _serving_overrides(setting or [])
+    if max_wait_ms is not None:
+        overrides["max_wait_ms"] = max_wait_ms
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     if engine is Engine.ray:
         try:
@@ -391,13 +420,12 @@ def serve(
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
         url = f"{'https' if tls else 'http'}://{host}:{port}"
         console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
-        run_ray(system, host, port, schedule, token, tls)
+        run_ray(system, host, port, schedule, token, tls, overrides)
         return
     import uvicorn  # noqa: F401 - first: without the serve extra, that is the install line to name
 
     from askexpert.serving.server import ExpertService, create_app, serve_http
 
-    overrides = {"max_wait_ms": max_wait_ms} if max_wait_ms is not None else None
     service = ExpertService.from_system(system, schedule, device, serving=overrides)
     scheme = "https" if tls is not None else "http"
     import torch

@@ -468,3 +468,12 @@ class SystemConfig(_Strict):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    def with_serving(self, changes: dict[str, object], origin: str = "this run's serving settings") -> SystemConfig:
+        """A validated copy whose serving section has `changes` (a command line's: config.yaml is unchanged);
+        a bad key or value is a ConfigError naming it."""
+        if not changes:
+            return self
+        raw = self.model_dump(mode="json")
+        raw["serving"] = {**raw["serving"], **changes}
+        return SystemConfig.from_dict(raw, origin=origin)

@@ -101,6 +101,7 @@ class HttpExpertBackend:
                 stacklevel=2,
             )
         self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers, verify=verify)
+        self.request_images = cfg.max_batch_size  # images per request: the server's limit once the handshake says it
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
 
     def close(self) -> None:
@@ -149,12 +150,15 @@ class HttpExpertBackend:
                 )
         if problems:
             raise HandshakeError(f"handshake with {self.url} failed: " + "; ".join(problems))
+        if doc.max_request_images:
+            self.request_images = doc.max_request_images
         return doc
 
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
-        """Ask `expert_id`, in requests of at most `serving.max_batch_size` images (the server's limit)."""
+        """Ask `expert_id`, in requests of at most the server's limit of images (its handshake's
+        `max_request_images`; before a handshake, this edge's `serving.max_batch_size`)."""
         check_images(images)
-        step = self.cfg.max_batch_size
+        step = self.request_images
         if len(images) <= step:
             return self._predict(expert_id, images)
         parts = [self._predict(expert_id, images[i : i + step]) for i in range(0, len(images), step)]

@@ -52,6 +52,9 @@ class Handshake(_Message):
     image_size: int
     energy_meter: str | None = None  # what the server's `energy_j` figures come from, None when unmetered
     experts: list[ExpertInfo]
+    # the most images one predict request may hold (the server's serving.max_batch_size), so that the edge sizes
+    # its requests by the server's setting rather than by its own copy of it; None: not said (an older server)
+    max_request_images: int | None = None
 
 
 class Timing(_Message):

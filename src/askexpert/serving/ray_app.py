@@ -31,6 +31,7 @@ import numpy as np
 from ray import serve
 from ray.serve import RunTarget
 
+from askexpert.config import SystemConfig
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import load_checkpoint, predict_logits, read_meta
@@ -112,8 +113,8 @@ class ExpertReplica:
 class RayExpertService(ServiceBase):
     """The HTTP front's service: admitted requests go to their expert's deployment through its handle."""
 
-    def __init__(self, system: SystemDir, schedule: str | None, handles: dict[str, Any]) -> None:
-        cfg = system.config()
+    def __init__(self, system: SystemDir, cfg: SystemConfig, schedule: str | None, handles: dict[str, Any]) -> None:
+        """`cfg`: the system's config with this run's serving settings."""
         served = schedule or cfg.serving.schedule
         metas = {e: read_meta(system.expert_path(served, e)) for e in handles}
         # each expert's replicas batch apart, side by side: its queue splits among them
@@ -130,9 +131,10 @@ class RayExpertService(ServiceBase):
         return self.reply(expert_id, result)
 
 
-def expert_apps(system: SystemDir, schedule: str | None = None) -> dict[str, Any]:
-    """One Ray Serve application per served expert (its replicas batch its calls), by expert id."""
-    sc = system.config().serving
+def expert_apps(system: SystemDir, cfg: SystemConfig, schedule: str | None = None) -> dict[str, Any]:
+    """One Ray Serve application per served expert (its replicas batch its calls), by expert id; `cfg`: the
+    system's config with this run's serving settings."""
+    sc = cfg.serving
     schedule = schedule or sc.schedule
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
     if sc.model_workers > 1:
@@ -176,9 +178,10 @@ def run_ray(
     schedule: str | None,
     token: str | None,
     tls: tuple[Path, Path] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> None:
     """Start a local Ray instance (or join the cluster in RAY_ADDRESS), deploy the experts, and serve the HTTP
-    API from this process until interrupted."""
+    API from this process until interrupted. `serving`: settings for this run only, as the plain engine's."""
     import signal
 
     import ray
@@ -187,7 +190,8 @@ def run_ray(
         raise KeyboardInterrupt
 
     system = SystemDir.open(root)
-    apps = expert_apps(system, schedule)  # a bad system fails here, before Ray starts
+    cfg = system.config().with_serving(serving or {})
+    apps = expert_apps(system, cfg, schedule)  # a bad system or setting fails here, before Ray starts
     # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the
     # KeyboardInterrupt below, so `kill` also tears the local Ray instance down
     signal.signal(signal.SIGTERM, interrupt)
@@ -196,7 +200,7 @@ def run_ray(
         serve.start(proxy_location="Disabled")  # the HTTP front is ours (serve_http below)
         targets = [RunTarget(app, name=APP_PREFIX + eid, route_prefix=None) for eid, app in apps.items()]
         handles = serve.run_many(targets)
-        service = RayExpertService(system, schedule, dict(zip(apps, handles, strict=True)))
+        service = RayExpertService(system, cfg, schedule, dict(zip(apps, handles, strict=True)))
         serve_http(create_app(service, token), host, port, service.cfg, tls)
     except KeyboardInterrupt:
         pass

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from askexpert.config import ServingConfig, SystemConfig
+from askexpert.config import ServingConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError, ConfigError
 from askexpert.measure.energy import EnergyMeter, meter_for
@@ -223,11 +223,7 @@ class ExpertService(ServiceBase):
         stays unchanged; a bad value is a ConfigError naming it, before any model is loaded.
         """
         system = SystemDir.of(root)
-        cfg = system.config()
-        if serving:
-            raw = cfg.model_dump(mode="json")
-            raw["serving"] |= serving
-            cfg = SystemConfig.from_dict(raw, origin="this run's serving settings")
+        cfg = system.config().with_serving(serving or {})
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         threads = compute_threads(cfg.serving)
         if threads:
@@ -393,7 +389,13 @@ def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
             return _error(401, "missing or wrong bearer token")
         meter = service.energy_meter.source if service.energy_meter is not None else None
         return _json(
-            Handshake(api=API_VERSION, image_size=service.image_size, energy_meter=meter, experts=service.describe())
+            Handshake(
+                api=API_VERSION,
+                image_size=service.image_size,
+                energy_meter=meter,
+                experts=service.describe(),
+                max_request_images=limits.max_batch_size,
+            )
         )
 
     @app.post(PREDICT_PATH)
