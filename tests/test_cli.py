@@ -147,6 +147,7 @@ def test_serve_overrides_are_validated_before_any_model_loads(
         (["--set", "nope=3"], "serving.nope"),
         (["--set", "serving.max_batch_size=0"], "serving.max_batch_size"),
         (["--engine", "ray", "--set", "model_workers=zero"], "serving.model_workers"),  # before Ray starts
+        (["--engine", "ray", "--device", "cpu"], "--device is for the http engine"),  # not silently ignored
     ):
         code, text = _run(["serve", "--system", str(trained_system), *bad], capsys)
         assert code == 2 and named in text and "Traceback" not in text, text

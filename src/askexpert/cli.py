@@ -409,6 +409,8 @@ def serve(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: TLS file not found")
+    if engine is Engine.ray and device is not None:
+        raise ConfigError("--device is for the http engine; Ray places its replicas by serving.ray_num_gpus")
     overrides = _serving_overrides(setting or [])
     if max_wait_ms is not None:
         overrides["max_wait_ms"] = max_wait_ms
