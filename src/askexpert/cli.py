@@ -415,17 +415,19 @@ def serve(
     if max_wait_ms is not None:
         overrides["max_wait_ms"] = max_wait_ms
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    import uvicorn  # noqa: F401 - first, for both engines: without the serve extra, that is the install line to name
+
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
-        except ImportError:
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "ray":
+                raise  # another extra's module: main() names its install line
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
         url = f"{'https' if tls else 'http'}://{host}:{port}"
         console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
         run_ray(system, host, port, schedule, token, tls, overrides)
         return
-    import uvicorn  # noqa: F401 - first: without the serve extra, that is the install line to name
-
     from askexpert.serving.server import ExpertService, create_app, serve_http
 
     service = ExpertService.from_system(system, schedule, device, serving=overrides)
