@@ -34,7 +34,7 @@ from ray.serve import RunTarget
 from askexpert.config import SystemConfig
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
-from askexpert.models import load_checkpoint, predict_logits, read_meta
+from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, read_meta
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, metered
@@ -113,10 +113,8 @@ class ExpertReplica:
 class RayExpertService(ServiceBase):
     """The HTTP front's service: admitted requests go to their expert's deployment through its handle."""
 
-    def __init__(self, system: SystemDir, cfg: SystemConfig, schedule: str | None, handles: dict[str, Any]) -> None:
-        """`cfg`: the system's config with this run's serving settings."""
-        served = schedule or cfg.serving.schedule
-        metas = {e: read_meta(system.expert_path(served, e)) for e in handles}
+    def __init__(self, metas: dict[str, CheckpointMeta], cfg: SystemConfig, handles: dict[str, Any]) -> None:
+        """`metas`: the served experts' metadata; `cfg`: the system's config with this run's serving settings."""
         # each expert's replicas batch apart, side by side: its queue splits among them
         super().__init__(metas, input_size(cfg.data), cfg.serving, parallel_calls=cfg.serving.ray_replicas)
         self.handles = handles
@@ -131,11 +129,10 @@ class RayExpertService(ServiceBase):
         return self.reply(expert_id, result)
 
 
-def expert_apps(system: SystemDir, cfg: SystemConfig, schedule: str | None = None) -> dict[str, Any]:
+def expert_apps(system: SystemDir, cfg: SystemConfig, schedule: str, expert_ids: list[str]) -> dict[str, Any]:
     """One Ray Serve application per served expert (its replicas batch its calls), by expert id; `cfg`: the
     system's config with this run's serving settings."""
     sc = cfg.serving
-    schedule = schedule or sc.schedule
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
     if sc.model_workers > 1:
         warnings.warn(
@@ -156,11 +153,9 @@ def expert_apps(system: SystemDir, cfg: SystemConfig, schedule: str | None = Non
     )(ExpertReplica)
     device = "cuda" if sc.ray_num_gpus > 0 else "cpu"
     apps = {}
-    for eid in system.partition().expert_ids:
-        weights = system.expert_path(schedule, eid).resolve()
-        read_meta(weights)  # fail here, with the file's name, rather than inside a replica
+    for eid in expert_ids:
         apps[eid] = replica.options(name=f"expert-{eid}").bind(
-            str(weights),
+            str(system.expert_path(schedule, eid).resolve()),
             sc.max_batch_size,
             sc.max_wait_ms,
             sc.torch_threads,
@@ -190,8 +185,11 @@ def run_ray(
         raise KeyboardInterrupt
 
     system = SystemDir.open(root)
-    cfg = system.config().with_serving(serving or {})
-    apps = expert_apps(system, cfg, schedule)  # a bad system or setting fails here, before Ray starts
+    cfg = system.config().with_serving(serving or {})  # a bad setting fails here, before Ray starts
+    schedule = schedule or cfg.serving.schedule
+    # read before Ray starts: a missing or bad checkpoint fails here, with the file's name, not inside a replica
+    metas = {eid: read_meta(system.expert_path(schedule, eid)) for eid in system.partition().expert_ids}
+    apps = expert_apps(system, cfg, schedule, list(metas))
     # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the
     # KeyboardInterrupt below, so `kill` also tears the local Ray instance down
     signal.signal(signal.SIGTERM, interrupt)
@@ -200,7 +198,7 @@ def run_ray(
         serve.start(proxy_location="Disabled")  # the HTTP front is ours (serve_http below)
         targets = [RunTarget(app, name=APP_PREFIX + eid, route_prefix=None) for eid, app in apps.items()]
         handles = serve.run_many(targets)
-        service = RayExpertService(system, cfg, schedule, dict(zip(apps, handles, strict=True)))
+        service = RayExpertService(metas, cfg, dict(zip(apps, handles, strict=True)))
         serve_http(create_app(service, token), host, port, service.cfg, tls)
     except KeyboardInterrupt:
         pass
