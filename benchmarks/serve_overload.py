@@ -200,9 +200,15 @@ def _edge_in_the_loop(root: str, url: str, images: np.ndarray, stop: Any, counts
 
 
 def one_run(
-    system: SystemDir, args: argparse.Namespace, body: bytes, edge_images: np.ndarray, run: int
+    system: SystemDir,
+    args: argparse.Namespace,
+    body: bytes,
+    edge_images: np.ndarray,
+    run: int,
+    settings: dict[int, str],
 ) -> tuple[float, list[dict[str, Any]]]:
-    """A fresh server: its capacity, then every load level; rows per level.
+    """A fresh server: its capacity, then every load level; rows per level. `settings[run]`: the server's
+    start-up line naming the serving settings it resolved ('auto' ones marked).
 
     The edge client runs from before the capacity measurement to the end, so that the
     capacity and every level are measured beside the same background load.
@@ -215,6 +221,9 @@ def one_run(
     edge_proc = None
     try:
         server.wait_ready(seconds=180)
+        said = [line for line in server.output(20000).splitlines() if "queue-delay target" in line]
+        settings[run] = said[-1].strip() if said else "(the server did not print its settings)"
+        print(f"run {run}: {settings[run]}", flush=True)
         edge_args = (str(system.root), server.url, edge_images, stop, counts, args.edge_interval)
         edge_proc = spawn.Process(target=_edge_in_the_loop, args=edge_args)
         edge_proc.start()
@@ -293,14 +302,17 @@ def main() -> None:
     body = encode_images(np.random.default_rng(1).integers(0, 256, (args.images, size, size, 3), dtype=np.uint8))
     edge_images = system.splits().test.images[:8]
     rows: list[dict[str, Any]] = []
+    settings: dict[int, str] = {}
     for run in range(args.repeats):
-        rows += one_run(system, args, body, edge_images, run)[1]
+        rows += one_run(system, args, body, edge_images, run, settings)[1]
     summary = summarise(rows)
     name = f"serve_overload_{args.engine}" + ("_pinned" if args.pin else "")
     out = system.report_dir
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / f"{name}.csv", rows)
-    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": rows}, indent=1))
+    (out / f"{name}.json").write_text(
+        json.dumps({"args": vars(args), "server_settings": settings, "summary": summary, "runs": rows}, indent=1)
+    )
     columns = ["level", "offered_rps", "goodput_rps", "goodput_share", "shed_rate", "status_5xx", "p50_ms", "p99_ms"]
     columns += ["p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load", "generator_cpu_%", "server_cpu_%"]
     columns += ["edge_samples", "edge_answered", "edge_expert", "edge_failed"]
@@ -312,7 +324,7 @@ def main() -> None:
         f"{args.seconds:g} s per level, median of {args.repeats} runs; {where}"
         f"{'; serving: ' + ', '.join(args.set) if args.set else ''})\n\n"
         f"Capacity per run (best closed-loop goodput of {', '.join(map(str, CAPACITY_CLIENTS))} clients): "
-        f"{capacities} requests/s. "
+        f"{capacities} requests/s. The server's settings (its start-up line, run 0): {settings.get(0, '?')}. "
         "5xx and edge counts are summed over the runs; edge_expert: samples the expert answered, "
         'edge_failed: offloads that fell back for a refusal or failure (the rest abstained: "other").\n\n'
         f"{table}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,7 @@ import torch
 
 from askexpert.data import input_size
 from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.models.predict import resolve_device
 from askexpert.protocol.http import ErrorReply
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
@@ -135,12 +137,15 @@ def main() -> None:
     system = SystemDir.open(args.system)
     cfg = system.config()
     size = input_size(cfg.data)
-    threads = compute_threads(cfg.serving)  # the model calls run as the server runs them
+    engine = "ray" if args.engine == "ray" else "plain"
+    # the settings the server resolves ('auto' follows the hardware), for the model calls run as it runs them
+    sc = cfg.serving.resolve(resolve_device(cfg.device).type, engine, len(os.sched_getaffinity(0)))
+    threads = compute_threads(sc)
     if threads:
         torch.set_num_threads(threads)
     backend = LocalExpertBackend.of_system(system)
-    measure_bare = functools.partial(bare_throughput, backend, args.expert, cfg.serving.max_batch_size, size)
-    bare_windows = measure_bare(calls=cfg.serving.model_workers)
+    measure_bare = functools.partial(bare_throughput, backend, args.expert, sc.max_batch_size, size)
+    bare_windows = measure_bare(calls=sc.model_workers)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url
     results = []
@@ -150,17 +155,17 @@ def main() -> None:
             results.append(load(url, args.expert, clients, args.images, size, args.requests, args.cap_s))
     finally:
         server.stop()
-    bare_windows += measure_bare(calls=cfg.serving.model_workers)
+    bare_windows += measure_bare(calls=sc.model_workers)
     bare = float(np.median(bare_windows))
     print(
-        f"bare expert {args.expert} ({cfg.expert.preset}), batch {cfg.serving.max_batch_size}, "
-        f"{cfg.serving.model_workers} call(s) at once: "
+        f"bare expert {args.expert} ({cfg.expert.preset}, torch), batch {sc.max_batch_size}, "
+        f"{sc.model_workers} call(s) at once: "
         f"{bare:,.0f} images/s (median of {len(bare_windows)} one-second windows before and after, "
         f"range {min(bare_windows):,.0f}-{max(bare_windows):,.0f})"
     )
     print(
-        f"server ({args.engine} engine), {args.images} images per request (max batch {cfg.serving.max_batch_size}, "
-        f"max wait {cfg.serving.max_wait_ms:g} ms):"
+        f"server ({args.engine} engine: {sc.describe()}), {args.images} images per request "
+        f"(max wait {cfg.serving.max_wait_ms:g} ms):"
     )
     print("| clients | requests | errors | images/s | p50 ms | p99 ms | ratio to bare | client CPU (cores) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -64,6 +64,15 @@ class ServerProcess(_Server):
         self.wait_ready(seconds=ready_s)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A served system sets torch's threads for its model calls (one per call on a CPU left on 'auto'): the
+    next test gets the session's count back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def server(trained_system: Path):
     proc = ServerProcess(trained_system)

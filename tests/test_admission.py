@@ -9,7 +9,7 @@ IMAGE = 32 * 32 * 3  # bytes of one 32×32 RGB image on the wire
 
 
 def _admission(**serving: float) -> Admission:
-    return Admission(ServingConfig(**serving), image_size=32)
+    return Admission(ServingConfig(**serving).resolve("cpu"), image_size=32)
 
 
 def test_the_wait_estimate_sheds_a_budget_shorter_than_the_drain_and_admits_a_longer_one() -> None:
@@ -128,7 +128,7 @@ def test_without_a_spread_of_batch_sizes_there_is_no_gain() -> None:
 def test_with_calls_side_by_side_each_batch_is_the_queues_share() -> None:
     """Two model workers split a queue of 64 images into two calls of 32: the gain is 32-image batches', not
     one 64-image batch's, so the estimate does not promise a drain the workers cannot deliver."""
-    cfg = ServingConfig(max_batch_size=64, max_queue_images=4096)
+    cfg = ServingConfig(max_batch_size=64, max_queue_images=4096).resolve("cpu")
     one, two = Admission(cfg, image_size=32), Admission(cfg, image_size=32, parallel_calls=2)
     for adm in (one, two):
         for n in (8, 16, 8, 16, 12):  # 5 ms + 0.5 ms per image

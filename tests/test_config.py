@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,60 @@ def test_model_workers_share_the_cores_unless_torch_threads_is_set() -> None:
     from askexpert.serving.server import compute_threads
 
     cores = len(os.sched_getaffinity(0))
-    assert compute_threads(ServingConfig()) == 0  # one worker: torch's own default
-    assert compute_threads(ServingConfig(model_workers=2)) == max(1, cores // 2)
-    assert compute_threads(ServingConfig(model_workers=4 * cores)) == 1  # never below one thread
-    assert compute_threads(ServingConfig(model_workers=2, torch_threads=3)) == 3  # an explicit count wins
+
+    def threads(**serving: object) -> int:
+        return compute_threads(ServingConfig.model_validate(serving).resolve("cpu", "plain", cores))
+
+    assert threads(model_workers=1) == 0  # one worker: torch's own default
+    assert threads(model_workers=2) == max(1, cores // 2)
+    assert threads(model_workers=4 * cores) == 1  # never below one thread
+    assert threads(model_workers=2, torch_threads=3) == 3  # an explicit count wins
+    assert threads() == (0 if cores == 1 else 1)  # auto on a CPU: one single-threaded call per core
+
+
+@pytest.mark.parametrize(
+    ("device", "engine", "cores", "bf16", "expected"),
+    [
+        # a float32 CPU server: ONNX Runtime, 8-image calls, 30 ms, one single-threaded call per core
+        ("cpu", "plain", 2, False, (8, 30.0, 2, "onnx")),
+        ("cpu", "plain", 1, False, (8, 30.0, 1, "onnx")),
+        # bfloat16 experts need torch, whose per-call overhead wants 64-image calls and 100 ms
+        ("cpu", "plain", 2, True, (64, 100.0, 2, "torch")),
+        # Ray's replicas run torch, one call each; a handle call's overhead wants the tighter 70 ms
+        ("cpu", "ray", 2, False, (64, 70.0, 1, "torch")),
+        ("cuda", "plain", 16, False, (64, 100.0, 1, "torch")),
+        ("cuda", "ray", 16, True, (64, 100.0, 1, "torch")),
+    ],
+)
+def test_auto_serving_settings_follow_the_hardware(
+    device: str, engine: str, cores: int, bf16: bool, expected: tuple[object, ...]
+) -> None:
+    from askexpert.config import ServingConfig
+
+    sc = ServingConfig(cpu_bfloat16=bf16).resolve(device, engine, cores)  # type: ignore[arg-type]
+    assert (sc.max_batch_size, sc.queue_delay_target_ms, sc.model_workers, sc.model_runtime) == expected
+    assert sorted(sc.auto) == sorted(["max_batch_size", "queue_delay_target_ms", "model_workers", "model_runtime"])
+    assert "(auto)" in sc.describe() and f"{expected[0]}-image batches" in sc.describe()
+    assert sc.resolve("cuda" if device == "cpu" else "cpu") is sc  # resolved once, for the hardware it runs on
+
+
+def test_serving_values_given_are_kept_on_any_hardware_and_bad_ones_are_named() -> None:
+    from askexpert.config import ServingConfig, SystemConfig
+
+    given = ServingConfig(max_batch_size=16, model_runtime="torch")
+    sc = given.resolve("cpu", "plain", 2)
+    # the batch and runtime as given; the target follows the runtime that runs (torch: 100 ms)
+    assert (sc.max_batch_size, sc.model_runtime, sc.queue_delay_target_ms, sc.model_workers) == (16, "torch", 100.0, 2)
+    assert sc.auto == ["model_workers", "queue_delay_target_ms"]
+    assert "16-image batches," in sc.describe() and "torch," in sc.describe()
+    assert given.max_batch_size == 16 and ServingConfig().max_batch_size == "auto"  # resolve copies
+    # 'auto' survives config.yaml: a system written today follows the hardware it is served on
+    assert SystemConfig.from_dict({}).model_dump(mode="json")["serving"]["queue_delay_target_ms"] == "auto"
+    for key, value, fragment in [
+        ("max_batch_size", 0, "whole number ≥ 1 or 'auto', got 0"),
+        ("model_workers", "many", "whole number ≥ 1 or 'auto', got 'many'"),
+        ("queue_delay_target_ms", -5, "milliseconds > 0 or 'auto', got -5"),
+        ("model_runtime", "tensorrt", "model_runtime"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            SystemConfig.from_dict({"serving": {key: value}})

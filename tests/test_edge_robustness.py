@@ -202,9 +202,9 @@ def test_the_edge_sizes_its_requests_by_the_servers_limit(tight_server: ServerPr
     """An edge whose config allows 64 images a request, a server that allows 8: the handshake says so, and 20
     images go as 8 + 8 + 4 instead of one request the server refuses (400)."""
     system = SystemDir.open(trained_system)
-    cfg = system.config()
-    assert cfg.serving.max_batch_size > 20
-    backend = HttpExpertBackend(tight_server.url, cfg.serving)
+    edge = system.config().serving.model_copy(update={"max_batch_size": 64})
+    backend = HttpExpertBackend(tight_server.url, edge)
+    assert backend.request_images == 64  # before the handshake: its own setting
     try:
         doc = backend.handshake(system.partition(), 32)
         assert doc.max_request_images == 8 == backend.request_images
@@ -319,3 +319,15 @@ def test_overload_gets_429_with_retry_after_and_the_edge_falls_back_at_once(
     assert calls["n"] == 1 and slept == []  # no retry, no back-off: the edge falls back at once
     backend.client.post = original  # type: ignore[method-assign]
     backend.close()
+
+
+def test_before_a_handshake_an_edge_left_on_auto_sends_what_any_server_accepts() -> None:
+    """'auto' lets the server's hardware choose its batch limit (8 on a CPU, 64 on a GPU): until the handshake
+    names it, the edge sends at most the smallest of them."""
+    from askexpert.config import ServingConfig
+
+    backend = HttpExpertBackend("http://127.0.0.1:9", ServingConfig())
+    try:
+        assert backend.request_images == 8
+    finally:
+        backend.close()

@@ -139,7 +139,9 @@ def test_model_calls_side_by_side_answer_as_the_local_experts_do(trained_system:
 
     from askexpert.serving.server import ExpertService
 
-    system = _copy_with(trained_system, tmp_path, model_workers=2, max_batch_size=2, max_wait_ms=0.0)
+    system = _copy_with(
+        trained_system, tmp_path, model_workers=2, max_batch_size=2, max_wait_ms=0.0, model_runtime="torch"
+    )
     images = system.splits().test.images[:8]
     calls = [(eid, i) for eid in system.partition().expert_ids for i in range(0, 8, 2)]
     threads = torch.get_num_threads()
@@ -171,12 +173,13 @@ def test_onnx_model_runtime_answers_as_torch_and_exports_once_per_checkpoint(
     from askexpert.models.onnx_runtime import source_path
     from askexpert.serving.server import ExpertService
 
-    system = _copy_with(trained_system, tmp_path, model_runtime="onnx", test_time_flip=True)
+    system = _copy_with(trained_system, tmp_path, model_runtime="onnx", model_workers=1, test_time_flip=True)
     schedule = system.config().serving.schedule
     ids = system.partition().expert_ids
     service = ExpertService.from_system(system)
     assert service.onnx is not None
-    # threads per call: the cores this process may use (ONNX Runtime's own default counts the machine's)
+    # threads per call with one worker: the cores this process may use (ONNX Runtime's own default counts the
+    # machine's)
     cores = len(os.sched_getaffinity(0))
     assert {r.session.get_session_options().intra_op_num_threads for r in service.onnx.runners.values()} == {cores}
     exports = {eid: system.expert_path(schedule, eid).with_suffix(".onnx") for eid in ids}
@@ -201,3 +204,29 @@ def test_onnx_model_runtime_answers_as_torch_and_exports_once_per_checkpoint(
     ExpertService.from_system(system)  # a stale one is exported again, the others kept
     assert exports[ids[0]].stat().st_mtime_ns != stamps[ids[0]]
     assert all(exports[e].stat().st_mtime_ns == stamps[e] for e in ids[1:])
+
+
+def test_a_cpu_server_left_on_auto_runs_onnx_one_single_threaded_call_per_core(trained_system: Path) -> None:
+    """The micro system's config leaves the hardware-dependent settings on 'auto': on a CPU the server resolves
+    them (ONNX Runtime for float32 experts, 8-image calls, a 30 ms target, a call per core), reports them in
+    its handshake, and answers as torch does."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from askexpert.serving.server import ExpertService, create_app
+
+    system = SystemDir.open(trained_system)
+    assert system.config().serving.model_runtime == "auto"
+    service = ExpertService.from_system(system, device="cpu")
+    cores = len(os.sched_getaffinity(0))
+    sc = service.cfg
+    assert (sc.model_runtime, sc.max_batch_size, sc.queue_delay_target_ms, sc.model_workers) == ("onnx", 8, 30.0, cores)
+    assert service.onnx is not None and service.admission.parallel_calls == cores
+    assert {r.session.get_session_options().intra_op_num_threads for r in service.onnx.runners.values()} == {1}
+    with TestClient(create_app(service)) as client:
+        assert client.get("/v1/experts").json()["max_request_images"] == 8
+    images = system.splits().test.images[:5]
+    reply = asyncio.run(service("e0", images))
+    expected = LocalExpertBackend.of_system(system).predict("e0", images)
+    assert reply.labels == expected.labels.tolist()

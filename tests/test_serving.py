@@ -231,9 +231,11 @@ def test_server_binds_loopback_by_default(trained_system: Path) -> None:
 
 
 def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProcess, trained_system: Path) -> None:
-    cfg = SystemDir.open(trained_system).config().serving
-    backend = HttpExpertBackend(server.url, cfg)
-    images = np.random.default_rng(3).integers(0, 256, (cfg.max_batch_size * 2 + 5, 32, 32, 3), dtype=np.uint8)
+    system = SystemDir.open(trained_system)
+    backend = HttpExpertBackend(server.url, system.config().serving)
+    limit = backend.handshake(system.partition(), 32).max_request_images
+    assert limit is not None and backend.request_images == limit  # 'auto': the server's hardware decides it
+    images = np.random.default_rng(3).integers(0, 256, (limit * 2 + 5, 32, 32, 3), dtype=np.uint8)
     reply = backend.predict("e0", images)
     backend.close()
     ref = LocalExpertBackend.of_system(SystemDir.open(trained_system)).predict("e0", images)

@@ -434,9 +434,12 @@ def serve(
     scheme = "https" if tls is not None else "http"
     import torch
 
-    calls = f"{service.model_workers} model call(s) at once, {torch.get_num_threads()} thread(s) each"
-    calls += ", ONNX Runtime" if service.onnx is not None else ", torch"
-    console.print(f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({calls})", highlight=False)
+    threads = f"{torch.get_num_threads()} thread(s) per call"
+    console.print(
+        f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({service.cfg.describe()}, {threads})",
+        highlight=False,
+        soft_wrap=True,  # one line, whatever the terminal's width: benchmarks read it from the log
+    )
     serve_http(create_app(service, token), host, port, service.cfg, tls)
 
 

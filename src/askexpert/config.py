@@ -9,7 +9,7 @@ number has a single source of truth.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -324,18 +325,34 @@ class RoutingConfig(_Strict):
         return RoutingConfig.model_validate({**self.model_dump(), **changes})
 
 
+Auto = Literal["auto"]
+# What `auto` picks for the serving settings that depend on the hardware (README "Serving: settings that follow
+# the hardware"; measured on a 2-core CPU with the overload benchmark, benchmarks/serve_overload.py):
+# - a CPU, plain engine, experts in float32: ONNX Runtime, 8-image calls, a 30 ms queue-delay target, one model
+#   call per core the server may use (each on one thread): goodput ≥ 0.93 of capacity at 2× and 4× load and
+#   the p99 within 1.8× of half load's with the server on its own core; torch's per-call overhead in Python
+#   wants bigger batches (64) and a looser target (100 ms);
+# - a CPU, Ray engine: torch in each replica, 64-image calls, a 70 ms target (a handle call's overhead
+#   spreads the latencies: at 100 ms the p99 reached 3.1× half load's);
+# - a GPU (either engine): torch in bfloat16, 64-image calls, a 100 ms target, one call at a time.
+AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS = 8, 30.0
+AUTO_BATCH, AUTO_TARGET_MS, AUTO_RAY_CPU_TARGET_MS = 64, 100.0, 70.0
+AUTO_SETTINGS = ("max_batch_size", "queue_delay_target_ms", "model_workers", "model_runtime")
+
+
 class ServingConfig(_Strict):
     """The near-edge expert server and the edge client's link to it."""
 
     schedule: str = "progressive"  # the set `serve` hosts; progressive measured better on both data sets (README)
-    max_batch_size: int = Field(64, ge=1)
+    # 'auto' (the default) for the four settings that depend on the hardware: max_batch_size,
+    # queue_delay_target_ms, model_workers, model_runtime; `resolve` picks them for the device and engine
+    # (the table above); a number or a runtime here is used as given, on any hardware
+    max_batch_size: Annotated[int, Field(ge=1)] | Auto = "auto"
     max_wait_ms: float = Field(5.0, ge=0.0)
     max_queue_images: int = Field(256, ge=1)  # per expert, admitted and not yet answered: a memory cap (429 beyond)
     # the longest estimated queue wait a request is admitted into (429 beyond; a budget header can only shorten
-    # it): the p99 of accepted requests follows from it (serving/admission.py, README "Serving"). On a
-    # float32 CPU server, 30 with max_batch_size 8 and two ONNX Runtime workers; on Ray on a CPU, 70 (README
-    # "Benchmarks": measured on 2 cores; the defaults suit the torch engine's 64-image calls and a GPU's)
-    queue_delay_target_ms: float = Field(100.0, gt=0.0)
+    # it): the p99 of accepted requests follows from it (serving/admission.py, README "Serving")
+    queue_delay_target_ms: Annotated[float, Field(gt=0.0)] | Auto = "auto"
     max_inflight_requests: int = Field(512, ge=1)  # admitted requests at once, all experts (429 beyond)
     max_connections: int = Field(2048, ge=1)  # open connections uvicorn serves at once (503 beyond: a last resort)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -344,8 +361,8 @@ class ServingConfig(_Strict):
     torch_threads: int = Field(0, ge=0)
     # model calls at once on the plain engine, each on its own thread (any expert's batch); on a CPU, calls
     # on one thread each serve more images per second than one call on every core (README "Serving";
-    # with --engine ray, ray_replicas plays this part)
-    model_workers: int = Field(1, ge=1)
+    # with --engine ray, ray_replicas plays this part); auto: one per core this process may use, on a CPU
+    model_workers: Annotated[int, Field(ge=1)] | Auto = "auto"
     client_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
     retries: int = Field(2, ge=0)
@@ -364,11 +381,25 @@ class ServingConfig(_Strict):
     cpu_bfloat16: bool = False
     # what runs the experts' model calls on the plain engine: torch, or ONNX Runtime on each expert exported beside
     # its checkpoint (CPU, float32; one call that does not come back to Python between operators, so an event loop
-    # busy with refusals does not stall it: README "Serving")
-    model_runtime: Literal["torch", "onnx"] = "torch"
+    # busy with refusals does not stall it: README "Serving"); auto: onnx for float32 experts on a CPU
+    model_runtime: Literal["auto", "torch", "onnx"] = "auto"
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
     ray_num_gpus: float = Field(0.0, ge=0.0)  # GPUs per expert replica; > 0 runs the expert on CUDA
+
+    @field_validator("max_batch_size", "model_workers", "queue_delay_target_ms", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: object, info: ValidationInfo) -> object:
+        """One message for a bad value, instead of one per branch of the union."""
+        if value == "auto":
+            return value
+        whole = info.field_name != "queue_delay_target_ms"
+        want = "a whole number ≥ 1" if whole else "a number of milliseconds > 0"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected {want} or 'auto', got {value!r}")
+        if (whole and not (float(value).is_integer() and value >= 1)) or value <= 0:
+            raise ValueError(f"expected {want} or 'auto', got {value!r}")
+        return int(value) if whole else value
 
     @model_validator(mode="after")
     def _onnx_is_float32(self) -> ServingConfig:
@@ -382,6 +413,53 @@ class ServingConfig(_Strict):
         current for a config that turns both off."""
         runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16}
         return [runtime] if any(runtime.values()) else []
+
+    def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
+        """A copy with every 'auto' replaced by what measured best for experts on `device_type` ("cpu",
+        "cuda") under `engine`, with `cores` the CPU cores the server may use (the table above); settings
+        given as values stay. A resolved copy resolves to itself."""
+        cpu = device_type == "cpu"
+        runtime = self.model_runtime
+        if runtime == "auto":
+            runtime = "onnx" if cpu and engine == "plain" and not self.cpu_bfloat16 else "torch"
+        small = cpu and runtime == "onnx"
+        if small:
+            batch, target = AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS
+        else:
+            batch, target = AUTO_BATCH, AUTO_RAY_CPU_TARGET_MS if cpu and engine == "ray" else AUTO_TARGET_MS
+        chosen = {
+            "max_batch_size": batch,
+            "queue_delay_target_ms": target,
+            "model_workers": max(1, cores) if cpu and engine == "plain" else 1,
+            "model_runtime": runtime,
+        }
+        values = {k: v for k, v in chosen.items() if getattr(self, k) == "auto"}
+        resolved = ResolvedServing.model_validate({**self.model_dump(), **values, "auto": sorted(values)})
+        return resolved
+
+
+class ResolvedServing(ServingConfig):
+    """Serving settings for one device and engine: no 'auto' left (`ServingConfig.resolve`). The server's parts
+    take this type, so a setting still 'auto' cannot reach them."""
+
+    max_batch_size: int = Field(ge=1)
+    queue_delay_target_ms: float = Field(gt=0.0)
+    model_workers: int = Field(ge=1)
+    model_runtime: Literal["torch", "onnx"]
+    auto: list[str] = Field(default_factory=list)  # the settings `resolve` picked (for the start-up line)
+
+    def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
+        return self
+
+    def describe(self) -> str:
+        """One line for the start-up message: the hardware-dependent settings, marked where 'auto' chose them."""
+        mark = {k: " (auto)" if k in self.auto else "" for k in AUTO_SETTINGS}
+        return (
+            f"{self.model_runtime}{mark['model_runtime']}, "
+            f"{self.max_batch_size}-image batches{mark['max_batch_size']}, "
+            f"{self.queue_delay_target_ms:g} ms queue-delay target{mark['queue_delay_target_ms']}, "
+            f"{self.model_workers} model call(s) at once{mark['model_workers']}"
+        )
 
 
 class EvaluateConfig(_Strict):

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from askexpert.config import ServingConfig
+from askexpert.config import AUTO_CPU_SMALL_BATCH, ServingConfig
 from askexpert.errors import ConfigError
 from askexpert.partition import Partition
 from askexpert.protocol.backend import BackendError, ExpertReply, check_images
@@ -101,7 +101,9 @@ class HttpExpertBackend:
                 stacklevel=2,
             )
         self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers, verify=verify)
-        self.request_images = cfg.max_batch_size  # images per request: the server's limit once the handshake says it
+        # images per request: the server's limit once the handshake says it; before, this edge's setting, or with
+        # 'auto' the least a server picks by itself (its hardware is not known yet)
+        self.request_images = AUTO_CPU_SMALL_BATCH if cfg.max_batch_size == "auto" else cfg.max_batch_size
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
 
     def close(self) -> None:
@@ -156,7 +158,7 @@ class HttpExpertBackend:
 
     def predict(self, expert_id: str, images: np.ndarray) -> ExpertReply:
         """Ask `expert_id`, in requests of at most the server's limit of images (its handshake's
-        `max_request_images`; before a handshake, this edge's `serving.max_batch_size`)."""
+        `max_request_images`; before a handshake, this edge's `serving.max_batch_size`, 8 where that is 'auto')."""
         check_images(images)
         step = self.request_images
         if len(images) <= step:

@@ -38,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from askexpert.config import ServingConfig
+from askexpert.config import ResolvedServing
 from askexpert.protocol.wire import HEADER_SIZE
 
 # Weight of the newest batch in the model-throughput estimate: a few batches follow a change of load.
@@ -81,7 +81,7 @@ class Ticket:
 class Admission:
     """Per-expert admitted work and throughput; `admit` decides, `release` frees, `observe` measures."""
 
-    def __init__(self, cfg: ServingConfig, image_size: int, parallel_calls: int = 1) -> None:
+    def __init__(self, cfg: ResolvedServing, image_size: int, parallel_calls: int = 1) -> None:
         if parallel_calls < 1:
             raise ValueError(f"parallel_calls must be at least 1, got {parallel_calls}")
         self.parallel_calls = parallel_calls  # model calls that drain one expert's queue side by side

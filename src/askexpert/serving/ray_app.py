@@ -31,7 +31,7 @@ import numpy as np
 from ray import serve
 from ray.serve import RunTarget
 
-from askexpert.config import SystemConfig
+from askexpert.config import ResolvedServing
 from askexpert.data import input_size
 from askexpert.measure.energy import meter_for
 from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, read_meta
@@ -113,10 +113,12 @@ class ExpertReplica:
 class RayExpertService(ServiceBase):
     """The HTTP front's service: admitted requests go to their expert's deployment through its handle."""
 
-    def __init__(self, metas: dict[str, CheckpointMeta], cfg: SystemConfig, handles: dict[str, Any]) -> None:
-        """`metas`: the served experts' metadata; `cfg`: the system's config with this run's serving settings."""
+    def __init__(
+        self, metas: dict[str, CheckpointMeta], image_size: int, sc: ResolvedServing, handles: dict[str, Any]
+    ) -> None:
+        """`metas`: the served experts' metadata; `sc`: this run's serving settings, resolved for Ray."""
         # each expert's replicas batch apart, side by side: its queue splits among them
-        super().__init__(metas, input_size(cfg.data), cfg.serving, parallel_calls=cfg.serving.ray_replicas)
+        super().__init__(metas, image_size, sc, parallel_calls=sc.ray_replicas)
         self.handles = handles
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
@@ -129,10 +131,9 @@ class RayExpertService(ServiceBase):
         return self.reply(expert_id, result)
 
 
-def expert_apps(system: SystemDir, cfg: SystemConfig, schedule: str, expert_ids: list[str]) -> dict[str, Any]:
-    """One Ray Serve application per served expert (its replicas batch its calls), by expert id; `cfg`: the
-    system's config with this run's serving settings."""
-    sc = cfg.serving
+def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_ids: list[str]) -> dict[str, Any]:
+    """One Ray Serve application per served expert (its replicas batch its calls), by expert id; `sc`: this
+    run's serving settings, resolved for Ray."""
     actor = {"num_cpus": sc.ray_num_cpus, "num_gpus": sc.ray_num_gpus}
     if sc.model_workers > 1:
         warnings.warn(
@@ -189,7 +190,10 @@ def run_ray(
     schedule = schedule or cfg.serving.schedule
     # read before Ray starts: a missing or bad checkpoint fails here, with the file's name, not inside a replica
     metas = {eid: read_meta(system.expert_path(schedule, eid)) for eid in system.partition().expert_ids}
-    apps = expert_apps(system, cfg, schedule, list(metas))
+    # 'auto' settings for Ray's replicas: on a GPU where they reserve one, else on this host's CPU
+    sc = cfg.serving.resolve("cuda" if cfg.serving.ray_num_gpus > 0 else "cpu", "ray")
+    apps = expert_apps(system, sc, schedule, list(metas))
+    print(f"Ray engine: {len(apps)} experts, {sc.describe()}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the
     # KeyboardInterrupt below, so `kill` also tears the local Ray instance down
     signal.signal(signal.SIGTERM, interrupt)
@@ -198,7 +202,7 @@ def run_ray(
         serve.start(proxy_location="Disabled")  # the HTTP front is ours (serve_http below)
         targets = [RunTarget(app, name=APP_PREFIX + eid, route_prefix=None) for eid, app in apps.items()]
         handles = serve.run_many(targets)
-        service = RayExpertService(metas, cfg, dict(zip(apps, handles, strict=True)))
+        service = RayExpertService(metas, input_size(cfg.data), sc, dict(zip(apps, handles, strict=True)))
         serve_http(create_app(service, token), host, port, service.cfg, tls)
     except KeyboardInterrupt:
         pass

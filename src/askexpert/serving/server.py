@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from askexpert.config import ServingConfig
+from askexpert.config import ResolvedServing, ServingConfig
 from askexpert.data import input_size
 from askexpert.errors import AskExpertError, ConfigError
 from askexpert.measure.energy import EnergyMeter, meter_for
@@ -119,7 +119,7 @@ class ServiceBase:
     """What the HTTP layer needs from a service: expert facts, metrics, and an async `__call__`."""
 
     def __init__(
-        self, metas: dict[str, CheckpointMeta], image_size: int, cfg: ServingConfig, parallel_calls: int = 1
+        self, metas: dict[str, CheckpointMeta], image_size: int, cfg: ResolvedServing, parallel_calls: int = 1
     ) -> None:
         self.metas = metas
         self.image_size = image_size
@@ -180,7 +180,7 @@ class ServiceBase:
         raise NotImplementedError
 
 
-def compute_threads(cfg: ServingConfig) -> int:
+def compute_threads(cfg: ResolvedServing) -> int:
     """torch threads per model call (0: torch's default): `torch_threads`, or with several model workers
     the cores this process may use shared among them, so that the calls never oversubscribe the cores."""
     if cfg.torch_threads or cfg.model_workers == 1:
@@ -196,7 +196,7 @@ class ExpertService(ServiceBase):
         backend: LocalExpertBackend,
         partition: Partition,
         image_size: int,
-        cfg: ServingConfig,
+        cfg: ResolvedServing,
         onnx: OnnxExperts | None = None,
     ) -> None:
         metas = {eid: meta for eid, (_, meta) in backend.experts.items()}
@@ -225,24 +225,25 @@ class ExpertService(ServiceBase):
         system = SystemDir.of(root)
         cfg = system.config().with_serving(serving or {})
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
-        threads = compute_threads(cfg.serving)
+        sc = cfg.serving.resolve(torch.device(device).type, "plain", len(os.sched_getaffinity(0)))
+        threads = compute_threads(sc)
         if threads:
             torch.set_num_threads(threads)  # every model thread takes it up at its first call
         part = system.partition()
         backend = LocalExpertBackend.of_system(system, schedule, device)
         onnx = None
-        if cfg.serving.model_runtime == "onnx":
+        if sc.model_runtime == "onnx":
             if backend.device.type != "cpu":
                 raise ConfigError(
                     f"serving.model_runtime 'onnx' runs the experts on the CPU, not on {backend.device}; "
-                    "use model_runtime: torch there"
+                    "use model_runtime: torch (or auto) there"
                 )
             served = schedule or cfg.serving.schedule
             paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in backend.experts}
             # ONNX Runtime's own default counts the machine's cores, not the ones this process may use: pinned
             # to one core of two, its threads contended for that core (README "Benchmarks", pinned)
             onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or len(os.sched_getaffinity(0)))
-        service = cls(backend, part, input_size(cfg.data), cfg.serving, onnx)
+        service = cls(backend, part, input_size(cfg.data), sc, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         return service
 
