@@ -141,3 +141,30 @@ def test_with_calls_side_by_side_each_batch_is_the_queues_share() -> None:
     assert two.batching_gain("e0", 200) == one.batching_gain("e0", 200)  # both calls full: a full batch each
     with pytest.raises(ValueError, match="parallel_calls"):
         Admission(cfg, image_size=32, parallel_calls=0)
+
+
+def test_light_load_does_not_erase_what_full_batches_cost() -> None:
+    """Small batches for a long while (light load) leave the full batches' cost in the fit: the estimate still
+    expects a deep queue to drain in full batches, instead of refusing the queue that would bring them back."""
+    adm = _admission(max_batch_size=64, max_queue_images=4096)
+    for _ in range(3):
+        adm.observe("e0", 64, 0.005 + 0.0005 * 64)
+    for _ in range(500):
+        adm.observe("e0", 4, 0.005 + 0.0005 * 4)
+    a, b, mean_n = adm.batch_cost("e0") or (0.0, 0.0, 0.0)
+    assert a == pytest.approx(0.005) and b == pytest.approx(0.0005)
+    assert mean_n == pytest.approx(4, abs=0.01)  # the recent answers came from 4-image batches
+    assert adm.batching_gain("e0", 64) == pytest.approx((64 / 0.037) / (4 / 0.007))
+
+
+def test_a_warm_up_before_serving_gives_the_fit_its_full_batch() -> None:
+    """`calibrate` (the server's warm-up calls) records what one image and a full batch cost; from the first real
+    batch on, the gain of a deeper queue is known, and the warm-up does not count as recent load."""
+    adm = _admission(max_batch_size=64, max_queue_images=4096)
+    adm.calibrate("e0", 1, 0.005 + 0.0005)
+    adm.calibrate("e0", 64, 0.005 + 0.0005 * 64)
+    assert adm.batch_cost("e0") is None and adm.rate("e0") is None  # no real batch yet: nothing to scale
+    adm.observe("e0", 4, 0.005 + 0.0005 * 4)
+    a, b, mean_n = adm.batch_cost("e0") or (0.0, 0.0, 0.0)
+    assert a == pytest.approx(0.005) and b == pytest.approx(0.0005) and mean_n == 4
+    assert adm.batching_gain("e0", 64) > 2

@@ -47,7 +47,7 @@ _RATE_SMOOTHING = 0.2
 _ANSWER_MEMORY_S = 1.0
 # Busy time the answer-rate estimate needs before it is trusted over the model-throughput one.
 _ANSWER_MIN_S = 0.05
-# Weight kept by older model calls in the per-batch cost fit, per new call: about 20 batches of memory.
+# Weight kept by older model calls in the mean batch size the recent answers came from: about 20 batches.
 _FIT_DECAY = 0.95
 # The batching gain is capped: a fit from a narrow range of batch sizes must not promise miracles.
 _MAX_GAIN = 4.0
@@ -96,8 +96,12 @@ class Admission:
         # answers while busy: decayed sums of images answered and of the seconds they took, per expert
         self._answered: dict[str, tuple[float, float]] = {}
         self._last_answer: dict[str, tuple[float, bool]] = {}  # time of the last answer, work left behind it
-        # model calls, decayed sums for the fit t(N) = a + b·N: weight, N, t, N², N·t, per expert
-        self._calls: dict[str, tuple[float, float, float, float, float]] = {}
+        # model calls by batch size, for the fit t(N) = a + b·N: per expert, per size class (N's bit length) the
+        # smoothed N and seconds. A class keeps its figures while other sizes run: light load's small batches
+        # must not erase what full batches cost, or the estimate refuses the queue that would bring them back
+        # (a Ray server stuck at 40 % of its capacity, README "Benchmarks")
+        self._sizes: dict[str, dict[int, tuple[float, float]]] = {}
+        self._recent_n: dict[str, tuple[float, float]] = {}  # decayed weight and sum of recent batch sizes
         self._fits: dict[str, tuple[float, float, float] | None] = {}  # the fit of `_calls`, per expert
 
     def images_declared(self, content_length: int | None) -> int:
@@ -120,18 +124,21 @@ class Admission:
         return self._fits.get(expert)
 
     def _fit(self, expert: str) -> tuple[float, float, float] | None:
-        w, sn, st, snn, snt = self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0))
-        if w <= 0:
+        """a + b·N through the size classes' points (each counts once), and the recent batches' mean size."""
+        points = list(self._sizes.get(expert, {}).values())
+        weight, total = self._recent_n.get(expert, (0.0, 0.0))
+        if len(points) < 2 or weight <= 0:
             return None
-        mean_n, mean_t = sn / w, st / w
-        var_n = snn / w - mean_n * mean_n
+        ns, ts = [n for n, _ in points], [t for _, t in points]
+        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
+        var_n = sum((n - mean_n) ** 2 for n in ns) / len(ns)
         if var_n < 1.0:  # batches of (nearly) one size: no slope to fit
             return None
-        b = (snt / w - mean_n * mean_t) / var_n
+        b = sum((n - mean_n) * (t - mean_t) for n, t in points) / len(ns) / var_n
         a = mean_t - b * mean_n
         if a <= 0 or b < 0:
             return None
-        return a, b, mean_n
+        return a, b, total / weight
 
     def batching_gain(self, expert: str, images: int) -> float:
         """How many times faster a queue of `images` drains than the batches recently run (≥ 1): each of the
@@ -215,13 +222,28 @@ class Admission:
         left = self.admitted.get(expert, 0) - (0 if ticket.released else ticket.images)
         self._last_answer[expert] = (now, left > 0)
 
+    def calibrate(self, expert: str, batch_size: int, compute_s: float) -> None:
+        """A model call run before serving (`warm_up`): its cost joins the fit's size classes, not the figures of
+        recent batches, which real load sets."""
+        if compute_s <= 0 or batch_size <= 0:
+            return
+        self._sizes.setdefault(expert, {})[batch_size.bit_length()] = (float(batch_size), compute_s)
+        self._fits[expert] = self._fit(expert)
+
     def observe(self, expert: str, batch_size: int, compute_s: float) -> None:
         """One model call's images and seconds: the throughput the wait estimate divides by."""
         if compute_s <= 0 or batch_size <= 0:
             return
-        w, sn, st, snn, snt = (_FIT_DECAY * v for v in self._calls.get(expert, (0.0, 0.0, 0.0, 0.0, 0.0)))
         n, t = float(batch_size), compute_s
-        self._calls[expert] = (w + 1.0, sn + n, st + t, snn + n * n, snt + n * t)
+        sizes = self._sizes.setdefault(expert, {})
+        size_class = batch_size.bit_length()
+        old_n, old_t = sizes.get(size_class, (n, t))
+        sizes[size_class] = (
+            (1 - _RATE_SMOOTHING) * old_n + _RATE_SMOOTHING * n,
+            (1 - _RATE_SMOOTHING) * old_t + _RATE_SMOOTHING * t,
+        )
+        weight, total = self._recent_n.get(expert, (0.0, 0.0))
+        self._recent_n[expert] = (_FIT_DECAY * weight + 1.0, _FIT_DECAY * total + n)
         self._fits[expert] = self._fit(expert)
         rate = batch_size / compute_s
         old = self.images_per_s.get(expert)

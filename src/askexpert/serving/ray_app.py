@@ -121,6 +121,16 @@ class RayExpertService(ServiceBase):
         super().__init__(metas, image_size, sc, parallel_calls=sc.ray_replicas)
         self.handles = handles
 
+    def warm_up(self) -> None:
+        """Each expert's replica run on one image and on a full batch before serving, the second time timed into
+        the admission's cost fit, as the plain engine's `ExpertService.warm_up` does."""
+        for eid, handle in self.handles.items():
+            for n in (1, self.cfg.max_batch_size):
+                images = np.zeros((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+                for _ in range(2):
+                    result = handle.remote((images, time.time(), None)).result()
+                self.admission.calibrate(eid, n, result.compute_s)
+
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         now = time.time()
         # the deadline arrives on this process's perf_counter clock; the replica compares wall-clock times
@@ -203,6 +213,7 @@ def run_ray(
         targets = [RunTarget(app, name=APP_PREFIX + eid, route_prefix=None) for eid, app in apps.items()]
         handles = serve.run_many(targets)
         service = RayExpertService(metas, input_size(cfg.data), sc, dict(zip(apps, handles, strict=True)))
+        service.warm_up()
         serve_http(create_app(service, token), host, port, service.cfg, tls)
     except KeyboardInterrupt:
         pass

@@ -245,7 +245,21 @@ class ExpertService(ServiceBase):
             onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or len(os.sched_getaffinity(0)))
         service = cls(backend, part, input_size(cfg.data), sc, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
+        service.warm_up()
         return service
+
+    def warm_up(self) -> None:
+        """Run each expert on one image and on a full batch before serving, the second time timed into the
+        admission's cost fit (the first pays lazy initialisation): from the first request on, the wait estimate
+        knows what a full batch costs, and does not refuse the queue that would make one."""
+        model = self.onnx or self.backend
+        for eid in self.classes:
+            for n in (1, self.max_batch_size):
+                images = np.zeros((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+                model.logits(eid, images)
+                start = time.perf_counter()
+                model.logits(eid, images)
+                self.admission.calibrate(eid, n, time.perf_counter() - start)
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
