@@ -21,7 +21,8 @@ of its own, not counted in either: on one host the generator
 takes its share from the server). `--pin` runs the server on core 1 and the
 generator on core 0, so that neither figure is the other's. The summary is the
 median over `--repeats` runs. `--set` passes serving settings to the server (`askexpert
-serve --set`: config.yaml unchanged; they are named in the report). Writes
+serve --set`: config.yaml unchanged; they are named in the report, with the server's start-up line, which
+names the settings it resolved, `auto` ones marked). Writes
 `DIR/report/serve_overload_<engine>[_pinned].{md,csv,json,png}`.
 
 Targets (issue 17): goodput at 2× and 4× ≥ 90 % of capacity; p99 at 1×, 2×, 4× ≤ 3×
