@@ -329,8 +329,8 @@ Auto = Literal["auto"]
 # What `auto` picks for the serving settings that depend on the hardware (README "Serving: settings that follow
 # the hardware"; measured on a 2-core CPU with the overload benchmark, benchmarks/serve_overload.py):
 # - a CPU, plain engine, experts in float32: ONNX Runtime, 8-image calls, a 30 ms queue-delay target, one model
-#   call per core the server may use (each on one thread): goodput ≥ 0.93 of capacity at 2× and 4× load and
-#   the p99 within 1.8× of half load's with the server on its own core; torch's per-call overhead in Python
+#   call per core the server may use (each on one thread): goodput ≥ 0.9 of capacity at 1×, 2× and 4× load and
+#   the p99 within 1.9× of half load's with the server on its own core; torch's per-call overhead in Python
 #   wants bigger batches (64) and a looser target (100 ms);
 # - a CPU, Ray engine: torch in each replica, 64-image calls, a 70 ms target (a handle call's overhead
 #   spreads the latencies: at 100 ms the p99 reached 3.1× half load's);
@@ -434,8 +434,7 @@ class ServingConfig(_Strict):
             "model_runtime": runtime,
         }
         values = {k: v for k, v in chosen.items() if getattr(self, k) == "auto"}
-        resolved = ResolvedServing.model_validate({**self.model_dump(), **values, "auto": sorted(values)})
-        return resolved
+        return ResolvedServing.model_validate({**self.model_dump(), **values, "auto": sorted(values)})
 
 
 class ResolvedServing(ServingConfig):
@@ -449,6 +448,7 @@ class ResolvedServing(ServingConfig):
     auto: list[str] = Field(default_factory=list)  # the settings `resolve` picked (for the start-up line)
 
     def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
+        """Already resolved, for the hardware it runs on: itself."""
         return self
 
     def describe(self) -> str:

@@ -102,7 +102,7 @@ class Admission:
         # (a Ray server stuck at 40 % of its capacity, README "Benchmarks")
         self._sizes: dict[str, dict[int, tuple[float, float]]] = {}
         self._recent_n: dict[str, tuple[float, float]] = {}  # decayed weight and sum of recent batch sizes
-        self._fits: dict[str, tuple[float, float, float] | None] = {}  # the fit of `_calls`, per expert
+        self._fits: dict[str, tuple[float, float, float] | None] = {}  # the fit of `_sizes`, per expert
 
     def images_declared(self, content_length: int | None) -> int:
         """Images a body of this length holds (the wire format is fixed-size); unknown length: a full batch."""
