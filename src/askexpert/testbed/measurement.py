@@ -143,7 +143,9 @@ def measure(system: SystemDir, spec: TestbedSpec, samples: int, emulate: str = "
     if emulate == "on" and reason:
         raise LinkUnavailable(f"--emulate on, but {reason}")
     use_ns = emulate != "off" and reason is None
-    no_wait = ("--max-wait-ms", "0")  # one sample at a time: a batching wait would only add latency
+    # one sample at a time: a batching wait would only add latency; and torch, whatever `auto` would pick: the
+    # profiles' slowdowns scale this machine's torch server, as they were set
+    no_wait = ("--max-wait-ms", "0", "--set", "model_runtime=torch")
     # The server shares this machine's cores with the edge measurement. One batch-1 request at a
     # time runs fastest on one OpenMP thread, and one thread neither busy-waits on the edge's cores
     # nor pays a sleeping worker's wake-up on every op (measured here: a ~1.6 ms expert pass took
