@@ -121,15 +121,10 @@ class RayExpertService(ServiceBase):
         super().__init__(metas, image_size, sc, parallel_calls=sc.ray_replicas)
         self.handles = handles
 
-    def warm_up(self) -> None:
-        """Each expert's replica run on one image and on a full batch before serving, the second time timed into
-        the admission's cost fit, as the plain engine's `ExpertService.warm_up` does."""
-        for eid, handle in self.handles.items():
-            for n in (1, self.cfg.max_batch_size):
-                images = np.zeros((n, self.image_size, self.image_size, 3), dtype=np.uint8)
-                for _ in range(2):
-                    result = handle.remote((images, time.time(), None)).result()
-                self.admission.calibrate(eid, n, result.compute_s)
+    def compute_s(self, expert_id: str, images: np.ndarray) -> float:
+        """The replica's own timing of the call (a batch of these images alone), not the handle's round trip."""
+        result: BatchResult = self.handles[expert_id].remote((images, time.time(), None)).result()
+        return result.compute_s
 
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         now = time.time()

@@ -176,6 +176,20 @@ class ServiceBase:
             timing=timing,
         )
 
+    def warm_up(self) -> None:
+        """Run each expert on one image and on a full batch before serving, the second time timed into the
+        admission's cost fit (the first pays lazy initialisation): from the first request on, the wait estimate
+        knows what a full batch costs, and does not refuse the queue that would make one."""
+        for eid in self.classes:
+            for n in (1, self.cfg.max_batch_size):
+                images = np.zeros((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+                self.compute_s(eid, images)
+                self.admission.calibrate(eid, n, self.compute_s(eid, images))
+
+    def compute_s(self, expert_id: str, images: np.ndarray) -> float:
+        """Seconds of one model call on `images`, outside the batching (for `warm_up`)."""
+        raise NotImplementedError
+
     async def __call__(self, expert_id: str, images: np.ndarray, deadline: float | None = None) -> PredictReply:
         raise NotImplementedError
 
@@ -225,7 +239,8 @@ class ExpertService(ServiceBase):
         system = SystemDir.of(root)
         cfg = system.config().with_serving(serving or {})
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
-        sc = cfg.serving.resolve(torch.device(device).type, "plain", len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a taskset, a container's share)
+        sc = cfg.serving.resolve(torch.device(device).type, "plain", cores)
         threads = compute_threads(sc)
         if threads:
             torch.set_num_threads(threads)  # every model thread takes it up at its first call
@@ -242,24 +257,16 @@ class ExpertService(ServiceBase):
             paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in backend.experts}
             # ONNX Runtime's own default counts the machine's cores, not the ones this process may use: pinned
             # to one core of two, its threads contended for that core (README "Benchmarks", pinned)
-            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or len(os.sched_getaffinity(0)))
+            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or cores)
         service = cls(backend, part, input_size(cfg.data), sc, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         service.warm_up()
         return service
 
-    def warm_up(self) -> None:
-        """Run each expert on one image and on a full batch before serving, the second time timed into the
-        admission's cost fit (the first pays lazy initialisation): from the first request on, the wait estimate
-        knows what a full batch costs, and does not refuse the queue that would make one."""
-        model = self.onnx or self.backend
-        for eid in self.classes:
-            for n in (1, self.max_batch_size):
-                images = np.zeros((n, self.image_size, self.image_size, 3), dtype=np.uint8)
-                model.logits(eid, images)
-                start = time.perf_counter()
-                model.logits(eid, images)
-                self.admission.calibrate(eid, n, time.perf_counter() - start)
+    def compute_s(self, expert_id: str, images: np.ndarray) -> float:
+        start = time.perf_counter()
+        (self.onnx or self.backend).logits(expert_id, images)
+        return time.perf_counter() - start
 
     @dynamic_batch()
     def run(self, expert_id: str, images: np.ndarray) -> np.ndarray:
