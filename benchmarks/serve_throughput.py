@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_throughput.py --system askexpert-demo [--expert e0] [--engine ray]
 
 Starts `askexpert serve` on a free loopback port, sends requests of
-`--images` images each from N concurrent clients (asyncio + aiohttp, one process; a
+`--images` images each from N concurrent clients (asyncio + `LoadClient`, one process; a
 bounded number of requests, with a time cap), and prints throughput, p50/p99 request
 latency, the ratio to the bare model's batched throughput, and the CPU the load
 generator itself burned; throughput and latency count answered requests only, and the
@@ -24,11 +24,11 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import aiohttp
 import numpy as np
 import torch
 
 from askexpert.data import input_size
+from askexpert.measure.load import LoadClient
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.predict import resolve_device
 from askexpert.protocol.http import ErrorReply
@@ -71,8 +71,8 @@ def load(
 ) -> dict[str, float]:
     """`clients` concurrent request loops on one asyncio event loop.
 
-    aiohttp rather than httpx: on 2 shared cores every client-side millisecond is
-    taken from the server being measured, and aiohttp costs less per request.
+    `LoadClient` rather than a general client: on 2 shared cores every client-side millisecond is
+    taken from the server being measured, and it costs less per request (its docstring).
     """
     body = encode_images(np.random.default_rng(1).integers(0, 256, (per_request, size, size, 3), dtype=np.uint8))
     latencies: list[float] = []  # answered requests (200) only: a refusal is fast and says nothing of serving
@@ -82,10 +82,8 @@ def load(
 
     async def run() -> float:
         nonlocal errors
-        connector = aiohttp.TCPConnector(limit=clients)
-        timeout = aiohttp.ClientTimeout(total=60)
-        headers = {"content-type": MEDIA_TYPE}
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as client:
+        url_ = f"{url}/v1/experts/{expert}/predict"
+        async with LoadClient(url_, body, MEDIA_TYPE, timeout_s=60) as client:
             deadline = time.perf_counter() + cap_s
 
             async def worker() -> None:
@@ -94,14 +92,13 @@ def load(
                     if time.perf_counter() > deadline:
                         return
                     t0 = time.perf_counter()
-                    async with client.post(f"{url}/v1/experts/{expert}/predict", data=body) as response:
-                        data = await response.read()
-                        sent += 1
-                    if response.status == 429:  # refused: wait out the drain the server names, then send again
+                    reply = await client.post()
+                    sent += 1
+                    if reply.status == 429:  # refused: wait out the drain the server names, then send again
                         errors += 1
-                        await asyncio.sleep(ErrorReply.model_validate_json(data).retry_after_s)
+                        await asyncio.sleep(ErrorReply.model_validate_json(reply.body).retry_after_s)
                         continue
-                    if response.status != 200:
+                    if reply.status != 200:
                         errors += 1
                         continue
                     latencies.append(time.perf_counter() - t0)

@@ -1,1 +1,1 @@
-"""Measurement: device and link profiles, energy meters and models, link emulation."""
+"""Measurement: device and link profiles, energy meters and models, link emulation, a load client for benchmarks."""
