@@ -33,13 +33,14 @@ from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.predict import resolve_device
 from askexpert.protocol.http import ErrorReply
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
+from askexpert.serving.onnx_experts import OnnxExperts
 from askexpert.serving.process import ServerProcess
-from askexpert.serving.server import compute_threads
+from askexpert.serving.server import ExpertService, compute_threads
 from askexpert.system import SystemDir
 
 
 def bare_throughput(
-    backend: LocalExpertBackend, expert: str, batch: int, size: int, windows: int = 5, calls: int = 1
+    backend: LocalExpertBackend | OnnxExperts, expert: str, batch: int, size: int, windows: int = 5, calls: int = 1
 ) -> list[float]:
     """The model alone, batch after batch, `calls` at once (the server's `serving.model_workers`, each on
     the server's torch threads): images/s in `windows` one-second windows.
@@ -140,8 +141,15 @@ def main() -> None:
     threads = compute_threads(sc)
     if threads:
         torch.set_num_threads(threads)
-    backend = LocalExpertBackend.of_system(system)
-    measure_bare = functools.partial(bare_throughput, backend, args.expert, sc.max_batch_size, size)
+    # bare: the model calls the server makes (the plain engine's runtime, ONNX Runtime where it resolves to it;
+    # Ray's replicas run torch), so that the ratio compares serving with the same computation
+    bare_model: LocalExpertBackend | OnnxExperts
+    if engine == "plain":
+        plain = ExpertService.from_system(system)
+        bare_model = plain.onnx or plain.backend
+    else:
+        bare_model = LocalExpertBackend.of_system(system)
+    measure_bare = functools.partial(bare_throughput, bare_model, args.expert, sc.max_batch_size, size)
     bare_windows = measure_bare(calls=sc.model_workers)
     server = ServerProcess(args.system, "--engine", args.engine)
     url = server.wait_ready().url
@@ -155,7 +163,7 @@ def main() -> None:
     bare_windows += measure_bare(calls=sc.model_workers)
     bare = float(np.median(bare_windows))
     print(
-        f"bare expert {args.expert} ({cfg.expert.preset}, torch), batch {sc.max_batch_size}, "
+        f"bare expert {args.expert} ({cfg.expert.preset}, {sc.model_runtime}), batch {sc.max_batch_size}, "
         f"{sc.model_workers} call(s) at once: "
         f"{bare:,.0f} images/s (median of {len(bare_windows)} one-second windows before and after, "
         f"range {min(bare_windows):,.0f}-{max(bare_windows):,.0f})"
