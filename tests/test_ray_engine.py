@@ -50,7 +50,7 @@ def test_ray_engine_answers_like_the_http_engine(trained_system: Path, server: S
         assert (via_ray.source == "expert").any()
         # concurrent requests are merged, but a batch never exceeds max_batch_size *images*
         limit = httpx.get(ray_server.url + "/v1/experts").json()["max_request_images"]
-        assert limit == 64  # 'auto' on Ray on a CPU: its replicas run torch, whose calls want 64 images
+        assert limit == 64  # 'auto' on Ray on a CPU: a handle call's overhead wants 64-image calls
         body = encode_images(np.zeros((8, 32, 32, 3), dtype=np.uint8))
 
         async def burst() -> list[int]:
@@ -78,3 +78,26 @@ def test_ray_engine_answers_like_the_http_engine(trained_system: Path, server: S
         assert 'askexpert_shed_total{expert="e0",reason="queue_full"}' in httpx.get(ray_server.url + "/metrics").text
     finally:
         ray_server.stop(graceful_s=30)
+
+
+def test_a_ray_replica_on_onnx_runtime_answers_as_torch(trained_system: Path, tmp_path: Path) -> None:
+    """`serving.model_runtime: onnx` on Ray: the replica runs the export the front made, with the mirror image,
+    and its logits are torch's (no Ray instance needed: the replica is a plain class until deployed)."""
+    from askexpert.errors import ConfigError
+    from askexpert.models.local_experts import LocalExpertBackend
+    from askexpert.serving.onnx_experts import exported_expert
+    from askexpert.serving.ray_app import ExpertReplica, expert_apps
+
+    system = SystemDir.open(trained_system)
+    schedule = system.config().serving.schedule
+    weights = str(system.expert_path(schedule, "e0"))
+    backend = LocalExpertBackend.of_system(system, schedule, "cpu")
+    onnx_path = str(exported_expert(backend, "e0", tmp_path / "e0.onnx", 32))
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    on_torch = ExpertReplica(weights, 64, 5.0, 1, "cpu", flip=True, cpu_bfloat16=False)
+    on_onnx = ExpertReplica(weights, 64, 5.0, 1, "cpu", flip=True, cpu_bfloat16=False, onnx_path=onnx_path)
+    assert on_onnx.onnx is not None and on_torch.onnx is None
+    assert np.allclose(on_onnx.logits(images), on_torch.logits(images), atol=1e-4)
+    gpu = system.config().with_serving({"model_runtime": "onnx", "ray_num_gpus": 1}).serving.resolve("cuda", "ray")
+    with pytest.raises(ConfigError, match="model_runtime 'onnx' runs the experts on the CPU"):
+        expert_apps(system, gpu, schedule, ["e0"])

@@ -332,8 +332,9 @@ Auto = Literal["auto"]
 #   call per core the server may use (each on one thread): goodput ≥ 0.9 of capacity at 1×, 2× and 4× load and
 #   the p99 within 1.9× of half load's with the server on its own core; torch's per-call overhead in Python
 #   wants bigger batches (64) and a looser target (100 ms);
-# - a CPU, Ray engine: torch in each replica, 64-image calls, a 70 ms target (a handle call's overhead
-#   spreads the latencies: at 100 ms the p99 reached 3.1× half load's);
+# - a CPU, Ray engine: ONNX Runtime in each replica on one thread (float32; torch with bfloat16 experts),
+#   64-image calls (a handle call's overhead wants them), a 70 ms target (at 100 ms the p99 reached 3.1× half
+#   load's); ONNX Runtime there served 1-23 % more than torch at 2× and 4× load (3 interleaved runs);
 # - a GPU (either engine): torch in bfloat16, 64-image calls, a 100 ms target, one call at a time.
 AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS = 8, 30.0
 AUTO_BATCH, AUTO_TARGET_MS, AUTO_RAY_CPU_TARGET_MS = 64, 100.0, 70.0
@@ -379,9 +380,10 @@ class ServingConfig(_Strict):
     # CUDA the experts always run in bfloat16. Neither reaches the edge's generalist.
     test_time_flip: bool = True
     cpu_bfloat16: bool = False
-    # what runs the experts' model calls on the plain engine: torch, or ONNX Runtime on each expert exported beside
-    # its checkpoint (CPU, float32; one call that does not come back to Python between operators, so an event loop
-    # busy with refusals does not stall it: README "Serving"); auto: onnx for float32 experts on a CPU
+    # what runs the experts' model calls: torch, or ONNX Runtime on each expert exported beside its checkpoint
+    # (CPU, float32; one call that does not come back to Python between operators, so an event loop busy with
+    # refusals does not stall it: README "Serving"; in a Ray replica on torch_threads threads, else one);
+    # auto: onnx for float32 experts on a CPU, on either engine
     model_runtime: Literal["auto", "torch", "onnx"] = "auto"
     ray_replicas: int = Field(1, ge=1)  # per expert, with --engine ray
     ray_num_cpus: float = Field(0.0, ge=0.0)  # CPUs Ray reserves per expert replica (0: no reservation)
@@ -421,12 +423,13 @@ class ServingConfig(_Strict):
         cpu = device_type == "cpu"
         runtime = self.model_runtime
         if runtime == "auto":
-            runtime = "onnx" if cpu and engine == "plain" and not self.cpu_bfloat16 else "torch"
-        small = cpu and runtime == "onnx"
-        if small:
+            runtime = "onnx" if cpu and not self.cpu_bfloat16 else "torch"
+        if cpu and engine == "ray":
+            batch, target = AUTO_BATCH, AUTO_RAY_CPU_TARGET_MS
+        elif cpu and runtime == "onnx":
             batch, target = AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS
         else:
-            batch, target = AUTO_BATCH, AUTO_RAY_CPU_TARGET_MS if cpu and engine == "ray" else AUTO_TARGET_MS
+            batch, target = AUTO_BATCH, AUTO_TARGET_MS
         chosen = {
             "max_batch_size": batch,
             "queue_delay_target_ms": target,

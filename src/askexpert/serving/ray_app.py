@@ -33,11 +33,15 @@ from ray.serve import RunTarget
 
 from askexpert.config import ResolvedServing
 from askexpert.data import input_size
+from askexpert.errors import ConfigError
 from askexpert.measure.energy import meter_for
 from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, read_meta
+from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.models.onnx_runtime import OnnxGeneralist
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, metered
+from askexpert.serving.onnx_experts import OnnxExperts, exported_expert
 from askexpert.serving.server import ServiceBase, create_app, serve_http
 from askexpert.system import SystemDir
 
@@ -67,7 +71,12 @@ class ExpertReplica:
         *,
         flip: bool,
         cpu_bfloat16: bool,
+        onnx_path: str | None = None,
     ) -> None:
+        """`onnx_path`: the expert exported to ONNX (`serving.model_runtime: onnx`, exported by the front before
+        deploying: one writer), run by ONNX Runtime instead of torch, on `torch_threads` threads or else one:
+        its threads spin between calls, and every expert's replica shares the host (two threads each: the
+        replicas took both cores of a 2-core box, capacity 30 against 85 requests/s on one)."""
         import torch
 
         if torch_threads:
@@ -76,6 +85,9 @@ class ExpertReplica:
         self.model, _ = load_checkpoint(weights, device)
         self.flip = flip  # serving.test_time_flip and .cpu_bfloat16, as the plain engine's LocalExpertBackend
         self.cpu_bfloat16 = cpu_bfloat16_usable(cpu_bfloat16, torch.device(device))
+        self.onnx = None
+        if onnx_path is not None:
+            self.onnx = OnnxExperts({"expert": OnnxGeneralist(onnx_path, torch_threads or 1)}, flip)
         self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
         self.shares = EnergyShares(self.meter) if self.meter is not None else None
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
@@ -107,6 +119,8 @@ class ExpertReplica:
         return [r for r in out if r is not None]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
+        if self.onnx is not None:
+            return self.onnx.logits("expert", images)
         return predict_logits(self.model, images, self.device, flip=self.flip, cpu_bfloat16=self.cpu_bfloat16)
 
 
@@ -146,12 +160,16 @@ def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_id
             "serving.ray_replicas runs an expert's batches side by side",
             stacklevel=2,
         )
-    if sc.model_runtime != "torch":
-        warnings.warn(
-            f"serving.model_runtime ({sc.model_runtime}) is the plain engine's; Ray's replicas run torch "
-            "(each in a process of its own, so the HTTP front's event loop does not hold their GIL)",
-            stacklevel=2,
-        )
+    onnx_paths: dict[str, str | None] = dict.fromkeys(expert_ids)
+    if sc.model_runtime == "onnx":
+        if sc.ray_num_gpus > 0:
+            raise ConfigError("serving.model_runtime 'onnx' runs the experts on the CPU; with ray_num_gpus use torch")
+        # exported here, once, before any replica starts: replicas of one expert would race to write one file
+        backend = LocalExpertBackend.of_system(system, schedule, "cpu")
+        size = input_size(system.config().data)
+        for eid in expert_ids:
+            path = system.expert_path(schedule, eid).with_suffix(".onnx")
+            onnx_paths[eid] = str(exported_expert(backend, eid, path, size).resolve())
     # Enough calls admitted per replica to fill one batch while the previous one computes
     # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.
     replica = serve.deployment(
@@ -168,6 +186,7 @@ def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_id
             device,
             flip=sc.test_time_flip,
             cpu_bfloat16=sc.cpu_bfloat16,
+            onnx_path=onnx_paths[eid],
         )
     return apps
 
