@@ -141,14 +141,18 @@ def main() -> None:
     threads = compute_threads(sc)
     if threads:
         torch.set_num_threads(threads)
-    # bare: the model calls the server makes (the plain engine's runtime, ONNX Runtime where it resolves to it;
-    # Ray's replicas run torch), so that the ratio compares serving with the same computation
+    # bare: the model calls the server makes, in the runtime it resolves (ONNX Runtime on a CPU: the plain
+    # engine's threads per call, a Ray replica's one), so that the ratio compares serving with the same computation
     bare_model: LocalExpertBackend | OnnxExperts
     if engine == "plain":
         plain = ExpertService.from_system(system)
         bare_model = plain.onnx or plain.backend
     else:
         bare_model = LocalExpertBackend.of_system(system)
+        if sc.model_runtime == "onnx":
+            served = cfg.serving.schedule
+            paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in bare_model.experts}
+            bare_model = OnnxExperts.of_backend(bare_model, paths, size, sc.torch_threads or 1)
     measure_bare = functools.partial(bare_throughput, bare_model, args.expert, sc.max_batch_size, size)
     bare_windows = measure_bare(calls=sc.model_workers)
     server = ServerProcess(args.system, "--engine", args.engine)
