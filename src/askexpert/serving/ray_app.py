@@ -21,9 +21,11 @@ is measured per expert, not per replica. Ray is an optional dependency
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,8 @@ class ExpertReplica:
             self.onnx = OnnxExperts({"expert": OnnxGeneralist(onnx_path, torch_threads or 1)}, flip)
         self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
         self.shares = EnergyShares(self.meter) if self.meter is not None else None
+        # the model call runs off the replica's event loop, which meanwhile takes in the next batch's calls
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="askexpert-replica")
         self.__call__.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.__call__.set_batch_wait_timeout_s(max_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
@@ -105,9 +109,8 @@ class ExpertReplica:
                 live.append(i)
         if live:
             merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
-            t0 = time.perf_counter()
-            logits, joules = metered(self.shares, self.logits, merged)
-            compute = time.perf_counter() - t0
+            loop = asyncio.get_running_loop()
+            logits, joules, compute = await loop.run_in_executor(self.executor, self._timed, merged)
             source = self.meter.source if self.meter is not None else None
             offset = 0
             for i in live:
@@ -117,6 +120,12 @@ class ExpertReplica:
                 out[i] = BatchResult(rows, wait, compute, len(merged), offset == 0, joules, source)
                 offset += len(images)
         return [r for r in out if r is not None]
+
+    def _timed(self, images: np.ndarray) -> tuple[np.ndarray, float | None, float]:
+        """Logits, their metered joules and the call's seconds, timed in the executor thread."""
+        t0 = time.perf_counter()
+        logits, joules = metered(self.shares, self.logits, images)
+        return logits, joules, time.perf_counter() - t0
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         if self.onnx is not None:
