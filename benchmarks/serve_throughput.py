@@ -150,9 +150,7 @@ def main() -> None:
     else:
         bare_model = LocalExpertBackend.of_system(system)
         if sc.model_runtime == "onnx":
-            served = cfg.serving.schedule
-            paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in bare_model.experts}
-            bare_model = OnnxExperts.of_backend(bare_model, paths, size, sc.torch_threads or 1)
+            bare_model = OnnxExperts.of_backend(bare_model, system, cfg.serving.schedule, size, sc.torch_threads or 1)
     measure_bare = functools.partial(bare_throughput, bare_model, args.expert, sc.max_batch_size, size)
     bare_windows = measure_bare(calls=sc.model_workers)
     server = ServerProcess(args.system, "--engine", args.engine)

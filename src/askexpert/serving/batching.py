@@ -112,6 +112,16 @@ def metered(shares: EnergyShares | None, fn: Callable[..., np.ndarray], *args: A
     return rows, joules
 
 
+def timed_metered(
+    shares: EnergyShares | None, fn: Callable[..., np.ndarray], *args: Any
+) -> tuple[np.ndarray, float | None, float, float]:
+    """`metered`, with the call's start and seconds: timed next to the work, in the thread that runs it (what
+    waited for that thread is queue time, not compute). Both engines' model calls go through it."""
+    start = time.perf_counter()
+    rows, joules = metered(shares, fn, *args)
+    return rows, joules, start, time.perf_counter() - start
+
+
 class QueueFull(Exception):
     """The key's queue is at its bound: refuse now rather than queue without limit."""
 
@@ -175,13 +185,6 @@ class DynamicBatcher:
         await queue.put(pending)
         return await pending.future
 
-    def _call(self, key: str, batch: np.ndarray) -> tuple[np.ndarray, float | None, float, float]:
-        """The model call, with its share of the metered joules and its start and seconds timed (in the
-        executor thread, next to the work: what waited for a thread is not compute)."""
-        start = time.perf_counter()
-        rows, joules = metered(self.shares, self.fn, key, batch)
-        return rows, joules, start, time.perf_counter() - start
-
     async def _collect(
         self, queue: asyncio.Queue[_Pending], carry: _Pending | None
     ) -> tuple[list[_Pending], _Pending | None]:
@@ -218,7 +221,9 @@ class DynamicBatcher:
             return
         batch = np.concatenate([p.images for p in items]) if len(items) > 1 else items[0].images
         try:
-            call = asyncio.get_running_loop().run_in_executor(self.executor, self._call, key, batch)
+            call = asyncio.get_running_loop().run_in_executor(
+                self.executor, timed_metered, self.shares, self.fn, key, batch
+            )
             rows, joules, start, compute = await call
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
             for p in items:

@@ -15,6 +15,7 @@ through the same call, as in torch, and the two halves' logits are averaged.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.onnx_export import export_onnx
 from askexpert.models.onnx_runtime import OnnxGeneralist, is_current, mark_exported
 from askexpert.protocol.backend import check_images
+
+if TYPE_CHECKING:
+    from askexpert.system import SystemDir
 
 
 def exported_expert(backend: LocalExpertBackend, expert_id: str, path: Path, image_size: int) -> Path:
@@ -34,6 +38,15 @@ def exported_expert(backend: LocalExpertBackend, expert_id: str, path: Path, ima
     return path
 
 
+def export_experts(backend: LocalExpertBackend, system: SystemDir, schedule: str, image_size: int) -> dict[str, Path]:
+    """Every expert of `backend` as ONNX beside its checkpoint (`experts/<schedule>/<id>.onnx`), exported now where
+    no current export is there: what both engines' servers run."""
+    return {
+        eid: exported_expert(backend, eid, system.expert_path(schedule, eid).with_suffix(".onnx"), image_size)
+        for eid in backend.experts
+    }
+
+
 class OnnxExperts:
     """`logits(expert_id, images)` as `LocalExpertBackend` gives them (within float rounding), from ONNX Runtime."""
 
@@ -43,14 +56,11 @@ class OnnxExperts:
 
     @classmethod
     def of_backend(
-        cls, backend: LocalExpertBackend, paths: dict[str, Path], image_size: int, threads: int = 0
+        cls, backend: LocalExpertBackend, system: SystemDir, schedule: str, image_size: int, threads: int = 0
     ) -> OnnxExperts:
-        """Every expert of `backend`, exported to its entry in `paths` where needed; `threads` per call (0: ORT's)."""
-        runners = {
-            eid: OnnxGeneralist(exported_expert(backend, eid, paths[eid], image_size), threads)
-            for eid in backend.experts
-        }
-        return cls(runners, backend.flip)
+        """Every expert of `backend` (exported where needed: `export_experts`); `threads` per call (0: ORT's)."""
+        exports = export_experts(backend, system, schedule, image_size)
+        return cls({eid: OnnxGeneralist(path, threads) for eid, path in exports.items()}, backend.flip)
 
     def logits(self, expert_id: str, images: np.ndarray) -> np.ndarray:
         runner = self.runners.get(expert_id)

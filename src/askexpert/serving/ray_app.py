@@ -42,8 +42,8 @@ from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.onnx_runtime import OnnxGeneralist
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
-from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, metered
-from askexpert.serving.onnx_experts import OnnxExperts, exported_expert
+from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, timed_metered
+from askexpert.serving.onnx_experts import OnnxExperts, export_experts
 from askexpert.serving.server import ServiceBase, create_app, serve_http
 from askexpert.system import SystemDir
 
@@ -84,12 +84,13 @@ class ExpertReplica:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device
-        self.model, _ = load_checkpoint(weights, device)
         self.flip = flip  # serving.test_time_flip and .cpu_bfloat16, as the plain engine's LocalExpertBackend
         self.cpu_bfloat16 = cpu_bfloat16_usable(cpu_bfloat16, torch.device(device))
         self.onnx = None
-        if onnx_path is not None:
+        if onnx_path is not None:  # the torch model is not loaded: the export is what runs
             self.onnx = OnnxExperts({"expert": OnnxGeneralist(onnx_path, torch_threads or 1)}, flip)
+        else:
+            self.model, _ = load_checkpoint(weights, device)
         self.meter = meter_for(device)  # NVML on a GPU, RAPL on a CPU, where readable (as the plain engine)
         self.shares = EnergyShares(self.meter) if self.meter is not None else None
         # the model call runs off the replica's event loop, which meanwhile takes in the next batch's calls
@@ -110,7 +111,9 @@ class ExpertReplica:
         if live:
             merged = np.concatenate([calls[i][0] for i in live]) if len(live) > 1 else calls[live[0]][0]
             loop = asyncio.get_running_loop()
-            logits, joules, compute = await loop.run_in_executor(self.executor, self._timed, merged)
+            logits, joules, _, compute = await loop.run_in_executor(
+                self.executor, timed_metered, self.shares, self.logits, merged
+            )
             source = self.meter.source if self.meter is not None else None
             offset = 0
             for i in live:
@@ -120,12 +123,6 @@ class ExpertReplica:
                 out[i] = BatchResult(rows, wait, compute, len(merged), offset == 0, joules, source)
                 offset += len(images)
         return [r for r in out if r is not None]
-
-    def _timed(self, images: np.ndarray) -> tuple[np.ndarray, float | None, float]:
-        """Logits, their metered joules and the call's seconds, timed in the executor thread."""
-        t0 = time.perf_counter()
-        logits, joules = metered(self.shares, self.logits, images)
-        return logits, joules, time.perf_counter() - t0
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         if self.onnx is not None:
@@ -175,10 +172,8 @@ def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_id
             raise ConfigError("serving.model_runtime 'onnx' runs the experts on the CPU; with ray_num_gpus use torch")
         # exported here, once, before any replica starts: replicas of one expert would race to write one file
         backend = LocalExpertBackend.of_system(system, schedule, "cpu")
-        size = input_size(system.config().data)
-        for eid in expert_ids:
-            path = system.expert_path(schedule, eid).with_suffix(".onnx")
-            onnx_paths[eid] = str(exported_expert(backend, eid, path, size).resolve())
+        exports = export_experts(backend, system, schedule, input_size(system.config().data))
+        onnx_paths.update({eid: str(exports[eid].resolve()) for eid in expert_ids})
     # Enough calls admitted per replica to fill one batch while the previous one computes
     # (each call carries at least one image); Ray's default of 5 would cap batches at 5 calls.
     replica = serve.deployment(

@@ -254,10 +254,9 @@ class ExpertService(ServiceBase):
                     "use model_runtime: torch (or auto) there"
                 )
             served = schedule or cfg.serving.schedule
-            paths = {eid: system.expert_path(served, eid).with_suffix(".onnx") for eid in backend.experts}
             # ONNX Runtime's own default counts the machine's cores, not the ones this process may use: pinned
             # to one core of two, its threads contended for that core (README "Benchmarks", pinned)
-            onnx = OnnxExperts.of_backend(backend, paths, input_size(cfg.data), threads or cores)
+            onnx = OnnxExperts.of_backend(backend, system, served, input_size(cfg.data), threads or cores)
         service = cls(backend, part, input_size(cfg.data), sc, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
         service.warm_up()
