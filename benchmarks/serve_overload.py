@@ -6,8 +6,10 @@
 Open loop: requests are sent at a constant rate whatever the server does (a camera
 does not slow down because the server is busy), unlike the closed-loop clients of
 `serve_throughput.py`. Each run starts a fresh server, measures its capacity
-closed-loop (the best goodput of 8, 16 and 32 back-to-back clients, a refused client
-waiting out the drain its 429 names), then offers each load level. Meanwhile an
+closed-loop (the goodput of 8, 16 and 32 back-to-back clients, a refused client
+waiting out the drain its 429 names; the count that reads best is read again, and that
+second read is the capacity: the best of three noisy reads overstates it), then offers
+each load level. Meanwhile an
 edge client (HttpExpertBackend, everything offloaded, its generalist on one thread)
 classifies 8 images every `--edge-interval` seconds and checks that every sample is
 answered, by an expert or by a fallback; it runs through the capacity measurement
@@ -230,19 +232,24 @@ def one_run(
             time.sleep(0.1)
         url = f"{server.url}/v1/experts/{args.expert}/predict"
         _run(_closed_loop(url, body, 32, 2.0))  # warm-up: first batches, the throughput estimate
-        # capacity: the best closed-loop goodput over client counts (refused clients wait out the drain)
-        tries = {n: _run(_closed_loop(url, body, n, min(5.0, args.seconds))) for n in CAPACITY_CLIENTS}
-        capacity = max(tries.values())
+        # capacity: the closed-loop goodput at the client count that read best (refused clients wait out the
+        # drain), read afresh: the best of three noisy reads is biased upward (the winner's curse), so the
+        # count is chosen on those reads and its figure taken from another
+        seconds = min(5.0, args.seconds)
+        tries = {n: _run(_closed_loop(url, body, n, seconds)) for n in CAPACITY_CLIENTS}
+        best = max(tries, key=lambda n: tries[n])
+        capacity = _run(_closed_loop(url, body, best, seconds))
         said = ", ".join(f"{n} clients {rps:.0f}" for n, rps in tries.items())
-        print(f"run {run}: capacity {capacity:.1f} requests/s (closed loop: {said})", flush=True)
+        print(f"run {run}: capacity {capacity:.1f} requests/s at {best} clients (closed loop: {said})", flush=True)
         for level in [float(x) for x in args.levels.split(",")]:
             before = list(counts)
             own0, srv0, t0 = _own_cpu_s(), _tree_cpu_s(server.proc.pid), time.perf_counter()
             row = _run(_open_loop(url, body, level * capacity, args.seconds))
             wall = time.perf_counter() - t0
             samples, answered, expert, failed = (now - then for now, then in zip(counts, before, strict=True))
-            row = {"run": run, "level": level, "capacity_rps": capacity, **row}
+            row = {"run": run, "level": level, "capacity_rps": capacity, "capacity_best_try_rps": tries[best], **row}
             row["goodput_share"] = row["goodput_rps"] / capacity
+            row["goodput_share_of_best_try"] = row["goodput_rps"] / tries[best]
             row["generator_cpu_%"] = 100 * (_own_cpu_s() - own0) / wall
             row["server_cpu_%"] = 100 * (_tree_cpu_s(server.proc.pid) - srv0) / wall
             row |= {"edge_samples": samples, "edge_answered": answered, "edge_expert": expert, "edge_failed": failed}
@@ -266,7 +273,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for level in sorted({r["level"] for r in rows}):
         group = [r for r in rows if r["level"] == level]
         entry: dict[str, Any] = {"level": level, "runs": len(group)}
-        for key in ("offered_rps", "goodput_rps", "goodput_share", "shed_rate", "p50_ms", "p99_ms"):
+        for key in ("offered_rps", "goodput_rps", "goodput_share", "goodput_share_of_best_try", "shed_rate"):
+            entry[key] = statistics.median(r[key] for r in group)
+        for key in ("p50_ms", "p99_ms"):
             entry[key] = statistics.median(r[key] for r in group)
         for key in ("p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load"):
             entry[key] = statistics.median(r[key] for r in group)
@@ -312,18 +321,31 @@ def main() -> None:
     (out / f"{name}.json").write_text(
         json.dumps({"args": vars(args), "server_settings": settings, "summary": summary, "runs": rows}, indent=1)
     )
-    columns = ["level", "offered_rps", "goodput_rps", "goodput_share", "shed_rate", "status_5xx", "p50_ms", "p99_ms"]
+    columns = [
+        "level",
+        "offered_rps",
+        "goodput_rps",
+        "goodput_share",
+        "goodput_share_of_best_try",
+        "shed_rate",
+        "status_5xx",
+        "p50_ms",
+        "p99_ms",
+    ]
     columns += ["p99_vs_half_load", "server_p99_ms", "server_p99_vs_half_load", "generator_cpu_%", "server_cpu_%"]
     columns += ["edge_samples", "edge_answered", "edge_expert", "edge_failed"]
     table = markdown_table(summary, columns)
-    capacities = ", ".join(f"{r['capacity_rps']:.0f}" for r in rows if r["level"] == summary[0]["level"])
+    first = [r for r in rows if r["level"] == summary[0]["level"]]
+    capacities = ", ".join(f"{r['capacity_rps']:.0f}" for r in first)
+    best_tries = ", ".join(f"{r['capacity_best_try_rps']:.0f}" for r in first)
     where = "server on core 1, generator on core 0" if args.pin else "server and generator share the cores"
     (out / f"{name}.md").write_text(
         f"# Open-loop overload, {args.engine} engine ({args.images} images per request, "
         f"{args.seconds:g} s per level, median of {args.repeats} runs; {where}"
         f"{'; serving: ' + ', '.join(args.set) if args.set else ''})\n\n"
-        f"Capacity per run (best closed-loop goodput of {', '.join(map(str, CAPACITY_CLIENTS))} clients): "
-        f"{capacities} requests/s. The server's settings (its start-up line, run 0): {settings.get(0, '?')}. "
+        f"Capacity per run (closed loop, {', '.join(map(str, CAPACITY_CLIENTS))} clients tried, the best count "
+        f"read again): {capacities} requests/s (the best tries: {best_tries}; goodput_share_of_best_try divides "
+        "by them). The server's settings (its start-up line, run 0): {settings.get(0, '?')}. "
         "5xx and edge counts are summed over the runs; edge_expert: samples the expert answered, "
         'edge_failed: offloads that fell back for a refusal or failure (the rest abstained: "other").\n\n'
         f"{table}"

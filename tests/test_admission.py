@@ -168,3 +168,43 @@ def test_a_warm_up_before_serving_gives_the_fit_its_full_batch() -> None:
     a, b, mean_n = adm.batch_cost("e0") or (0.0, 0.0, 0.0)
     assert a == pytest.approx(0.005) and b == pytest.approx(0.0005) and mean_n == 4
     assert adm.batching_gain("e0", 64) > 2
+
+
+def test_an_auto_small_batch_target_is_counted_in_full_batches_timed_at_warm_up() -> None:
+    """On a host where a full batch takes 12 ms or more, the auto target grows to two and a half batches (a
+    slow host otherwise refuses requests at half load); a target given as a value, or one already counted,
+    stays as it is; the start-up line says what the target was counted from."""
+    import numpy as np
+
+    from askexpert.models.meta import CheckpointMeta
+    from askexpert.serving.server import ServiceBase
+
+    auto = ServingConfig().resolve("cpu", "plain", 2)
+    assert (auto.queue_delay_target_ms, auto.target_batches, auto.full_batch_ms) == (30.0, 2.5, None)
+    assert auto.with_batch_time(0.009).queue_delay_target_ms == 30.0  # 2.5 batches of 9 ms: the floor holds
+    slow = auto.with_batch_time(0.0204)
+    assert slow.queue_delay_target_ms == 51.0 and slow.full_batch_ms == pytest.approx(20.4)
+    assert "51 ms queue-delay target (auto: at least 2.5 full batches of 20.4 ms)" in slow.describe()
+    assert slow.with_batch_time(0.1) is slow  # counted once
+    given = ServingConfig(queue_delay_target_ms=30).resolve("cpu", "plain", 2)
+    assert given.target_batches == 0 and given.with_batch_time(0.0205) is given
+    assert ServingConfig().resolve("cpu", "ray").with_batch_time(0.2).queue_delay_target_ms == 70.0
+    with pytest.raises(ValueError, match="must be > 0 seconds"):
+        auto.with_batch_time(0.0)
+
+    class Timed(ServiceBase):
+        """A service whose model calls take 2 ms plus 10 ms per image (82 ms a full batch of 8)."""
+
+        def compute_s(self, expert_id: str, images: np.ndarray) -> float:
+            return 0.002 + 0.01 * len(images)
+
+    meta = CheckpointMeta(role="expert", preset="micro", classes=[0, 1, -1])
+    service = Timed({"e0": meta, "e1": meta}, 32, auto, parallel_calls=2)
+    service.warm_up()
+    assert service.cfg.queue_delay_target_ms == 205.0 and service.admission.target_s == pytest.approx(0.205)
+    # the new admission keeps the calls side by side and the warm-up's timings: with one batch served, a + b·N
+    # fits through the warm-up's 1 and 8 images and that batch's 4
+    assert service.admission.parallel_calls == 2
+    service.admission.observe("e0", 4, 0.042)
+    assert service.admission.batch_cost("e0") == pytest.approx((0.002, 0.01, 4.0))
+    assert auto.queue_delay_target_ms == 30.0  # a copy: the resolved settings it started from are unchanged

@@ -337,6 +337,13 @@ Auto = Literal["auto"]
 #   load's); ONNX Runtime there served 1-23 % more than torch at 2× and 4× load (3 interleaved runs);
 # - a GPU (either engine): torch in bfloat16, 64-image calls, a 100 ms target, one call at a time.
 AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS = 8, 30.0
+# ...and that target is counted in full batches too: at least this many times a full batch's time on the host
+# that serves, as timed alone at warm-up (`ResolvedServing.with_batch_time`; under load, beside the event loop,
+# a batch takes longer). 30 ms was about three 8-image batches on the host that chose it; on a host half as
+# fast it was one and a half, and the server refused 7-9 % of the requests at half load and served 0.65-0.79
+# of capacity at 1×; two batches still refused 15 % at 1×, three put the p99 at 4× load over 3× half load's
+# (README "Benchmarks", "The target in batches")
+AUTO_CPU_SMALL_TARGET_BATCHES = 2.5
 AUTO_BATCH, AUTO_TARGET_MS, AUTO_RAY_CPU_TARGET_MS = 64, 100.0, 70.0
 AUTO_SETTINGS = ("max_batch_size", "queue_delay_target_ms", "model_workers", "model_runtime")
 
@@ -424,10 +431,11 @@ class ServingConfig(_Strict):
         runtime = self.model_runtime
         if runtime == "auto":
             runtime = "onnx" if cpu and not self.cpu_bfloat16 else "torch"
+        batches = 0.0  # the target as milliseconds alone: the big presets' batches are caps, seldom full
         if cpu and engine == "ray":
             batch, target = AUTO_BATCH, AUTO_RAY_CPU_TARGET_MS
         elif cpu and runtime == "onnx":
-            batch, target = AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS
+            batch, target, batches = AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS, AUTO_CPU_SMALL_TARGET_BATCHES
         else:
             batch, target = AUTO_BATCH, AUTO_TARGET_MS
         chosen = {
@@ -437,7 +445,11 @@ class ServingConfig(_Strict):
             "model_runtime": runtime,
         }
         values = {k: v for k, v in chosen.items() if getattr(self, k) == "auto"}
-        return ResolvedServing.model_validate({**self.model_dump(), **values, "auto": sorted(values)})
+        # an auto small-batch target is also a number of full batches, once the server has timed one (warm-up)
+        batches = batches if "queue_delay_target_ms" in values else 0.0
+        return ResolvedServing.model_validate(
+            {**self.model_dump(), **values, "auto": sorted(values), "target_batches": batches}
+        )
 
 
 class ResolvedServing(ServingConfig):
@@ -449,14 +461,36 @@ class ResolvedServing(ServingConfig):
     model_workers: int = Field(ge=1)
     model_runtime: Literal["torch", "onnx"]
     auto: list[str] = Field(default_factory=list)  # the settings `resolve` picked (for the start-up line)
+    # > 0: the queue-delay target is also at least this many full batches' time, once timed (`with_batch_time`)
+    target_batches: float = Field(0.0, ge=0.0)
+    full_batch_ms: float | None = Field(None, gt=0.0)  # the full batch's time the target was counted in
 
     def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
         """Already resolved, for the hardware it runs on: itself."""
         return self
 
+    def with_batch_time(self, seconds: float) -> ResolvedServing:
+        """A copy whose queue-delay target is at least `target_batches` full batches of `seconds` (one model call
+        on a full batch, timed on the host that serves); itself where the target is not counted in batches, or
+        already was.
+
+        Why: a target of a fixed number of milliseconds, chosen on one host, is about one batch on a host or a
+        model twice as slow, and then refuses requests at half load (README "Benchmarks")."""
+        if not self.target_batches or self.full_batch_ms is not None:
+            return self
+        if not seconds > 0:
+            raise ValueError(f"a full batch's time must be > 0 seconds, got {seconds!r}")
+        target = max(self.queue_delay_target_ms, self.target_batches * seconds * 1e3)
+        update = {"queue_delay_target_ms": round(target, 1), "full_batch_ms": seconds * 1e3}
+        return ResolvedServing.model_validate({**self.model_dump(), **update})
+
     def describe(self) -> str:
         """One line for the start-up message: the hardware-dependent settings, marked where 'auto' chose them."""
         mark = {k: " (auto)" if k in self.auto else "" for k in AUTO_SETTINGS}
+        if self.full_batch_ms is not None and "queue_delay_target_ms" in self.auto:
+            mark["queue_delay_target_ms"] = (
+                f" (auto: at least {self.target_batches:g} full batches of {self.full_batch_ms:.1f} ms)"
+            )
         return (
             f"{self.model_runtime}{mark['model_runtime']}, "
             f"{self.max_batch_size}-image batches{mark['max_batch_size']}, "

@@ -34,8 +34,9 @@ _NO_ANSWER = Reply(0, b"")
 class _Connection(asyncio.Protocol):
     """One kept-alive connection; at most one request on it at a time (no pipelining)."""
 
-    def __init__(self, idle: list[_Connection]) -> None:
-        self.idle = idle
+    def __init__(self, idle: list[_Connection], opened: set[_Connection]) -> None:
+        self.idle = idle  # the client's kept-alive connections with no request on them
+        self.opened = opened  # the client's open connections, to close at the end
         self.transport: asyncio.Transport | None = None
         self.done: Done | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -44,6 +45,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.opened.add(self)
 
     def start(self, request: bytes, done: Done, timer: asyncio.TimerHandle) -> None:
         self.done, self.timer = done, timer
@@ -71,6 +73,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.idle:
             self.idle.remove(self)
+        self.opened.discard(self)  # closed by either side: nothing left to close
         self._answer(_NO_ANSWER)
 
     def fail(self) -> None:
@@ -111,7 +114,7 @@ class LoadClient:
         self.request = head.encode("latin-1") + body
         self.timeout_s = timeout_s
         self.idle: list[_Connection] = []
-        self.opened: list[_Connection] = []
+        self.opened: set[_Connection] = set()  # open connections (a closed one leaves): `close` closes them
         self._opening: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> LoadClient:
@@ -145,17 +148,16 @@ class LoadClient:
     async def _open_and_send(self, done: Done) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: _Connection(self.idle), self.host, self.port)
+            _, conn = await loop.create_connection(lambda: _Connection(self.idle, self.opened), self.host, self.port)
         except OSError:
             done(_NO_ANSWER)
             return
-        self.opened.append(conn)
         self._start(conn, done)
 
     def close(self) -> None:
         for task in list(self._opening):
             task.cancel()
-        for conn in self.opened:
+        for conn in list(self.opened):
             if conn.transport is not None:
                 conn.transport.close()
         self.idle.clear()
