@@ -188,6 +188,8 @@ def test_an_auto_small_batch_target_is_counted_in_full_batches_timed_at_warm_up(
     assert slow.with_batch_time(0.1) is slow  # counted once
     given = ServingConfig(queue_delay_target_ms=30).resolve("cpu", "plain", 2)
     assert given.target_batches == 0 and given.with_batch_time(0.0205) is given
+    sized = ServingConfig(max_batch_size=64).resolve("cpu", "plain", 2)  # a batch given: its target in ms
+    assert sized.target_batches == 0 and sized.with_batch_time(0.16).queue_delay_target_ms == 30.0
     assert ServingConfig().resolve("cpu", "ray").with_batch_time(0.2).queue_delay_target_ms == 70.0
     with pytest.raises(ValueError, match="must be > 0 seconds"):
         auto.with_batch_time(0.0)

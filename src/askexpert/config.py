@@ -445,8 +445,9 @@ class ServingConfig(_Strict):
             "model_runtime": runtime,
         }
         values = {k: v for k, v in chosen.items() if getattr(self, k) == "auto"}
-        # an auto small-batch target is also a number of full batches, once the server has timed one (warm-up)
-        batches = batches if "queue_delay_target_ms" in values else 0.0
+        # an auto small-batch target is also a number of its auto 8-image batches, once the server has timed one
+        # (warm-up); with a batch size given, the target stays in milliseconds (2.5 batches of 64 images: 0.4 s)
+        batches = batches if {"queue_delay_target_ms", "max_batch_size"} <= values.keys() else 0.0
         return ResolvedServing.model_validate(
             {**self.model_dump(), **values, "auto": sorted(values), "target_batches": batches}
         )
