@@ -340,7 +340,7 @@ AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS = 8, 30.0
 # ...and that target is counted in full batches too: at least this many times a full batch's time on the host
 # that serves, as timed alone at warm-up (`ResolvedServing.with_batch_time`; under load, beside the event loop,
 # a batch takes longer). 30 ms was about three 8-image batches on the host that chose it; on a host half as
-# fast it was one and a half, and the server refused 7-9 % of the requests at half load and served 0.65-0.79
+# fast it was one and a half, and the server refused 6-9 % of the requests at half load and served 0.65-0.79
 # of capacity at 1×; two batches still refused 15 % at 1×, three put the p99 at 4× load over 3× half load's
 # (README "Benchmarks", "The target in batches")
 AUTO_CPU_SMALL_TARGET_BATCHES = 2.5
