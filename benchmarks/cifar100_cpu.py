@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tarfile
@@ -220,10 +221,16 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         else ""
     )
     seeds = result["seeds"]
+    # --report-only keeps an earlier run's times; with none on record it says so instead of "nan min on None"
+    wall = (
+        f"{result['wall_s'] / 60:.1f} min on {result['machine']}"
+        if isinstance(result.get("wall_s"), (int, float)) and math.isfinite(result["wall_s"])
+        else "not timed (tables rewritten by --report-only, no timed run on record)"
+    )
     md = [
         "# askexpert on real CIFAR-100 (CPU scale)\n",
         f"Seeds of the expert stage: {seeds} (mean ± sample std over seeds). Wall time: "
-        f"{result['wall_s'] / 60:.1f} min on {result['machine']}. Test split: the re-drawn 100-per-class split "
+        f"{wall}. Test split: the re-drawn 100-per-class split "
         "of shared/data's CIFAR-100 (close to, not strictly comparable with, the official test set). "
         "Every operating point was chosen on the validation split (50 train images per class held out).\n",
         "## The paper's table (test split, accuracy in %)\n",
@@ -298,7 +305,8 @@ def report_only(out: Path, seeds: list[int]) -> None:
         "summaries": summaries,
     }
     result["timings"] = result["timings"] or {}
-    result["wall_s"] = result["wall_s"] or float("nan")
+    if not (isinstance(result["wall_s"], (int, float)) and math.isfinite(result["wall_s"])):
+        result["wall_s"] = None  # an earlier --report-only's NaN: null in valid JSON, "not timed" in the table
     print(write_outputs(out, result))
 
 
