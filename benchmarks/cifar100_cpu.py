@@ -221,10 +221,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         else ""
     )
     seeds = result["seeds"]
-    # --report-only keeps an earlier run's times; with none on record it says so instead of "nan min on None"
+    # --report-only keeps an earlier run's times; with none on record (None) it says so
     wall = (
         f"{result['wall_s'] / 60:.1f} min on {result['machine']}"
-        if isinstance(result.get("wall_s"), (int, float)) and math.isfinite(result["wall_s"])
+        if result.get("wall_s") is not None
         else "not timed (tables rewritten by --report-only, no timed run on record)"
     )
     md = [
