@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import matplotlib
 import numpy as np
 import uvloop
@@ -54,7 +55,7 @@ from askexpert.data import input_size
 from askexpert.evaluate.report import finish_plot, markdown_table, write_csv
 from askexpert.inference.edge import connect, edge_classifier
 from askexpert.measure.load import LoadClient, Reply
-from askexpert.protocol.http import ErrorReply
+from askexpert.protocol.http import EXPERTS_PATH, ErrorReply, Handshake
 from askexpert.protocol.wire import MEDIA_TYPE, encode_images
 from askexpert.serving.process import ServerProcess
 from askexpert.system import SystemDir
@@ -222,8 +223,9 @@ def one_run(
     edge_proc = None
     try:
         server.wait_ready(seconds=180)
-        said = [line for line in server.output(20000).splitlines() if "queue-delay target" in line]
-        settings[run] = said[-1].strip() if said else "(the server did not print its settings)"
+        # the settings as the server resolved them on this host (the handshake; warm-up may set the target)
+        said = Handshake.model_validate_json(httpx.get(server.url + EXPERTS_PATH, timeout=10).content).serving
+        settings[run] = said.summary if said is not None else "(the server did not say its settings)"
         print(f"run {run}: {settings[run]}", flush=True)
         edge_args = (str(system.root), server.url, edge_images, stop, counts, args.edge_interval)
         edge_proc = spawn.Process(target=_edge_in_the_loop, args=edge_args)

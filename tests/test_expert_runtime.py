@@ -228,7 +228,13 @@ def test_a_cpu_server_left_on_auto_runs_onnx_one_single_threaded_call_per_core(t
     assert service.onnx is not None and service.admission.parallel_calls == cores
     assert {r.session.get_session_options().intra_op_num_threads for r in service.onnx.runners.values()} == {1}
     with TestClient(create_app(service)) as client:
-        assert client.get("/v1/experts").json()["max_request_images"] == 8
+        doc = client.get("/v1/experts").json()
+    assert doc["max_request_images"] == 8
+    said = doc["serving"]  # what the server runs under, as resolved here (warm-up's target included)
+    assert (said["runtime"], said["max_batch_size"], said["model_workers"]) == ("onnx", 8, cores)
+    assert said["queue_delay_target_ms"] == sc.queue_delay_target_ms and said["full_batch_ms"] == sc.full_batch_ms
+    assert {"model_runtime", "max_batch_size", "queue_delay_target_ms", "model_workers"} <= set(said["auto"])
+    assert f"{sc.queue_delay_target_ms:g} ms queue-delay target (auto: at least 2.5 full batches" in said["summary"]
     images = system.splits().test.images[:5]
     reply = asyncio.run(service("e0", images))
     expected = LocalExpertBackend.of_system(system).predict("e0", images)

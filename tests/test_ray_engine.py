@@ -49,8 +49,10 @@ def test_ray_engine_answers_like_the_http_engine(trained_system: Path, server: S
         assert via_http.labels.tolist() == via_ray.labels.tolist()
         assert (via_ray.source == "expert").any()
         # concurrent requests are merged, but a batch never exceeds max_batch_size *images*
-        limit = httpx.get(ray_server.url + "/v1/experts").json()["max_request_images"]
+        said = httpx.get(ray_server.url + "/v1/experts").json()
+        limit = said["max_request_images"]
         assert limit == 64  # 'auto' on Ray on a CPU: a handle call's overhead wants 64-image calls
+        assert (said["serving"]["max_batch_size"], said["serving"]["queue_delay_target_ms"]) == (64, 70.0)
         body = encode_images(np.zeros((8, 32, 32, 3), dtype=np.uint8))
 
         async def burst() -> list[int]:

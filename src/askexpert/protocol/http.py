@@ -45,6 +45,19 @@ class ExpertInfo(_Message):
     sha256: str = ""
 
 
+class ServerSettings(_Message):
+    """The serving settings the server runs under, as resolved on its own hardware (`auto` names those it chose),
+    so that a client or a benchmark reads them from the server rather than from its log."""
+
+    runtime: str
+    max_batch_size: int
+    queue_delay_target_ms: float
+    model_workers: int
+    auto: list[str] = []
+    full_batch_ms: float | None = None  # the full batch's time the auto target was counted in, where it was
+    summary: str = ""  # the same in one line, as the server printed it at start-up
+
+
 class Handshake(_Message):
     """`GET /v1/experts`: what the edge checks before it offloads anything."""
 
@@ -55,6 +68,7 @@ class Handshake(_Message):
     # the most images one predict request may hold (the server's serving.max_batch_size), so that the edge sizes
     # its requests by the server's setting rather than by its own copy of it; None: not said (an older server)
     max_request_images: int | None = None
+    serving: ServerSettings | None = None  # None: not said (an older server)
 
 
 class Timing(_Message):

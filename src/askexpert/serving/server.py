@@ -50,6 +50,7 @@ from askexpert.protocol.http import (
     Handshake,
     PredictReply,
     Readiness,
+    ServerSettings,
     Timing,
 )
 from askexpert.protocol.wire import MEDIA_TYPE, WireError, decode_images
@@ -386,6 +387,19 @@ def _error(status: int, message: str, retry_after_s: float | None = None) -> Res
     return response
 
 
+def _settings(sc: ResolvedServing) -> ServerSettings:
+    """The handshake's account of the settings this server runs under."""
+    return ServerSettings(
+        runtime=sc.model_runtime,
+        max_batch_size=sc.max_batch_size,
+        queue_delay_target_ms=sc.queue_delay_target_ms,
+        model_workers=sc.model_workers,
+        auto=sc.auto,
+        full_batch_ms=sc.full_batch_ms,
+        summary=sc.describe(),
+    )
+
+
 def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
     """The HTTP API: the FastAPI routes behind the admission middleware, which wraps them from outside, so that a
     refused request never enters FastAPI's own middleware stack (error handling, telemetry, body limits): the
@@ -427,6 +441,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
                 energy_meter=meter,
                 experts=service.describe(),
                 max_request_images=limits.max_batch_size,
+                serving=_settings(service.cfg),  # read now: warm-up may have re-set the target
             )
         )
 
