@@ -182,6 +182,18 @@ def rule_families(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def trained_before(out: Path, seeds: list[int], since: float) -> list[str]:
+    """The checkpoints under OUT that this invocation found already trained (written before `since`, a Unix
+    time): the stages they hold were skipped by their fingerprints, so its wall time is not the benchmark's from
+    nothing. The seeds after the first copy the shared stages by design: only their experts count."""
+    found = []
+    for i, seed in enumerate(seeds):
+        root = out / f"seed{seed}"
+        pattern = "**/*.safetensors" if i == 0 else "experts/**/*.safetensors"
+        found += [str(f.relative_to(out)) for f in sorted(root.glob(pattern)) if f.stat().st_mtime < since]
+    return found
+
+
 def write_outputs(out: Path, result: dict[str, Any]) -> str:
     agg = result["aggregate"]
     rows = []
@@ -222,8 +234,15 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
     )
     seeds = result["seeds"]
     # --report-only keeps an earlier run's times; with none on record (None) it says so
+    reused = result.get("trained_before") or []
     wall = (
         f"{result['wall_s'] / 60:.1f} min on {result['machine']}"
+        + (
+            f" (this invocation's: it found {len(reused)} checkpoint(s) already trained, benchmark.json's"
+            " `trained_before`)"
+            if reused
+            else ""
+        )
         if result.get("wall_s") is not None
         else "not timed (tables rewritten by --report-only, no timed run on record)"
     )
@@ -299,7 +318,7 @@ def report_only(out: Path, seeds: list[int]) -> None:
     previous = json.loads((out / "benchmark.json").read_text()) if (out / "benchmark.json").is_file() else {}
     summaries = [evaluate_system(SystemDir.open(out / f"seed{seed}")) for seed in seeds]
     result = {
-        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "timings")},
+        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "timings", "trained_before")},
         "seeds": seeds,
         "aggregate": aggregate(summaries),
         "summaries": summaries,
@@ -330,7 +349,7 @@ def main() -> None:
         report_only(args.out.resolve(), [int(s) for s in args.seeds.split(",") if s.strip()])
         return
 
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     out = args.out.resolve()
     cfg = SystemConfig.from_yaml(args.config)
     data_root = image_tree(args.data, out / "data", "classes.json")
@@ -368,6 +387,7 @@ def main() -> None:
         "machine": machine,
         "scale": args.scale,
         "timings": timings,
+        "trained_before": trained_before(out, seeds, started_at),
         "aggregate": aggregate(summaries),
         "summaries": summaries,
     }
