@@ -441,7 +441,7 @@ def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
                 energy_meter=meter,
                 experts=service.describe(),
                 max_request_images=limits.max_batch_size,
-                serving=_settings(service.cfg),  # read now: warm-up may have re-set the target
+                serving=_settings(limits),  # the service warmed up (and set an auto target) before this app
             )
         )
 
