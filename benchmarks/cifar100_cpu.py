@@ -194,6 +194,27 @@ def trained_before(out: Path, seeds: list[int], since: float) -> list[str]:
     return found
 
 
+def resumed_at_start(out: Path, seeds: list[int]) -> list[str]:
+    """The stages a run can resume from a saved point (`*.resume.pt` beside a checkpoint, left by a stopped
+    run and removed when the stage ends): called before training, so that the record says which stages this
+    invocation did not train from their first step, which `trained_before` (finished checkpoints) cannot see."""
+    return [str(f.relative_to(out)) for seed in seeds for f in sorted((out / f"seed{seed}").glob("**/*.resume.pt"))]
+
+
+def wall_line(result: dict[str, Any]) -> str:
+    """The table's wall time, saying when this invocation did not train every stage from its first step."""
+    if result.get("wall_s") is None:  # --report-only keeps an earlier run's times; with none on record it says so
+        return "not timed (tables rewritten by --report-only, no timed run on record)"
+    reused = result.get("trained_before") or []
+    resumed = result.get("resumed") or []
+    found = [
+        f"{len(reused)} checkpoint(s) already trained (benchmark.json's `trained_before`)" if reused else "",
+        f"{len(resumed)} stage(s) stopped part-way and resumed (`resumed`)" if resumed else "",
+    ]
+    line = f"{result['wall_s'] / 60:.1f} min on {result['machine']}"
+    return line + (f" (this invocation's: it found {' and '.join(f for f in found if f)})" if reused or resumed else "")
+
+
 def write_outputs(out: Path, result: dict[str, Any]) -> str:
     agg = result["aggregate"]
     rows = []
@@ -233,19 +254,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
         else ""
     )
     seeds = result["seeds"]
-    # --report-only keeps an earlier run's times; with none on record (None) it says so
-    reused = result.get("trained_before") or []
-    wall = (
-        f"{result['wall_s'] / 60:.1f} min on {result['machine']}"
-        + (
-            f" (this invocation's: it found {len(reused)} checkpoint(s) already trained, benchmark.json's"
-            " `trained_before`)"
-            if reused
-            else ""
-        )
-        if result.get("wall_s") is not None
-        else "not timed (tables rewritten by --report-only, no timed run on record)"
-    )
+    wall = wall_line(result)
     md = [
         "# askexpert on real CIFAR-100 (CPU scale)\n",
         f"Seeds of the expert stage: {seeds} (mean ± sample std over seeds). Wall time: "
@@ -318,7 +327,7 @@ def report_only(out: Path, seeds: list[int]) -> None:
     previous = json.loads((out / "benchmark.json").read_text()) if (out / "benchmark.json").is_file() else {}
     summaries = [evaluate_system(SystemDir.open(out / f"seed{seed}")) for seed in seeds]
     result = {
-        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "timings", "trained_before")},
+        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "timings", "trained_before", "resumed")},
         "seeds": seeds,
         "aggregate": aggregate(summaries),
         "summaries": summaries,
@@ -365,6 +374,7 @@ def main() -> None:
         raw["expert_training"]["shared_epochs"] *= args.scale
     cfg = SystemConfig.from_dict(raw, origin=str(args.config))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    resumed = resumed_at_start(out, seeds)
     summaries, timings = [], {}
     first: SystemDir | None = None
     for seed in seeds:
@@ -388,6 +398,7 @@ def main() -> None:
         "scale": args.scale,
         "timings": timings,
         "trained_before": trained_before(out, seeds, started_at),
+        "resumed": resumed,
         "aggregate": aggregate(summaries),
         "summaries": summaries,
     }
