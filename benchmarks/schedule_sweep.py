@@ -88,7 +88,7 @@ def main() -> None:
         stage1, _ = load_checkpoint(system.stage1_path)
     # stage 1's logits on train, once for every schedule that distils from it
     teacher = stage1_logits(system, train.images, "sweep") if any(s.distills for s in schedules.values()) else None
-    needs_routing = any(s.correct_other or any(st.others == "routed" for st in s.stages) for s in schedules.values())
+    needs_routing = any(s.needs_routing for s in schedules.values())
     pools = routing_pools(sweep_cfg, system, part, train, val, device) if needs_routing else None
     pretrained = pretrained_for(system, "expert")
     rows: list[dict[str, Any]] = []

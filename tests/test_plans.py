@@ -23,6 +23,31 @@ def test_static_and_progressive_get_the_same_budget() -> None:
         expert_plan(cfg, labels, subset, "warp", seed=0)
 
 
+def test_edge_error_repeats_draw_the_generalists_errors_more_often_in_the_same_steps() -> None:
+    raw = SystemConfig().model_dump(mode="json")
+    plain = SystemConfig.from_dict(raw)
+    raw["expert_training"]["schedules"]["static"]["edge_error_repeats"] = 2
+    cfg = SystemConfig.from_dict(raw)
+    labels = np.repeat(np.arange(10), 60)
+    subset = (0, 1, 2, 3, 4)
+    wrong = np.zeros(len(labels), dtype=bool)
+    wrong[np.flatnonzero(labels < 5)[::4]] = True  # a quarter of the subset's images are the edge's errors
+    plan = expert_plan(cfg, labels, subset, "static", seed=0, edge_wrong=wrong)
+    assert plan.shape == expert_plan(plain, labels, subset, "static", seed=0).shape  # the budget is the images'
+    seen = np.bincount(plan.ravel(), minlength=len(labels))
+    ratio = seen[wrong].mean() / seen[np.isin(labels, subset) & ~wrong].mean()
+    assert 2.5 < ratio < 3.5  # each error 1 + 2 times per pass
+    with pytest.raises(ConfigError, match="repeats the generalist's errors"):
+        expert_plan(cfg, labels, subset, "static", seed=0)
+    # off, the option is left out of the schedule's dump: checkpoints trained before it stay current
+    assert "edge_error_repeats" not in plain.expert_training.schedules["static"].model_dump()
+    assert cfg.expert_training.schedules["static"].needs_routing
+    assert not plain.expert_training.schedules["static"].needs_routing
+    raw["expert_training"]["schedules"]["static"]["edge_error_repeats"] = -1
+    with pytest.raises(ConfigError, match="edge_error_repeats"):
+        SystemConfig.from_dict(raw)
+
+
 def test_progressive_share_of_subset_rises_stage_by_stage() -> None:
     labels = np.repeat(np.arange(10), 100)
     inside = np.flatnonzero(labels < 2)

@@ -135,13 +135,23 @@ class Schedule(_OmitsUnused):
     expert meets when the generalist routes validation samples to it.
     `distill`: train the experts against stage 1's logits as well as their labels
     (stage 1's classes outside the subset folded into "other"); off by default.
+    `edge_error_repeats`: each subset training image the generalist gets wrong is drawn
+    1 + this many times per pass (the same steps in all): an expert is asked about the
+    samples the edge is unsure of, and only its answers there can fix anything; 0 (off)
+    by default.
     """
 
     init: Literal["pretrained", "shared"] = "pretrained"
     stages: list[Stage]
     correct_other: bool = False
     distill: DistillConfig = DistillConfig()
-    _omit_when_off: ClassVar[dict[str, str]] = {"distill": "distills"}
+    edge_error_repeats: int = Field(0, ge=0, le=10)
+    _omit_when_off: ClassVar[dict[str, str]] = {"distill": "distills", "edge_error_repeats": "edge_error_repeats"}
+
+    @property
+    def needs_routing(self) -> bool:
+        """Whether training needs the generalist's outputs on the training split (its routing or its errors)."""
+        return self.correct_other or self.edge_error_repeats > 0 or any(s.others == "routed" for s in self.stages)
 
     @property
     def distills(self) -> bool:

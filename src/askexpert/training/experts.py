@@ -58,13 +58,23 @@ def expert_plan(
     schedule: str,
     seed: int,
     routed: np.ndarray | None = None,
+    edge_wrong: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The batch plan of one expert under one schedule (its length is the schedule-free budget)."""
+    """The batch plan of one expert under one schedule (its length is the schedule-free budget).
+
+    `edge_wrong` (bool per training image: the generalist's answer is wrong) is needed by a schedule with
+    `edge_error_repeats`, whose subset pool then holds those images 1 + that many times.
+    """
     sched = schedule_of(cfg, schedule)
     tc = cfg.expert_training
     in_subset = np.isin(labels, subset)
     inside, outside = np.flatnonzero(in_subset), np.flatnonzero(~in_subset)
-    steps = budget_steps(tc.epochs, len(inside), tc.batch_size)
+    steps = budget_steps(tc.epochs, len(inside), tc.batch_size)  # from the distinct images: the same budget
+    if sched.edge_error_repeats:
+        if edge_wrong is None or len(edge_wrong) != len(labels):
+            raise ConfigError(f"schedule {schedule!r} repeats the generalist's errors, which were not given")
+        hard = inside[edge_wrong[inside]]
+        inside = np.concatenate([inside, *[hard] * sched.edge_error_repeats])
     return plan_schedule(inside, outside, sched.stages, steps, tc.batch_size, seed, routed)
 
 
@@ -146,6 +156,7 @@ class RoutingPools:
     routed_train: list[np.ndarray]  # per expert: out-of-subset train indices routed to it
     deployed_other: list[float]  # per expert: share of the validation samples routed to it that are not its classes
     generalist_sha: str
+    wrong_train: np.ndarray  # (N_train,) bool: the generalist's top-1 on the (un-augmented) image is wrong
 
 
 def routing_pools(
@@ -165,16 +176,17 @@ def routing_pools(
     membership = part.membership()
     k = min(cfg.routing.top_k, part.num_classes)
     routed, deployed = [], []
-    chosen = {}
+    chosen, wrong = {}, {}
     for name, split in (("train", train), ("val", val)):
         probs = softmax(predict_logits(model, split.images, device, desc=f"routing {name}"))
         chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring)
+        wrong[name] = probs.argmax(axis=1) != split.labels
     for e, subset in enumerate(part.subsets):
         outside_train = ~np.isin(train.labels, subset)
         routed.append(np.flatnonzero((chosen["train"] == e) & outside_train))
         to_e = chosen["val"] == e
         deployed.append(float((~np.isin(val.labels[to_e], subset)).mean()) if to_e.any() else 0.5)
-    return RoutingPools(routed, deployed, meta.sha256)
+    return RoutingPools(routed, deployed, meta.sha256, wrong["train"])
 
 
 @dataclass
@@ -212,7 +224,7 @@ def train_expert(
     sched = schedule_of(cfg, schedule)
     seed = cfg.expert_training.seed * 1000 + index
     routed = pools.routed_train[index] if pools is not None else None
-    plan = expert_plan(cfg, train.labels, subset, schedule, seed, routed)
+    plan = expert_plan(cfg, train.labels, subset, schedule, seed, routed, pools.wrong_train if pools else None)
     torch.manual_seed(seed)  # a fresh head's weights come from torch's global generator
     if sched.init == "shared":
         if stage1 is None:
@@ -265,7 +277,7 @@ def train_experts(system: SystemDir, schedule: str, force: bool = False) -> list
         )
     device = resolve_device(cfg.device)
     tc = cfg.expert_training
-    needs_routing = sched.correct_other or any(s.others == "routed" for s in sched.stages)
+    needs_routing = sched.needs_routing
     pretrained = pretrained_for(system, "expert")
     depends: dict[str, Any] = {"init_file": file_sha256(pretrained) if pretrained else None}
     stage1: tuple[ImageClassifier, CheckpointMeta] | None = None  # read once: the experts' start and their teacher
