@@ -13,7 +13,7 @@ from askexpert.config import RoutingConfig
 from askexpert.deferral import BREAK, FIX, SAME, DeferralGate, outcome_labels
 from askexpert.errors import CheckpointError, RoutingError
 from askexpert.evaluate.cache import LogitCache, _schedule_outputs, build_cache
-from askexpert.evaluate.gates import cross_fit_scores, fit_gate
+from askexpert.evaluate.gates import competence, cross_fit_scores, curve_mean, fit_chosen_gate, fit_gate
 from askexpert.evaluate.metrics import gate_statistic, offload_masks, outcomes, routed_experts, tau_for_rate
 from askexpert.partition import Partition
 from askexpert.routing import Router
@@ -90,6 +90,51 @@ def test_gate_file_round_trip_and_bad_files(tmp_path: Path) -> None:
         Router(m, learned.updated(top_k=1), deferral=gate)
 
 
+def test_expected_gain_form_by_hand(tmp_path: Path) -> None:
+    membership = np.array([[1, 1, 0], [0, 1, 1]])
+    # expert 0 saw class 0 twice (right once) and class 1 once (right); expert 1 saw class 2 once (wrong)
+    expert, labels, right = np.array([0, 0, 0, 1]), np.array([0, 0, 1, 2]), np.array([True, False, True, False])
+    q = competence(expert, right, labels, membership, prior=1.0)
+    # own means: expert 0 2/3, expert 1 0/1; cell = (hits + prior·mean) / (count + prior), 0 outside the subset
+    np.testing.assert_allclose(q, [[(1 + 2 / 3) / 3, (1 + 2 / 3) / 2, 0.0], [0.0, 0.0, 0.0]])
+    table = np.array([[0.8, 0.5, 0.0], [0.0, 0.9, 0.6]])
+    gate = DeferralGate.expected_gain(2, "weighted", "fp", table)
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    # sample 0 → expert 0: 0.6·0.8 + 0.3·0.5 = 0.63 against max p 0.6; sample 1 → expert 1: 0.45 + 0.18 against 0.5
+    assert gate.score(probs, membership, np.array([0, 1])).tolist() == pytest.approx([(1 + 0.03) / 2, (1 + 0.13) / 2])
+    path = tmp_path / "gate.json"
+    gate.to_json(path)
+    back = DeferralGate.from_json(path)
+    assert back.form == "expected_gain" and json.loads(path.read_text())["format"].endswith("/2")
+    routed = np.array([0, 1])
+    assert np.array_equal(back.score(probs, membership, routed), gate.score(probs, membership, routed))
+    with pytest.raises(RoutingError, match="competence of shape"):
+        gate.score(probs[:, :2], membership[:, :2], np.array([0, 1]))
+    data = json.loads(path.read_text())
+    del data["competence"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="no competence table"):
+        DeferralGate.from_json(path)
+
+
+def test_the_form_is_judged_by_mean_gain_over_offload_rates() -> None:
+    y = np.array([FIX] * 5 + [SAME] * 10 + [BREAK] * 5)
+    best, worst = np.arange(20.0)[::-1], np.arange(20.0)
+    # offloading fixes first gains 1/20 a sample up to 5 of 20; reaching 95 % with the breaks last costs 4 of them
+    gains = np.minimum(np.arange(1, 20), 5) - np.maximum(np.arange(1, 20) - 15, 0)
+    assert curve_mean(best, y) == pytest.approx(float(np.mean(gains / 20)))
+    assert curve_mean(worst, y) < 0 < curve_mean(best, y)
+    val = _specialist_cache(seed=0)
+    gate = fit_chosen_gate(val, val.schedules["s"], 1, "weighted", "fp")
+    judged = gate.info["validation_mean_gain"]
+    assert gate.form == max(judged, key=judged.get) and set(judged) == {"logistic", "expected_gain"}
+    # either form finds e1's fixes, which confidence cannot: both gain more than offloading at random
+    chosen = routed_experts(val, 1, "weighted")
+    y_val = outcome_labels(val.gen_pred, val.schedules["s"].labels[chosen, np.arange(len(val.labels))], val.labels)
+    at_random = curve_mean(np.random.default_rng(0).random(len(y_val)), y_val)
+    assert min(judged.values()) > at_random + 0.01
+
+
 def test_routing_hit_rate_by_hand() -> None:
     part = Partition("random", 4, ("e0", "e1"), ((0, 1), (2, 3)))
     y = np.array([0, 2, 3, 1])
@@ -107,7 +152,7 @@ def test_routing_hit_rate_by_hand() -> None:
 @pytest.fixture(scope="module")
 def learned_system(trained_system: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the micro system routed by its learned gate (evaluate fits it), τ at the test median."""
-    from askexpert.deferral import FORMAT
+    from askexpert.deferral import FORMAT, FORMAT_COMPETENCE
     from askexpert.evaluate.run import evaluate_system
     from askexpert.system import SystemDir
 
@@ -116,8 +161,8 @@ def learned_system(trained_system: Path, tmp_path_factory: pytest.TempPathFactor
     system = SystemDir.open(root)
     evaluate_system(system)
     data = json.loads(system.deferral_gate_path.read_text())
-    assert data["format"] == FORMAT
     gate = DeferralGate.from_json(system.deferral_gate_path)
+    assert data["format"] == (FORMAT if gate.form == "logistic" else FORMAT_COMPETENCE)  # the form validation chose
     cache = build_cache(system, ["progressive"])
     score = gate.score(cache.gen_probs, cache.partition.membership(), routed_experts(cache, gate.k, gate.scoring))
     routing = {"gate": "learned", "tau": float(np.median(score)), "top_k": gate.k, "combine": "replace"}

@@ -149,7 +149,7 @@ def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: 
     from askexpert.config import RoutingConfig
     from askexpert.deferral import gate_fingerprint
     from askexpert.evaluate.cache import build_cache
-    from askexpert.evaluate.gates import fit_gate
+    from askexpert.evaluate.gates import fit_chosen_gate
     from askexpert.inference.collaborative import CollaborativeClassifier
     from askexpert.routing import Router
 
@@ -160,7 +160,7 @@ def test_live_classifier_at_the_chosen_point_matches_the_report(trained_system: 
     if point.gate == "learned":  # the gate evaluate fitted for this schedule and k, on all of validation
         val = build_cache(system, ["progressive", "static"], split="val")
         fitted_on = gate_fingerprint(system, schedule)
-        deferral = fit_gate(val, val.schedules[schedule], point.top_k, point.scoring, fitted_on)
+        deferral = fit_chosen_gate(val, val.schedules[schedule], point.top_k, point.scoring, fitted_on)
     router = Router(clf.partition.membership(), point, deferral)
     clf = CollaborativeClassifier(clf.generalist, router, clf.partition, clf.backend)
     pred = clf(test.images)

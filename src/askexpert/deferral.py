@@ -8,6 +8,13 @@ routed expert (it *breaks* a right answer, changes nothing, *fixes* a wrong one)
 fitted on held-out outputs (`evaluate/gates.py`, scikit-learn). Its score is the
 expected gain mapped onto 0…1, (1 + P(fix) − P(break)) / 2, and it offloads above τ.
 
+Its second form, the *expected gain*, needs no model: a table of what each expert
+knows per class, Q[e, c] (the share of held-out images of class c routed to e that it
+answers right), turns the generalist's distribution into the expected accuracy of the
+routed expert on this sample, Σ_c p(c)·Q[e, c], and the score is that minus the
+generalist's own, max p, mapped onto 0…1 the same way. `askexpert evaluate` fits both
+and keeps, per schedule and k, the one that validation says pays.
+
 Scoring is numpy only, so the live edge, the cached evaluation and the testbed share
 this one implementation. The file holds plain numbers (JSON) and the fingerprint of
 the models it was fitted on: a gate fitted on other models is refused, as a stale
@@ -30,6 +37,7 @@ from askexpert.protocol import final_labels
 from askexpert.system import SystemDir
 
 FORMAT = "askexpert-deferral-gate/1"
+FORMAT_COMPETENCE = "askexpert-deferral-gate/2"  # /1 plus the competence table: an older reader refuses it
 BREAK, SAME, FIX = 0, 1, 2
 TOP = 10  # sorted probabilities kept as features
 
@@ -90,6 +98,19 @@ class DeferralGate:
     intercept: np.ndarray  # (O,)
     outcomes: tuple[int, ...]  # which of BREAK, SAME, FIX the rows are (a class absent from the fit has no row)
     info: dict[str, Any] = field(default_factory=dict)
+    competence: np.ndarray | None = None  # (E, C): the expected-gain form (then the linear model is empty)
+
+    @classmethod
+    def expected_gain(
+        cls, k: int, scoring: str, fitted_on: str, competence: np.ndarray, info: dict[str, Any] | None = None
+    ) -> DeferralGate:
+        """The model-free form: Q[e, c], what expert e answers right of class c (`evaluate.gates.competence`)."""
+        empty = np.zeros(0)
+        return cls(k, scoring, fitted_on, empty, empty, np.zeros((1, 0)), np.zeros(1), (SAME,), info or {}, competence)
+
+    @property
+    def form(self) -> str:
+        return "logistic" if self.competence is None else "expected_gain"
 
     def __post_init__(self) -> None:
         # one memory layout however the gate was made (scikit-learn's coef_ is Fortran-ordered, a loaded one is
@@ -103,6 +124,11 @@ class DeferralGate:
             raise RoutingError(f"deferral gate: inconsistent shapes {self.mean.shape}, {self.coef.shape}")
         if self.intercept.shape != (rows,) or not set(self.outcomes) <= {BREAK, SAME, FIX}:
             raise RoutingError(f"deferral gate: outcomes {self.outcomes} do not match the intercepts")
+        if self.competence is not None:
+            q = np.ascontiguousarray(self.competence, dtype=np.float64)
+            object.__setattr__(self, "competence", q)
+            if q.ndim != 2 or not np.all((q >= 0) & (q <= 1)):
+                raise RoutingError(f"deferral gate: competence must be (experts, classes) in 0…1; got shape {q.shape}")
 
     def outcome_probs(self, features: np.ndarray) -> np.ndarray:
         """(N, 3) P(break), P(same), P(fix)."""
@@ -128,8 +154,19 @@ class DeferralGate:
 
     def score(self, probs: np.ndarray, membership: np.ndarray, expert: np.ndarray) -> np.ndarray:
         """(N,) expected gain of asking the routed expert, mapped onto 0…1 (0.5: no gain expected)."""
-        p = self.outcome_probs(edge_features(probs, membership, expert))
-        return (1.0 + p[:, FIX] - p[:, BREAK]) / 2.0
+        if self.competence is not None:
+            p = np.asarray(probs, dtype=np.float64)
+            q = self.competence
+            if p.ndim != 2 or q.shape != (np.shape(membership)[0], p.shape[1]):
+                raise RoutingError(
+                    f"deferral gate: competence of shape {q.shape} does not fit {np.shape(membership)[0]} experts "
+                    f"and probabilities of shape {p.shape}"
+                )
+            routed = np.asarray(expert, dtype=np.int64)
+            gain = np.einsum("nc,nc->n", p, q[routed]) - p.max(axis=1)
+            return (1.0 + gain) / 2.0
+        o = self.outcome_probs(edge_features(probs, membership, expert))
+        return (1.0 + o[:, FIX] - o[:, BREAK]) / 2.0
 
     def check(self, fitted_on: str, k: int, scoring: str, origin: str = "deferral gate") -> None:
         """Refuse a gate fitted on other models or for another routing (one line, naming the fix)."""
@@ -146,7 +183,7 @@ class DeferralGate:
 
     def to_json(self, path: str | Path) -> None:
         data = {
-            "format": FORMAT,
+            "format": FORMAT if self.competence is None else FORMAT_COMPETENCE,
             "k": self.k,
             "scoring": self.scoring,
             "fitted_on": self.fitted_on,
@@ -157,6 +194,8 @@ class DeferralGate:
             "intercept": self.intercept.tolist(),
             "info": self.info,
         }
+        if self.competence is not None:
+            data["competence"] = self.competence.tolist()
         path = Path(path)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -169,8 +208,11 @@ class DeferralGate:
             raise CheckpointError(f"deferral gate not found: {path}; fit it with `askexpert evaluate`")
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+            if data.get("format") not in (FORMAT, FORMAT_COMPETENCE):
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r} or {FORMAT_COMPETENCE!r}")
+            table = data.get("competence") if data["format"] == FORMAT_COMPETENCE else None
+            if data["format"] == FORMAT_COMPETENCE and table is None:
+                raise ValueError("no competence table")
             return cls(
                 k=int(data["k"]),
                 scoring=str(data["scoring"]),
@@ -181,6 +223,7 @@ class DeferralGate:
                 intercept=np.asarray(data["intercept"], dtype=np.float64),
                 outcomes=tuple(int(o) for o in data["outcomes"]),
                 info=dict(data.get("info", {})),
+                competence=np.asarray(table, dtype=np.float64) if table is not None else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError, RoutingError) as exc:
             raise CheckpointError(f"{path}: not a deferral gate file: {exc}") from None

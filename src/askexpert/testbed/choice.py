@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from askexpert.config import RoutingConfig
+from askexpert.deferral import DeferralGate
 from askexpert.errors import ConfigError
 from askexpert.evaluate.cache import LogitCache, ScheduleOutputs, build_cache
 from askexpert.evaluate.gates import cross_fit_scores
@@ -53,11 +54,12 @@ class ValidationView:
         outputs = cache.schedules[schedule]
         answers = expert_labels(cache, outputs, rc.combine, rc.mix_weight)
         # the learned gate's validation scores are out-of-fold, as `evaluate` chose τ on them
-        stat = (
-            cross_fit_scores(cache, outputs, rc.top_k, rc.scoring)
-            if rc.gate == LEARNED
-            else gate_statistic(cache, rc.gate)
-        )
+        # (in the form `evaluate` chose for the stored gate)
+        if rc.gate == LEARNED:
+            form = DeferralGate.from_json(system.deferral_gate_path).form
+            stat = cross_fit_scores(cache, outputs, rc.top_k, rc.scoring, form=form)
+        else:
+            stat = gate_statistic(cache, rc.gate)
         return cls(cache, outputs, rc, answers, stat)
 
     def second(self, k: int) -> SecondExpert | None:
