@@ -159,10 +159,11 @@ def learned_system(trained_system: Path, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("learned") / "system"
     shutil.copytree(trained_system, root)
     system = SystemDir.open(root)
-    evaluate_system(system)
+    summary = evaluate_system(system)
     data = json.loads(system.deferral_gate_path.read_text())
     gate = DeferralGate.from_json(system.deferral_gate_path)
     assert data["format"] == (FORMAT if gate.form == "logistic" else FORMAT_COMPETENCE)  # the form validation chose
+    assert summary["deferral_gate"]["form"] == gate.form  # and the report (and `evaluate`'s line) names it
     cache = build_cache(system, ["progressive"])
     score = gate.score(cache.gen_probs, cache.partition.membership(), routed_experts(cache, gate.k, gate.scoring))
     routing = {"gate": "learned", "tau": float(np.median(score)), "top_k": gate.k, "combine": "replace"}

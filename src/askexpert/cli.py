@@ -282,7 +282,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     if summary.get("deferral_gate"):
         gate = summary["deferral_gate"]
-        console.print(f"learned gate ({gate['schedule']}, k={gate['k']}): {gate['path']}")
+        console.print(f"learned gate ({gate['schedule']}, k={gate['k']}, {gate['form']} form): {gate['path']}")
     console.print(f"report: {summary['report']}")
 
 

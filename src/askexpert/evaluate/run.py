@@ -279,7 +279,13 @@ def evaluate_system(system: SystemDir) -> dict[str, Any]:
         served = cfg.serving.schedule if cfg.serving.schedule in cache.schedules else next(iter(cache.schedules))
         chosen = summary["chosen_on_validation"].get(served)
         k = int(chosen["top_k"]) if chosen else cfg.routing.top_k
-        gates[(served, k)].to_json(system.deferral_gate_path)  # what `gate: learned` routes with, at the chosen k
-        summary["deferral_gate"] = {"path": str(system.deferral_gate_path), "schedule": served, "k": k}
+        gate = gates[(served, k)]
+        gate.to_json(system.deferral_gate_path)  # what `gate: learned` routes with, at the chosen k
+        summary["deferral_gate"] = {
+            "path": str(system.deferral_gate_path),
+            "schedule": served,
+            "k": k,
+            "form": gate.form,  # the one validation preferred (evaluate.gates)
+        }
     summary["report"] = str(write_report(system.report_dir, summary, rows))
     return summary
