@@ -176,17 +176,19 @@ def routing_pools(
     membership = part.membership()
     k = min(cfg.routing.top_k, part.num_classes)
     routed, deployed = [], []
-    chosen, wrong = {}, {}
+    chosen = {}
+    wrong_train = np.zeros(0, dtype=bool)
     for name, split in (("train", train), ("val", val)):
         probs = softmax(predict_logits(model, split.images, device, desc=f"routing {name}"))
         chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring)
-        wrong[name] = probs.argmax(axis=1) != split.labels
+        if name == "train":
+            wrong_train = probs.argmax(axis=1) != split.labels
     for e, subset in enumerate(part.subsets):
         outside_train = ~np.isin(train.labels, subset)
         routed.append(np.flatnonzero((chosen["train"] == e) & outside_train))
         to_e = chosen["val"] == e
         deployed.append(float((~np.isin(val.labels[to_e], subset)).mean()) if to_e.any() else 0.5)
-    return RoutingPools(routed, deployed, meta.sha256, wrong["train"])
+    return RoutingPools(routed, deployed, meta.sha256, wrong_train)
 
 
 @dataclass
