@@ -13,7 +13,7 @@ from askexpert.config import ExpertTrainConfig, SystemConfig, TrainConfig
 from askexpert.errors import ConfigError
 from askexpert.models import create_model
 from askexpert.system import SystemDir
-from askexpert.training.augment import RANDAUGMENT_GROUP, Augmenter
+from askexpert.training.augment import RANDAUGMENT_GROUP, Augmenter, token_dropout
 from askexpert.training.loop import train_model
 from askexpert.training.shared import shared_stage_fingerprint, stage1_training
 
@@ -68,6 +68,7 @@ def test_without_mixing_the_labels_stay_indices() -> None:
     [
         ({"randaugment_ops": 9}, "randaugment_ops"),
         ({"mixup": -1.0}, "mixup"),
+        ({"token_drop": 1.0}, "token_drop"),
         ({"shared_augment": {"randaugment_ops": 2, "rotate": 10}}, "rotate"),
     ],
 )
@@ -84,7 +85,8 @@ def test_mixing_the_distilled_generalist_is_refused() -> None:
 
 def test_options_that_are_off_leave_dumps_and_fingerprints_as_they_were() -> None:
     plain = ExpertTrainConfig(epochs=1).model_dump()
-    assert not {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "shared_augment"} & set(plain)
+    off = {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "token_drop", "shared_augment"}
+    assert not off & set(plain)
     on = ExpertTrainConfig(epochs=1, randaugment_ops=1, cutmix=1.0)
     assert {"randaugment_ops": 1, "randaugment_magnitude": 5, "cutmix": 1.0}.items() <= on.model_dump().items()
     # the experts' own augmentation does not reach stage 1 unless shared_augment says so
@@ -107,8 +109,14 @@ def test_stage1_can_have_augmentation_of_its_own(tmp_path: Path) -> None:
         )
         return shared_stage_fingerprint(SystemDir.create(tmp_path / "system", changed, overwrite=True), changed)
 
-    keys = {key(False), key(True), key({"randaugment_ops": 2}), key({"randaugment_ops": 2, "randaugment_magnitude": 9})}
-    assert len(keys) == 4
+    keys = {
+        key(False),
+        key(True),
+        key({"randaugment_ops": 2}),
+        key({"randaugment_ops": 2, "randaugment_magnitude": 9}),
+        key({"randaugment_ops": 2, "token_drop": 0.5}),
+    }
+    assert len(keys) == 5
     assert key(False) == key(False)
 
 
@@ -144,3 +152,54 @@ def test_training_with_every_option_on_lowers_the_loss() -> None:
     with torch.no_grad():
         after = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)).item()
     assert after < 0.7 * before, (before, after)
+
+
+def _tokens_seen(model: torch.nn.Module, images: torch.Tensor) -> int:
+    seen: list[int] = []
+    hook = model.backbone.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    return seen[0]
+
+
+def test_token_drop_thins_the_tokens_in_training_only_and_is_put_back() -> None:
+    torch.manual_seed(0)
+    model = create_model("micro-cct-generalist", 4).train()
+    images = _batch(3).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # 32 px: 8×8 = 64 tokens
+    assert _tokens_seen(model, images) == 64
+    with token_dropout(model, 0.75):
+        assert _tokens_seen(model, images) == 16
+        model.eval()  # inference inside the block still sees every token
+        assert _tokens_seen(model, images) == 64
+        model.train()
+    assert isinstance(model.backbone.patch_drop, torch.nn.Identity)
+    assert _tokens_seen(model, images) == 64
+    # the weights are those of the model without it: the state dict has the same keys
+    assert set(model.state_dict()) == set(create_model("micro-cct-generalist", 4).state_dict())
+
+
+def test_training_with_token_drop_lowers_the_loss_and_leaves_the_model_whole() -> None:
+    rng = np.random.default_rng(0)
+    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)
+    labels = rng.integers(0, 4, 64)
+    images = np.broadcast_to(palette[labels][:, None, None, :], (64, 32, 32, 3)).copy()
+    plan = np.stack([rng.permutation(64)[:16] for _ in range(40)])
+    torch.manual_seed(0)
+    model = create_model("micro-cct-generalist", 4)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(x), y).item()
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, token_drop=0.5)
+    train_model(model, images, labels, plan, cfg, torch.device("cpu"), 0, None, "token drop")
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert after < 0.7 * before, (before, after)
+    assert isinstance(model.backbone.patch_drop, torch.nn.Identity) and not model.training
+
+
+def test_token_drop_on_a_model_without_tokens_fails_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="token_drop needs a timm VisionTransformer") as err:
+        with token_dropout(torch.nn.Linear(2, 2), 0.5, "stage 1"):
+            pass
+    assert "\n" not in str(err.value)

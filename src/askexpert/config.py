@@ -170,18 +170,22 @@ class Schedule(_OmitsUnused):
 
 class StrongAugmentation(_OmitsUnused):
     """Augmentation beyond crop/flip, each off by default (askexpert.training.augment): RandAugment's
-    ops per image and magnitude (torchvision), and the Beta(alpha, alpha) of mixup / cutmix (timm's
-    Mixup; with both set, each batch uses one of them at random)."""
+    ops per image and magnitude (torchvision), the Beta(alpha, alpha) of mixup / cutmix (timm's
+    Mixup; with both set, each batch uses one of them at random), and `token_drop`, the share of
+    its tokens each training image drops after the tokenizer (timm's PatchDropout; every token
+    is kept at inference): a regulariser that also makes each step cheaper."""
 
     randaugment_ops: int = Field(0, ge=0, le=4)
     randaugment_magnitude: int = Field(5, ge=0, le=30)
     mixup: float = Field(0.0, ge=0.0)
     cutmix: float = Field(0.0, ge=0.0)
+    token_drop: float = Field(0.0, ge=0.0, lt=1.0)
     _omit_when_off: ClassVar[dict[str, str]] = {
         "randaugment_ops": "randaugment_ops",
         "randaugment_magnitude": "randaugment_ops",  # means nothing without RandAugment
         "mixup": "mixup",
         "cutmix": "cutmix",
+        "token_drop": "token_drop",
     }
 
 

@@ -10,13 +10,17 @@ switches between mixup and cutmix per batch).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from askexpert.config import TrainConfig
+from askexpert.errors import ConfigError
 
 
 def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -31,6 +35,28 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(b, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+@contextmanager
+def token_dropout(model: nn.Module, rate: float, desc: str = "train") -> Iterator[None]:
+    """While training, each image keeps a random (1 − `rate`) of its tokens after the tokenizer (timm's
+    PatchDropout, Liu et al. 2023): its blocks see fewer tokens, so a step costs less and a whole model
+    is regularised as by erasing. Nothing changes at inference (PatchDropout passes everything in eval
+    mode, and the module is put back after training): checkpoints and exports are as without it."""
+    if rate <= 0.0:
+        yield
+        return
+    from timm.layers import PatchDropout
+
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "patch_drop"):
+        raise ConfigError(f"{desc}: token_drop needs a timm VisionTransformer; {type(backbone).__name__} has no tokens")
+    before = backbone.patch_drop
+    backbone.patch_drop = PatchDropout(rate, num_prefix_tokens=int(getattr(backbone, "num_prefix_tokens", 0)))
+    try:
+        yield
+    finally:
+        backbone.patch_drop = before
 
 
 # RandAugment draws its ops once per call: per group of 8 images rather than per image, 16 draws a

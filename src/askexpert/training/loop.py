@@ -21,7 +21,7 @@ from askexpert.config import DistillConfig, TrainConfig
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.models.registry import ImageClassifier
 from askexpert.progress import progress
-from askexpert.training.augment import Augmenter
+from askexpert.training.augment import Augmenter, token_dropout
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -120,37 +120,38 @@ def train_model(
     save_every = max(1, total // 10)
     tail: list[float] = []
     bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
-    for step in bar:
-        idx = torch.from_numpy(plan[step].astype(np.int64))
-        batch, y = augmenter.mix(augmenter.images(images_t[idx]), targets_t[idx])
-        batch, y = batch.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            soft = teacher_t[idx].to(device, non_blocking=True) if teacher_t is not None else None
-            loss = training_loss(model(batch), y, cfg.label_smoothing, soft, distill)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
-        if step >= total - max(1, total // 10):
-            tail.append(value)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        if resume_path is not None and (step + 1) % save_every == 0 and step + 1 < total:
-            torch.save(
-                {
-                    "total": total,
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    **{f"rng.{k}": v for k, v in augmenter.state().items()},
-                },
-                resume_path,
-            )
+    with token_dropout(model, cfg.token_drop, desc):
+        for step in bar:
+            idx = torch.from_numpy(plan[step].astype(np.int64))
+            batch, y = augmenter.mix(augmenter.images(images_t[idx]), targets_t[idx])
+            batch, y = batch.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                soft = teacher_t[idx].to(device, non_blocking=True) if teacher_t is not None else None
+                loss = training_loss(model(batch), y, cfg.label_smoothing, soft, distill)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
+            if step >= total - max(1, total // 10):
+                tail.append(value)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            if resume_path is not None and (step + 1) % save_every == 0 and step + 1 < total:
+                torch.save(
+                    {
+                        "total": total,
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        **{f"rng.{k}": v for k, v in augmenter.state().items()},
+                    },
+                    resume_path,
+                )
     bar.close()
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
