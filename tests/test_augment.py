@@ -137,20 +137,27 @@ def test_stage1_key_follows_the_learning_rate_and_seed_it_trains_with(tmp_path: 
     assert key(lr=2e-3, seed=1, shared_seed=0) == key(lr=2e-3, seed=0)
 
 
-def test_training_with_every_option_on_lowers_the_loss() -> None:
+def _train_on_colours(cfg: TrainConfig, steps: int, desc: str) -> tuple[float, float, torch.nn.Module]:
+    """A micro model trained `steps` steps on four flat colours: its loss before, after, and the model."""
     rng = np.random.default_rng(0)
     palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)
     labels = rng.integers(0, 4, 64)
     images = np.broadcast_to(palette[labels][:, None, None, :], (64, 32, 32, 3)).copy()
-    plan = np.stack([rng.permutation(64)[:16] for _ in range(60)])
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, randaugment_ops=1, mixup=0.4, cutmix=1.0)
+    plan = np.stack([rng.permutation(64)[:16] for _ in range(steps)])
     torch.manual_seed(0)
     model = create_model("micro-cct-generalist", 4)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
     with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)).item()
-    train_model(model, images, labels, plan, cfg, torch.device("cpu"), 0, None, "mixed")
+        before = torch.nn.functional.cross_entropy(model(x), y).item()
+    train_model(model, images, labels, plan, cfg, torch.device("cpu"), 0, None, desc)
     with torch.no_grad():
-        after = torch.nn.functional.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels)).item()
+        after = torch.nn.functional.cross_entropy(model(x), y).item()
+    return before, after, model
+
+
+def test_training_with_every_option_on_lowers_the_loss() -> None:
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, randaugment_ops=1, mixup=0.4, cutmix=1.0)
+    before, after, _ = _train_on_colours(cfg, 60, "mixed")
     assert after < 0.7 * before, (before, after)
 
 
@@ -180,20 +187,8 @@ def test_token_drop_thins_the_tokens_in_training_only_and_is_put_back() -> None:
 
 
 def test_training_with_token_drop_lowers_the_loss_and_leaves_the_model_whole() -> None:
-    rng = np.random.default_rng(0)
-    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]], np.uint8)
-    labels = rng.integers(0, 4, 64)
-    images = np.broadcast_to(palette[labels][:, None, None, :], (64, 32, 32, 3)).copy()
-    plan = np.stack([rng.permutation(64)[:16] for _ in range(40)])
-    torch.manual_seed(0)
-    model = create_model("micro-cct-generalist", 4)
-    x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(model(x), y).item()
     cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, token_drop=0.5)
-    train_model(model, images, labels, plan, cfg, torch.device("cpu"), 0, None, "token drop")
-    with torch.no_grad():
-        after = torch.nn.functional.cross_entropy(model(x), y).item()
+    before, after, model = _train_on_colours(cfg, 40, "token drop")
     assert after < 0.7 * before, (before, after)
     assert isinstance(model.backbone.patch_drop, torch.nn.Identity) and not model.training
 
