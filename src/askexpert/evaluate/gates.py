@@ -18,6 +18,7 @@ over the whole range of offloads rather than at one point.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,14 +34,20 @@ CURVE_RATES = np.linspace(0.05, 0.95, 19)  # the offload rates a form is judged 
 FORMS = ("logistic", "expected_gain")
 
 
-def _design(
-    cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features, outcomes, the routed expert and whether its answer is right, for every sample of `cache`."""
+class _Design(NamedTuple):
+    """What both forms are fitted from, per sample of a cache: computed once for the fits and the cross-fits."""
+
+    x: np.ndarray  # the edge's features (`edge_features`)
+    outcomes: np.ndarray  # BREAK / SAME / FIX under `replace`
+    expert: np.ndarray  # the routed expert
+    right: np.ndarray  # whether the routed expert's answer is right
+
+
+def _design(cache: LogitCache, outputs: ScheduleOutputs, k: int, scoring: str) -> _Design:
     expert = routed_experts(cache, k, scoring)
     x = edge_features(cache.gen_probs, cache.partition.membership(), expert)
     answer = outputs.labels[expert, np.arange(len(cache.labels))]
-    return x, outcome_labels(cache.gen_pred, answer, cache.labels), expert, answer == cache.labels
+    return _Design(x, outcome_labels(cache.gen_pred, answer, cache.labels), expert, answer == cache.labels)
 
 
 def competence(
@@ -81,12 +88,11 @@ def _fit(x: np.ndarray, y: np.ndarray, k: int, scoring: str, fitted_on: str) -> 
 
 
 def _fit_form(
-    form: str, cache: LogitCache, design: tuple[np.ndarray, ...], rows: np.ndarray, k: int, scoring: str, fp: str
+    form: str, cache: LogitCache, design: _Design, rows: np.ndarray, k: int, scoring: str, fp: str
 ) -> DeferralGate:
-    x, y, expert, right = design
     if form == "logistic":
-        return _fit(x[rows], y[rows], k, scoring, fp)
-    table = competence(expert[rows], right[rows], cache.labels[rows], cache.partition.membership())
+        return _fit(design.x[rows], design.outcomes[rows], k, scoring, fp)
+    table = competence(design.expert[rows], design.right[rows], cache.labels[rows], cache.partition.membership())
     return DeferralGate.expected_gain(k, scoring, fp, table, {"samples": int(len(rows)), "prior": COMPETENCE_PRIOR})
 
 
@@ -113,7 +119,7 @@ def cross_fit_scores(
 
 def _cross_fit(
     cache: LogitCache,
-    design: tuple[np.ndarray, ...],
+    design: _Design,
     k: int,
     scoring: str,
     form: str,
@@ -123,7 +129,7 @@ def _cross_fit(
     from sklearn.model_selection import KFold
 
     membership = cache.partition.membership()
-    expert = design[2]
+    expert = design.expert
     out = np.empty(len(expert))
     for fit_rows, score_rows in KFold(min(folds, len(expert)), shuffle=True, random_state=seed).split(expert):
         gate = _fit_form(form, cache, design, fit_rows, k, scoring, "cross-fit")
@@ -137,7 +143,7 @@ def _fit_chosen(
     """The form validation prefers (out-of-fold), fitted on all of `val`, and that form's out-of-fold scores."""
     design = _design(val, outputs, k, scoring)  # once for the fits and the cross-fits
     oof = {form: _cross_fit(val, design, k, scoring, form) for form in FORMS}
-    judged = {form: curve_mean(scores, design[1]) for form, scores in oof.items()}
+    judged = {form: curve_mean(scores, design.outcomes) for form, scores in oof.items()}
     form = max(FORMS, key=lambda f: judged[f])  # ties: the first, the logistic model
     gate = _fit_form(form, val, design, np.arange(len(val.labels)), k, scoring, fitted_on)
     gate.info["validation_mean_gain"] = judged  # what chose the form: out-of-fold accuracy gained, mean over rates

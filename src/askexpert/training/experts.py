@@ -176,13 +176,12 @@ def routing_pools(
     membership = part.membership()
     k = min(cfg.routing.top_k, part.num_classes)
     routed, deployed = [], []
-    chosen = {}
-    wrong_train = np.zeros(0, dtype=bool)
-    for name, split in (("train", train), ("val", val)):
-        probs = softmax(predict_logits(model, split.images, device, desc=f"routing {name}"))
-        chosen[name] = choose_expert(probs, membership, k, cfg.routing.scoring)
-        if name == "train":
-            wrong_train = probs.argmax(axis=1) != split.labels
+    probs = {
+        name: softmax(predict_logits(model, split.images, device, desc=f"routing {name}"))
+        for name, split in (("train", train), ("val", val))
+    }
+    chosen = {name: choose_expert(p, membership, k, cfg.routing.scoring) for name, p in probs.items()}
+    wrong_train = probs["train"].argmax(axis=1) != train.labels
     for e, subset in enumerate(part.subsets):
         outside_train = ~np.isin(train.labels, subset)
         routed.append(np.flatnonzero((chosen["train"] == e) & outside_train))
