@@ -118,6 +118,10 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         subset_acc.setdefault(("generalist", "closed"), []).append(
             float(np.mean([r.get("generalist closed-set", np.nan) for r in s["experts"]]))
         )
+        if all("stage 1 closed-set" in r for r in s["experts"]):  # the experts' start: what their stages added
+            subset_acc.setdefault(("stage 1", "closed"), []).append(
+                float(np.mean([r["stage 1 closed-set"] for r in s["experts"]]))
+            )
     collab: dict[tuple[str, str], dict[str, list[float]]] = {}
     for s in summaries:
         for row in s.get("collaboration", []):

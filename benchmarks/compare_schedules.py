@@ -5,7 +5,8 @@
 For a schedule tried beside the served one (a new option, before it may become a config's
 default): per schedule, the best served point of each combination rule (τ, k, w and the
 second expert chosen as `askexpert evaluate` chooses them), what collaboration lives on
-(fixes, breaks, the oracle gate), the experts on their own classes, and every gate's
+(fixes, breaks, the oracle gate), the experts on their own classes (beside the generalist and stage 1
+there), and every gate's
 parity offload and accuracy at 10/20/30 % offload, the learned gate out-of-fold. All of it
 is validation: a choice between schedules is a choice, and the test split stays unread.
 Writes OUT/schedules-val.{md,json} (OUT defaults to the system's report/ folder).
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from askexpert.evaluate.cache import build_cache
+from askexpert.evaluate.cache import build_cache, build_stage1_logits
 from askexpert.evaluate.gates import learned_stats
 from askexpert.evaluate.metrics import expert_table, fixes_and_breaks, gate_comparison
 from askexpert.evaluate.report import markdown_table
@@ -37,7 +38,7 @@ def compare(system: SystemDir, schedules: list[str]) -> dict[str, Any]:
     _, stats, _ = learned_stats(system, val, val, ks, cfg.routing.scoring)
     chosen, rule_rows = choose_on_validation(system, val, val, stats, stats)
     gen_acc = float((val.gen_pred == val.labels).mean())
-    experts = expert_table(val)
+    experts = expert_table(val, build_stage1_logits(system, split="val"))
     rows = []
     for schedule in schedules:
         point = chosen[schedule]
@@ -68,6 +69,8 @@ def compare(system: SystemDir, schedules: list[str]) -> dict[str, Any]:
             "closed_set_%": 100 * closed,
             "generalist_closed_set_%": 100 * float(np.mean([r["generalist closed-set"] for r in experts])),
         }
+        if "stage 1 closed-set" in experts[0]:  # where `init: shared` experts start: what their stages added
+            row["stage1_closed_set_%"] = 100 * float(np.mean([r["stage 1 closed-set"] for r in experts]))
         for g, r in gates.items():
             row[f"{g}_parity_%"] = 100 * r["parity_val_offload"]
             row[f"{g}_at_10/20/30_%"] = " / ".join(f"{100 * r[f'test_accuracy_at_{p}']:.2f}" for p in (10, 20, 30))

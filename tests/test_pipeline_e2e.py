@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from askexpert.data import load_splits
 from askexpert.errors import CheckpointError, RoutingError
@@ -237,3 +238,42 @@ def test_generalist_closed_set_is_its_argmax_over_the_subset(trained_system: Pat
         want = float((sub[cache.gen_probs[mask][:, sub].argmax(1)] == cache.labels[mask]).mean())
         assert row["generalist closed-set"] == pytest.approx(want)
         assert row["generalist closed-set"] >= row["generalist"]  # restricting the choice can only help
+
+
+def test_stage1_closed_set_column_shows_where_the_experts_start(trained_system: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from askexpert.evaluate.cache import build_cache, build_stage1_logits
+    from askexpert.evaluate.metrics import expert_table
+    from askexpert.models import load_checkpoint, predict_logits
+    from askexpert.models.predict import cpu_bfloat16_usable
+
+    system = SystemDir.open(trained_system)
+    cache = build_cache(system)
+    stage1 = build_stage1_logits(system)
+    assert stage1 is not None and stage1.shape == cache.gen_probs.shape
+    # run as the experts are served (flip, bfloat16 where the CPU has it), stored beside the cache and read back
+    serving = system.config().serving
+    model, _ = load_checkpoint(system.stage1_path)
+    images = load_splits(system.config().data, trained_system).test.images
+    bf16 = cpu_bfloat16_usable(serving.cpu_bfloat16, torch.device("cpu"))
+    want = predict_logits(model, images, flip=serving.test_time_flip, cpu_bfloat16=bf16)
+    assert np.allclose(stage1, want, rtol=0.0, atol=1e-6)
+    assert np.array_equal(build_stage1_logits(system), stage1)
+    assert any(p.name.startswith("stage1-") for p in system.cache_dir.iterdir())
+    # answers written by hand: a stage 1 that always names its subset's first class is right exactly on the
+    # samples of that class
+    first_class = np.zeros_like(stage1)
+    for e, subset in enumerate(cache.partition.subsets):
+        first_class[:] = 0.0
+        first_class[:, subset[0]] = 1.0
+        in_subset = np.isin(cache.labels, subset)
+        want = float((cache.labels[in_subset] == subset[0]).mean())
+        assert expert_table(cache, first_class)[e]["stage 1 closed-set"] == pytest.approx(want)
+    assert "stage 1 closed-set" not in expert_table(cache)[0]
+    assert "stage 1 closed-set" in (trained_system / "report" / "experts.csv").read_text()  # `evaluate` reports it
+    # a system without stage 1 has no such column
+    bare = tmp_path / "bare"
+    shutil.copytree(trained_system, bare)
+    (bare / "stage1.safetensors").unlink()
+    assert build_stage1_logits(SystemDir.open(bare)) is None

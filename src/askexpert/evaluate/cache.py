@@ -17,6 +17,7 @@ from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import softmax
@@ -107,6 +108,38 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None, split: st
     np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
     return load_cache(path, partition, schedules, key)
+
+
+def build_stage1_logits(system: SystemDir, split: str = "test") -> np.ndarray | None:
+    """Stage 1's logits (N, C) on one split, run as the experts are served (`serving.test_time_flip`,
+    `serving.cpu_bfloat16`), or None for a system without a stage 1.
+
+    Why: every `init: shared` expert starts from stage 1, so stage 1 restricted to an expert's classes is
+    the yardstick that says what the expert's own stages added (`metrics.expert_table`). Kept beside the
+    cache (`cache/stage1-<key>.npz`), keyed by stage 1's SHA-256, the split and the runtime.
+    """
+    if not system.stage1_path.is_file():
+        return None
+    cfg = system.config()
+    splits = system.splits()
+    data = splits.val if split == "val" else splits.test
+    runtime = cfg.serving.expert_runtime()
+    key = fingerprint("stage1-logits/1", read_meta(system.stage1_path).sha256, data.labels, data.images, *runtime)
+    path = system.cache_dir / f"stage1-{key}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return np.asarray(stored["logits"])
+    device = resolve_device(cfg.device)
+    model, _ = load_checkpoint(system.stage1_path, device)
+    bf16 = cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
+    logits = predict_logits(
+        model, data.images, device, desc="stage 1", flip=cfg.serving.test_time_flip, cpu_bfloat16=bf16
+    )
+    system.cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, logits=logits)
+    tmp.replace(path)
+    return logits
 
 
 def load_cache(path: Path, partition: Partition, schedules: list[str], key: str) -> LogitCache:

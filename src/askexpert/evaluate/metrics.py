@@ -361,9 +361,12 @@ def headline(
     return rows
 
 
-def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
+def expert_table(cache: LogitCache, stage1: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Each expert on its own subset, per schedule: closed-set (argmax over the subset), open-set
-    ("other" competing, counted wrong) and how often it says "other" outside its subset."""
+    ("other" competing, counted wrong) and how often it says "other" outside its subset.
+
+    `stage1`: stage 1's logits (N, C) on the same samples (`cache.build_stage1_logits`), for its closed-set
+    accuracy on each subset: what the experts that start from it had before their own stages."""
     rows = []
     for eid, subset in zip(cache.partition.expert_ids, cache.partition.subsets, strict=True):
         row: dict[str, Any] = {"expert": eid, "classes": len(subset)}
@@ -371,6 +374,8 @@ def expert_table(cache: LogitCache) -> list[dict[str, Any]]:
         row["generalist"] = float((cache.gen_pred[mask] == cache.labels[mask]).mean()) if mask.any() else float("nan")
         # the fair yardstick for an expert's closed-set accuracy: the generalist restricted to the same classes
         row["generalist closed-set"] = subset_accuracy(cache.gen_probs[:, list(subset)], cache.labels, subset)
+        if stage1 is not None:
+            row["stage 1 closed-set"] = subset_accuracy(stage1[:, list(subset)], cache.labels, subset)
         for schedule, outputs in cache.schedules.items():
             row[schedule] = subset_accuracy(outputs.logits[eid], cache.labels, subset)
             row[f"{schedule} open-set"] = open_set_accuracy(outputs.logits[eid], cache.labels, subset)

@@ -154,11 +154,16 @@ def plot_expert_load(path: Path, row: dict[str, Any], expert_ids: Sequence[str])
 
 def plot_expert_accuracy(path: Path, rows: Sequence[dict[str, Any]], schedules: Sequence[str]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    width = 0.8 / (len(schedules) + 1)
     names = [r["expert"] for r in rows]
-    for i, column in enumerate(["generalist closed-set", *schedules]):
+    columns = [
+        "generalist closed-set",
+        *(["stage 1 closed-set"] if rows and "stage 1 closed-set" in rows[0] else []),
+        *schedules,
+    ]
+    width = 0.8 / len(columns)
+    for i, column in enumerate(columns):
         ax.bar([j + i * width for j in range(len(rows))], [r[column] * 100 for r in rows], width, label=column)
-    ax.set_xticks([j + width * len(schedules) / 2 for j in range(len(rows))], names)
+    ax.set_xticks([j + width * (len(columns) - 1) / 2 for j in range(len(rows))], names)
     ax.set_xlabel("expert (its class subset)")
     ax.set_ylabel("accuracy on the subset's test samples (%)")
     ax.set_title("Accuracy on each expert's subset")
@@ -213,7 +218,9 @@ def write_report(out: Path, summary: dict[str, Any], sweep: Sequence[dict[str, A
     md += [
         "\n## Experts on their own subsets (test split)\n",
         "Generalist: its plain accuracy on the subset's samples; generalist closed-set: its argmax over the "
-        "subset's classes only (the fair yardstick for an expert's closed-set accuracy). "
+        "subset's classes only (the fair yardstick for an expert's closed-set accuracy); stage 1 closed-set: "
+        "the same for stage 1, where the experts of an `init: shared` schedule start (what their own stages "
+        "added is the difference). "
         'Closed-set: argmax over the subset\'s classes. Open-set: "other" competes and counts as wrong. '
         'Other-outside: share of out-of-subset samples answered "other".\n\n',
         markdown_table(summary["experts"]),

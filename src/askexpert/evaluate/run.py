@@ -13,7 +13,7 @@ import numpy as np
 
 from askexpert.config import RoutingConfig
 from askexpert.errors import ConfigError
-from askexpert.evaluate.cache import LogitCache, build_cache
+from askexpert.evaluate.cache import LogitCache, build_cache, build_stage1_logits
 from askexpert.evaluate.gates import learned_stats
 from askexpert.evaluate.metrics import (
     GateStats,
@@ -183,8 +183,10 @@ def summarise(
     cache: LogitCache,
     val: LogitCache | None = None,
     stats: tuple[GateStats, GateStats] | None = None,
+    stage1: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Every table of the report. `stats`: (test, validation) gate statistics with the learned gate, when fitted."""
+    """Every table of the report. `stats`: (test, validation) gate statistics with the learned gate, when fitted;
+    `stage1`: stage 1's logits on the test split, for its closed-set column in the experts' table."""
     cfg = system.config()
     rc = cfg.routing
     ks = evaluated_ks(system, cache)
@@ -192,7 +194,7 @@ def summarise(
     test_stats = stats[0] if stats else GateStats.of(cache)
     val_stats = stats[1] if stats else (GateStats.of(val) if val is not None else None)
     rows = sweep(cache, taus, ks, test_stats.gates, stats=test_stats)
-    experts = expert_table(cache)
+    experts = expert_table(cache, stage1)
     schedules = list(cache.schedules)
     point = rc
     if point.gate not in test_stats.gates:
@@ -274,7 +276,7 @@ def evaluate_system(system: SystemDir) -> dict[str, Any]:
         ks = evaluated_ks(system, cache)
         test_stats, val_stats, gates = learned_stats(system, cache, val, ks, cfg.routing.scoring)
         stats = (test_stats, val_stats)
-    summary, rows = summarise(system, cache, val, stats)
+    summary, rows = summarise(system, cache, val, stats, build_stage1_logits(system))
     if val is not None:
         served = cfg.serving.schedule if cfg.serving.schedule in cache.schedules else next(iter(cache.schedules))
         chosen = summary["chosen_on_validation"].get(served)
