@@ -17,7 +17,6 @@ from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
-from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import softmax
@@ -103,11 +102,16 @@ def build_cache(system: SystemDir, schedules: list[str] | None = None, split: st
         backend = LocalExpertBackend.of_system(system, schedule, device)
         for eid in progress(partition.expert_ids, desc=f"{schedule} experts", leave=False):
             arrays[f"{schedule}/{eid}"] = backend.logits(eid, test.images)
-    system.cache_dir.mkdir(parents=True, exist_ok=True)
+    _store(path, arrays)
+    return load_cache(path, partition, schedules, key)
+
+
+def _store(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write a cache file whole or not at all (a stopped run leaves no half file under the real name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
-    return load_cache(path, partition, schedules, key)
 
 
 def build_stage1_logits(system: SystemDir, split: str = "test") -> np.ndarray | None:
@@ -130,15 +134,15 @@ def build_stage1_logits(system: SystemDir, split: str = "test") -> np.ndarray | 
         with np.load(path) as stored:
             return np.asarray(stored["logits"])
     device = resolve_device(cfg.device)
-    model, _ = load_checkpoint(system.stage1_path, device)
-    bf16 = cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
-    logits = predict_logits(
-        model, data.images, device, desc="stage 1", flip=cfg.serving.test_time_flip, cpu_bfloat16=bf16
+    # the experts' own runner: the one place that says how `serving` runs a model (mirror, bfloat16)
+    runner = LocalExpertBackend(
+        {"stage1": load_checkpoint(system.stage1_path, device)},
+        device,
+        flip=cfg.serving.test_time_flip,
+        cpu_bfloat16=cfg.serving.cpu_bfloat16,
     )
-    system.cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, logits=logits)
-    tmp.replace(path)
+    logits = runner.logits("stage1", data.images)
+    _store(path, {"logits": logits})
     return logits
 
 
