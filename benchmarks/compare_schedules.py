@@ -5,9 +5,9 @@
 For a schedule tried beside the served one (a new option, before it may become a config's
 default): per schedule, the best served point of each combination rule (τ, k, w and the
 second expert chosen as `askexpert evaluate` chooses them), what collaboration lives on
-(fixes, breaks, the oracle gate), the experts on their own classes (beside the generalist and stage 1
-there), and every gate's
-parity offload and accuracy at 10/20/30 % offload, the learned gate out-of-fold. All of it
+(fixes, breaks, the oracle gate), the experts on their own classes (beside the generalist
+and stage 1 there), and every gate's parity offload and accuracy at 10/20/30 % offload, the
+learned gate out-of-fold. All of it
 is validation: a choice between schedules is a choice, and the test split stays unread.
 Writes OUT/schedules-val.{md,json} (OUT defaults to the system's report/ folder).
 """
