@@ -55,6 +55,39 @@ def test_paper_config_is_valid() -> None:
     assert cfg.expert.preset == "deit-small"
 
 
+@pytest.mark.parametrize("name", ["cifar100-cpu", "cifar100-gpu"])
+def test_the_benchmark_configs_token_dropout_fits_their_presets(name: str) -> None:
+    """Every training section that drops tokens must name a preset with tokens to drop: the
+    GPU config is never trained here, so a wrong preset would only show on the lent GPU."""
+    import torch
+
+    from askexpert.models.registry import create_model
+    from askexpert.training.augment import token_dropout
+
+    cfg = SystemConfig.from_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    shared = cfg.expert_training.shared_augment
+    pretraining = cfg.backbone.training.token_drop
+    sections = [
+        ("backbone", cfg.generalist.preset, pretraining),
+        ("backbone", cfg.expert.preset, pretraining),
+        ("generalist", cfg.generalist.preset, cfg.generalist_training.token_drop),
+        ("stage 1", cfg.expert.preset, shared.token_drop if not isinstance(shared, bool) else 0.0),
+    ]
+    dropping = [section for section in sections if section[2] > 0.0]
+    assert {"generalist", "stage 1"} <= {desc for desc, _, _ in dropping}
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    for desc, preset, rate in dropping:
+        model = create_model(preset, num_outputs=7).train()
+        seen: list[int] = []  # tokens reaching the first block, per forward pass
+        first_block = model.backbone.blocks[0]
+        hook = first_block.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].shape[1]))
+        with token_dropout(model, rate, desc):
+            assert model(images).shape == (2, 7)
+        model(images)
+        hook.remove()
+        assert seen[0] == round(seen[1] * (1.0 - rate)), (desc, preset, seen)
+
+
 def test_a_system_directory_parses_its_files_once_and_again_when_they_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
