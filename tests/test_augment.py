@@ -3,6 +3,7 @@ that they leave earlier checkpoints' fingerprints alone."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from askexpert.config import ExpertTrainConfig, SystemConfig, TrainConfig
 from askexpert.errors import ConfigError
 from askexpert.models import create_model
 from askexpert.system import SystemDir
-from askexpert.training.augment import RANDAUGMENT_GROUP, Augmenter, token_dropout
+from askexpert.training.augment import RANDAUGMENT_GROUP, Augmenter, stochastic_depth, token_dropout
 from askexpert.training.loop import train_model
 from askexpert.training.shared import shared_stage_fingerprint, stage1_training
 
@@ -69,6 +70,7 @@ def test_without_mixing_the_labels_stay_indices() -> None:
         ({"randaugment_ops": 9}, "randaugment_ops"),
         ({"mixup": -1.0}, "mixup"),
         ({"token_drop": 1.0}, "token_drop"),
+        ({"drop_path": -0.1}, "drop_path"),
         ({"shared_augment": {"randaugment_ops": 2, "rotate": 10}}, "rotate"),
     ],
 )
@@ -85,7 +87,7 @@ def test_mixing_the_distilled_generalist_is_refused() -> None:
 
 def test_options_that_are_off_leave_dumps_and_fingerprints_as_they_were() -> None:
     plain = ExpertTrainConfig(epochs=1).model_dump()
-    off = {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "token_drop", "shared_augment"}
+    off = {"randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "token_drop", "drop_path", "shared_augment"}
     assert not off & set(plain)
     on = ExpertTrainConfig(epochs=1, randaugment_ops=1, cutmix=1.0)
     assert {"randaugment_ops": 1, "randaugment_magnitude": 5, "cutmix": 1.0}.items() <= on.model_dump().items()
@@ -115,8 +117,9 @@ def test_stage1_can_have_augmentation_of_its_own(tmp_path: Path) -> None:
         key({"randaugment_ops": 2}),
         key({"randaugment_ops": 2, "randaugment_magnitude": 9}),
         key({"randaugment_ops": 2, "token_drop": 0.5}),
+        key({"randaugment_ops": 2, "drop_path": 0.1}),
     }
-    assert len(keys) == 5
+    assert len(keys) == 6
     assert key(False) == key(False)
 
 
@@ -196,5 +199,42 @@ def test_training_with_token_drop_lowers_the_loss_and_leaves_the_model_whole() -
 def test_token_drop_on_a_model_without_tokens_fails_in_one_line() -> None:
     with pytest.raises(ConfigError, match="token_drop needs a timm VisionTransformer") as err:
         with token_dropout(torch.nn.Linear(2, 2), 0.5, "stage 1"):
+            pass
+    assert "\n" not in str(err.value)
+
+
+def test_stochastic_depth_skips_branches_in_training_only_and_is_put_back() -> None:
+    """Rates rise over depth from 0 to `drop_path`; in training a deep block's branches are skipped for
+    some images (the same input gives different outputs), in eval mode never; afterwards the blocks
+    are as built, with the same weights."""
+    torch.manual_seed(0)
+    model = create_model("micro-cct-expert", 4)
+    model.backbone.blocks.append(copy.deepcopy(model.backbone.blocks[0]))  # two blocks: rates 0 and `rate`
+    before = [type(b.drop_path1) for b in model.backbone.blocks]
+    keys = set(model.state_dict())
+    images = _batch(8).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    with stochastic_depth(model, 0.5):
+        rates = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.backbone.blocks]
+        assert rates == [(0.0, 0.0), (0.5, 0.5)]
+        model.train()
+        with torch.no_grad():
+            assert not torch.equal(model(images), model(images))
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(images), model(images))
+    assert [type(b.drop_path1) for b in model.backbone.blocks] == before
+    assert set(model.state_dict()) == keys
+
+
+def test_training_with_stochastic_depth_lowers_the_loss_and_leaves_the_model_whole() -> None:
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=3e-3, drop_path=0.2)
+    before, after, model = _train_on_colours(cfg, 40, "drop path")
+    assert after < 0.7 * before, (before, after)
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in model.backbone.blocks) and not model.training
+
+
+def test_stochastic_depth_on_a_model_without_blocks_fails_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="drop_path needs a timm VisionTransformer") as err:
+        with stochastic_depth(torch.nn.Linear(2, 2), 0.1, "stage 1"):
             pass
     assert "\n" not in str(err.value)

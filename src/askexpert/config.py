@@ -173,19 +173,23 @@ class StrongAugmentation(_OmitsUnused):
     ops per image and magnitude (torchvision), the Beta(alpha, alpha) of mixup / cutmix (timm's
     Mixup; with both set, each batch uses one of them at random), and `token_drop`, the share of
     its tokens each training image drops after the tokenizer (timm's PatchDropout; every token
-    is kept at inference): a regulariser that also makes each step cheaper."""
+    is kept at inference): a regulariser that also makes each step cheaper; and `drop_path`, stochastic
+    depth's rate at the last block (timm's DropPath, rising linearly from 0 at the first; every branch runs
+    at inference): a regulariser at no cost per step."""
 
     randaugment_ops: int = Field(0, ge=0, le=4)
     randaugment_magnitude: int = Field(5, ge=0, le=30)
     mixup: float = Field(0.0, ge=0.0)
     cutmix: float = Field(0.0, ge=0.0)
     token_drop: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     _omit_when_off: ClassVar[dict[str, str]] = {
         "randaugment_ops": "randaugment_ops",
         "randaugment_magnitude": "randaugment_ops",  # means nothing without RandAugment
         "mixup": "mixup",
         "cutmix": "cutmix",
         "token_drop": "token_drop",
+        "drop_path": "drop_path",
     }
 
 

@@ -21,7 +21,7 @@ from askexpert.config import DistillConfig, TrainConfig
 from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.models.registry import ImageClassifier
 from askexpert.progress import progress
-from askexpert.training.augment import Augmenter, token_dropout
+from askexpert.training.augment import Augmenter, stochastic_depth, token_dropout
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -120,7 +120,7 @@ def train_model(
     save_every = max(1, total // 10)
     tail: list[float] = []
     bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
-    with token_dropout(model, cfg.token_drop, desc):
+    with token_dropout(model, cfg.token_drop, desc), stochastic_depth(model, cfg.drop_path, desc):
         for step in bar:
             idx = torch.from_numpy(plan[step].astype(np.int64))
             batch, y = augmenter.mix(augmenter.images(images_t[idx]), targets_t[idx])
