@@ -139,6 +139,11 @@ class Schedule(_OmitsUnused):
     1 + this many times per pass (the same steps in all): an expert is asked about the
     samples the edge is unsure of, and only its answers there can fix anything; 0 (off)
     by default.
+    `average_start`: after its stages, the expert's body (every weight but the classifier head) is
+    averaged with the weights it started from, this share of the start (weight-space ensembling,
+    WiSE-FT: Wortsman et al., CVPR 2022): narrowing forgets some of what the start knew about the
+    expert's own classes, and the average keeps it at no training cost. The head stays the
+    trained one (it was trained for the trained body); 0 (off) by default.
     """
 
     init: Literal["pretrained", "shared"] = "pretrained"
@@ -146,7 +151,12 @@ class Schedule(_OmitsUnused):
     correct_other: bool = False
     distill: DistillConfig = DistillConfig()
     edge_error_repeats: int = Field(0, ge=0, le=10)
-    _omit_when_off: ClassVar[dict[str, str]] = {"distill": "distills", "edge_error_repeats": "edge_error_repeats"}
+    average_start: float = Field(0.0, ge=0.0, lt=1.0)
+    _omit_when_off: ClassVar[dict[str, str]] = {
+        "distill": "distills",
+        "edge_error_repeats": "edge_error_repeats",
+        "average_start": "average_start",
+    }
 
     @property
     def needs_routing(self) -> bool:

@@ -104,6 +104,31 @@ def head_swap(source: ImageClassifier, subset: tuple[int, ...], preset: str) -> 
     return expert
 
 
+def body_weights(model: ImageClassifier) -> dict[str, torch.Tensor]:
+    """A copy of every parameter but the classifier head's: what `average_with_start` averages."""
+    head = {id(p) for p in _classifier(model).parameters()}
+    return {n: p.detach().clone() for n, p in model.backbone.named_parameters() if id(p) not in head}
+
+
+def average_with_start(model: ImageClassifier, start: dict[str, torch.Tensor], share: float) -> None:
+    """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): body ← (1 − share)·trained + share·start.
+
+    Narrowing to a subset forgets some of what the all-class start knew about the subset's own
+    classes; averaging the weights (one model, the same cost to serve) keeps part of it. The head is
+    left as trained: it was fitted to the trained body, and averaging it too did worse on validation.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ConfigError(f"average_start must be in [0, 1), got {share}")
+    head = {id(p) for p in _classifier(model).parameters()}
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            if id(param) in head:
+                continue
+            if name not in start or start[name].shape != param.shape:
+                raise CheckpointError(f"cannot average with the start: its weights have no {name!r} of this shape")
+            param.mul_(1.0 - share).add_(start[name].to(param.device), alpha=share)
+
+
 def _classifier(model: ImageClassifier) -> torch.nn.Linear:
     get = getattr(model.backbone, "get_classifier", None)
     head = get() if get is not None else None
@@ -233,6 +258,7 @@ def train_expert(
         model = head_swap(stage1, subset, cfg.expert.preset)
     else:
         model = create_model(cfg.expert.preset, len(subset) + 1, pretrained_file)
+    start = body_weights(model) if sched.average_start > 0 else None
     targets = expert_targets(train.labels, subset)
     folded = None
     if sched.distills:
@@ -252,6 +278,8 @@ def train_expert(
         teacher_logits=folded,
         distill=sched.distill if sched.distills else None,
     )
+    if start is not None:
+        average_with_start(model, start, sched.average_start)
     correction = 0.0
     if sched.correct_other:
         if pools is None:
