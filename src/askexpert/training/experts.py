@@ -12,6 +12,7 @@ once for all experts; the evaluation reports it both amortised and charged to ea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,15 @@ def head_swap(source: ImageClassifier, subset: tuple[int, ...], preset: str) -> 
     return expert
 
 
+def _body_parameters(model: ImageClassifier) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Every named parameter of the backbone but the classifier head's."""
+    head = {id(p) for p in _classifier(model).parameters()}
+    return ((n, p) for n, p in model.backbone.named_parameters() if id(p) not in head)
+
+
 def body_weights(model: ImageClassifier) -> dict[str, torch.Tensor]:
     """A copy of every parameter but the classifier head's: what `average_with_start` averages."""
-    head = {id(p) for p in _classifier(model).parameters()}
-    return {n: p.detach().clone() for n, p in model.backbone.named_parameters() if id(p) not in head}
+    return {n: p.detach().clone() for n, p in _body_parameters(model)}
 
 
 def average_with_start(model: ImageClassifier, start: dict[str, torch.Tensor], share: float) -> None:
@@ -119,11 +125,8 @@ def average_with_start(model: ImageClassifier, start: dict[str, torch.Tensor], s
     """
     if not 0.0 <= share < 1.0:
         raise ConfigError(f"average_start must be in [0, 1), got {share}")
-    head = {id(p) for p in _classifier(model).parameters()}
     with torch.no_grad():
-        for name, param in model.backbone.named_parameters():
-            if id(param) in head:
-                continue
+        for name, param in _body_parameters(model):
             if name not in start or start[name].shape != param.shape:
                 raise CheckpointError(f"cannot average with the start: its weights have no {name!r} of this shape")
             param.mul_(1.0 - share).add_(start[name].to(param.device), alpha=share)
