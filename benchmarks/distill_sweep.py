@@ -40,6 +40,16 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name → config sections merged over 
         "distill": {"teacher": "stage1", "mode": "soft"},
         "generalist_training": {"epochs": 28, "token_drop": 0.5},
     },
+    # the same with softer targets (58 epochs of stage 1 taught a weaker student than 42, README): temperature 4,
+    # or less weight on the teacher
+    "soft-td-e28-t4": {
+        "distill": {"teacher": "stage1", "mode": "soft", "temperature": 4.0},
+        "generalist_training": {"epochs": 28, "token_drop": 0.5},
+    },
+    "soft-td-e28-a0.2": {
+        "distill": {"teacher": "stage1", "mode": "soft", "alpha": 0.2},
+        "generalist_training": {"epochs": 28, "token_drop": 0.5},
+    },
 }
 
 
