@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from askexpert.config import Schedule, Stage, SystemConfig
-from askexpert.data import LabeledImages
+from askexpert.config import Schedule, Stage, SynthConfig, SystemConfig
+from askexpert.data import synth
 from askexpert.errors import CheckpointError, ConfigError
 from askexpert.models import create_model
 from askexpert.training.experts import average_with_start, body_weights, head_swap, train_expert
@@ -50,14 +49,6 @@ def test_average_with_start_mixes_the_body_and_keeps_the_trained_head() -> None:
         average_with_start(trained, other_body, 0.5)
 
 
-def _tiny_data(n_per_class: int, seed: int) -> LabeledImages:
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(4), n_per_class)
-    # each class a different mean colour, so a few steps learn something
-    images = rng.integers(0, 80, (len(labels), 32, 32, 3)).astype(np.int64) + labels[:, None, None, None] * 40
-    return LabeledImages(images.clip(0, 255).astype(np.uint8), labels, tuple(f"c{i}" for i in range(4)))
-
-
 def test_an_expert_trained_with_average_start_is_the_average_of_the_same_run_and_its_start() -> None:
     """Training is deterministic at a fixed seed, so the option's expert is exactly (1 − s)·trained + s·start."""
 
@@ -76,7 +67,8 @@ def test_an_expert_trained_with_average_start_is_the_average_of_the_same_run_and
             }
         )
 
-    train, val = _tiny_data(12, 0), _tiny_data(4, 1)
+    splits = synth.generate(SynthConfig(num_groups=2, classes_per_group=2, train_per_class=12, test_per_class=4))
+    train, val = splits["train"], splits["test"]  # 4 classes; the test split stands in for validation
     torch.manual_seed(1)
     stage1 = create_model("micro-cct-expert", 4)
     subset = (1, 3)
