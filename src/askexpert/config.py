@@ -370,7 +370,7 @@ AUTO_CPU_SMALL_BATCH, AUTO_CPU_SMALL_TARGET_MS = 8, 30.0
 # a batch takes longer). 30 ms was about three 8-image batches on the host that chose it; on a host half as
 # fast it was one and a half, and the server refused 6-9 % of the requests at half load and served 0.65-0.79
 # of capacity at 1×; two batches still refused 15 % at 1×, three put the p99 at 4× load over 3× half load's
-# (README "Benchmarks", "The target in batches")
+# (docs/serving-log.md, "The target in batches")
 AUTO_CPU_SMALL_TARGET_BATCHES = 2.5
 AUTO_BATCH, AUTO_TARGET_MS, AUTO_RAY_CPU_TARGET_MS = 64, 100.0, 70.0
 AUTO_SETTINGS = ("max_batch_size", "queue_delay_target_ms", "model_workers", "model_runtime")
@@ -504,7 +504,7 @@ class ResolvedServing(ServingConfig):
         already was.
 
         Why: a target of a fixed number of milliseconds, chosen on one host, is about one batch on a host or a
-        model twice as slow, and then refuses requests at half load (README "Benchmarks")."""
+        model twice as slow, and then refuses requests at half load (docs/serving-log.md)."""
         if not self.target_batches or self.full_batch_ms is not None:
             return self
         if not seconds > 0:

@@ -5,7 +5,7 @@ server it measures. aiohttp spent 0.19-0.23 ms of a core per request (4 images, 
 refusal as the answer) and sent headers and body as two segments, which cost the
 server a second read; this client sends each prebuilt request in one write, parses
 the answer with httptools (uvicorn's own parser) and, for an open loop, answers
-through a callback rather than a task per request (README "Benchmarks").
+through a callback rather than a task per request (docs/serving-log.md).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Admission:
         # model calls by batch size, for the fit t(N) = a + b·N: per expert, per size class (N's bit length) the
         # smoothed N and seconds. A class keeps its figures while other sizes run: light load's small batches
         # must not erase what full batches cost, or the estimate refuses the queue that would bring them back
-        # (a Ray server stuck at 40 % of its capacity, README "Benchmarks")
+        # (a Ray server stuck at 40 % of its capacity, docs/serving-log.md)
         self._sizes: dict[str, dict[int, tuple[float, float]]] = {}
         self._recent_n: dict[str, tuple[float, float]] = {}  # decayed weight and sum of recent batch sizes
         self._fits: dict[str, tuple[float, float, float] | None] = {}  # the fit of `_sizes`, per expert

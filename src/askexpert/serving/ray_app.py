@@ -8,7 +8,7 @@ forwards each admitted request to its expert through a deployment handle. Ray's
 HTTP proxy is not started: it and an ingress replica behind it added two
 processes and two hops to every request, refused ones included (2-core box:
 capacity 45-56 requests/s with them, 80-90 without; at 4x load 0.53-0.84 of it
-kept, now 0.89-1.03; README "Benchmarks"). So the promises
+kept, now 0.89-1.03; docs/serving-log.md, "Ray's front"). So the promises
 live in one place for both engines: admission and shedding
 (`serving.admission`, before the body is read), the caller's deadline (a
 replica drops a call whose deadline passed before its batch starts: 504) and

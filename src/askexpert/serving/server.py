@@ -267,7 +267,7 @@ class ExpertService(ServiceBase):
                 )
             served = schedule or cfg.serving.schedule
             # ONNX Runtime's own default counts the machine's cores, not the ones this process may use: pinned
-            # to one core of two, its threads contended for that core (README "Benchmarks", pinned)
+            # to one core of two, its threads contended for that core (docs/serving-log.md, pinned)
             onnx = OnnxExperts.of_backend(backend, system, served, input_size(cfg.data), threads or cores)
         service = cls(backend, part, input_size(cfg.data), sc, onnx)
         service.energy_meter = meter_for(str(backend.device))  # NVML on a GPU, RAPL on a CPU, where readable
@@ -403,7 +403,7 @@ def _settings(sc: ResolvedServing) -> ServerSettings:
 def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
     """The HTTP API: the FastAPI routes behind the admission middleware, which wraps them from outside, so that a
     refused request never enters FastAPI's own middleware stack (error handling, telemetry, body limits): the
-    event loop's time fell 15 % under 4x overload (py-spy; README "Benchmarks")."""
+    event loop's time fell 15 % under 4x overload (py-spy; docs/serving-log.md)."""
     app = FastAPI(title="askexpert expert server", version=API_VERSION)
     limits = service.cfg
     expected_auth = _bearer(token)
@@ -499,7 +499,7 @@ def serve_http(app: ASGIApp, host: str, port: int, cfg: ServingConfig, tls: tupl
         port=port,
         log_level="warning",
         # no access log: at warning level it never prints, yet each request's line was still formatted
-        # (5 % of the event loop's time under 4x overload, py-spy: README "Benchmarks")
+        # (5 % of the event loop's time under 4x overload, py-spy: docs/serving-log.md)
         access_log=False,
         proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* scan per request
         limit_concurrency=cfg.max_connections,
