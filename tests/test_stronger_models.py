@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from askexpert.config import DistillConfig, RoutingConfig, SystemConfig, TrainConfig
 from askexpert.errors import ConfigError
@@ -44,6 +45,28 @@ def test_conv_tokenizer_preset_builds_exports_and_round_trips(tmp_path: Path) ->
 
     onnx = OnnxGeneralist(export_onnx(loaded, tmp_path / "g.onnx", 32))
     assert np.allclose(onnx(images, batch_size=4), ref, atol=1e-4)
+
+
+def test_conv_tokenizer_pools_before_relu_with_conv_relu_pool_values_and_gradients() -> None:
+    """The stem pools before its ReLU for speed: outputs and gradients must be those of conv → ReLU → pool,
+    and the weights keep their state-dict keys, so checkpoints written before the reorder load unchanged."""
+    torch.manual_seed(0)
+    tokenizer = ConvTokenizer(embed_dim=16)
+    assert [k for k in tokenizer.state_dict()] == ["stem.0.weight", "stem.3.weight"]
+    x = torch.randn(4, 3, 32, 32)
+    out = tokenizer(x)
+    out.square().sum().backward()
+    got = [tokenizer.stem[i].weight.grad.clone() for i in (0, 3)]
+
+    weights = [tokenizer.stem[i].weight.detach().clone().requires_grad_(True) for i in (0, 3)]
+    y = x
+    for w in weights:
+        y = F.max_pool2d(F.relu(F.conv2d(y, w, padding=1)), 3, stride=2, padding=1)
+    ref = y.flatten(2).transpose(1, 2)
+    ref.square().sum().backward()
+    assert torch.equal(out, ref)
+    for g, w in zip(got, weights, strict=True):
+        assert w.grad is not None and torch.allclose(g, w.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_cct_pair_keeps_the_papers_proportion() -> None:
