@@ -52,7 +52,7 @@ def test_conv_tokenizer_pools_before_relu_with_conv_relu_pool_values_and_gradien
     and the weights keep their state-dict keys, so checkpoints written before the reorder load unchanged."""
     torch.manual_seed(0)
     tokenizer = ConvTokenizer(embed_dim=16)
-    assert [k for k in tokenizer.state_dict()] == ["stem.0.weight", "stem.3.weight"]
+    assert list(tokenizer.state_dict()) == ["stem.0.weight", "stem.3.weight"]
     x = torch.randn(4, 3, 32, 32)
     out = tokenizer(x)
     out.square().sum().backward()
