@@ -70,7 +70,10 @@ def test_server_cache_and_local_experts_answer_alike_with_flip(trained_system: P
     np.testing.assert_allclose(reply["probs"], expected.probs, atol=1e-5)
 
 
-def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(trained_system: Path, tmp_path: Path) -> None:
+def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(
+    trained_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import askexpert.models.predict as predict
     from askexpert.deferral import gate_fingerprint
     from askexpert.evaluate.cache import cache_key
     from askexpert.fingerprint import fingerprint
@@ -86,10 +89,18 @@ def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(trained_syst
     assert gate_fingerprint(before, "progressive") == fingerprint("deferral/1", shas, [list(s) for s in part.subsets])
     test = before.splits().test
     key = cache_key(before, part, ["progressive"], test.labels, test.images)
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: True)  # bfloat16 honoured, whatever this CPU is
     for setting in ("test_time_flip", "cpu_bfloat16"):
         changed = _copy_with(trained_system, tmp_path / setting, **{"test_time_flip": False, setting: True})
         assert cache_key(changed, part, ["progressive"], test.labels, test.images) != key
         assert gate_fingerprint(changed, "progressive") != gate_fingerprint(before, "progressive")
+    # where bfloat16 is not honoured the experts compute float32, the plain outputs: the cache is keyed as those
+    # (a system moved from a bfloat16 machine recomputes it); the gate keeps the setting (the edge cannot tell)
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: False)
+    asked = SystemDir.open(tmp_path / "cpu_bfloat16" / "system")
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert cache_key(asked, part, ["progressive"], test.labels, test.images) == key
+    assert gate_fingerprint(asked, "progressive") != gate_fingerprint(before, "progressive")
 
 
 def test_bfloat16_asked_on_a_cpu_without_it_runs_float32_and_says_so(

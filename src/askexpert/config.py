@@ -444,11 +444,13 @@ class ServingConfig(_Strict):
             raise ValueError("model_runtime 'onnx' runs the experts in float32: set cpu_bfloat16: false, or use torch")
         return self
 
-    def expert_runtime(self) -> list[dict[str, bool]]:
+    def expert_runtime(self, bfloat16_honoured: bool = True) -> list[dict[str, bool]]:
         """How the experts run, for the fingerprints of their outputs (the evaluation's cache, the deferral
         gate): empty when they run plainly, so that outputs computed before these settings existed stay
-        current for a config that turns both off."""
-        runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16}
+        current for a config that turns both off. `bfloat16_honoured`: whether the machine that computes
+        the outputs runs `cpu_bfloat16` (the cache's key passes it; the gate's fingerprint, checked by a
+        torch-free edge that cannot know the server's CPU, keeps the setting)."""
+        runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16 and bfloat16_honoured}
         return [runtime] if any(runtime.values()) else []
 
     def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:

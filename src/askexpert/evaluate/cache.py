@@ -17,6 +17,7 @@ from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
+from askexpert.models.predict import cpu_bfloat16_usable
 from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import softmax
@@ -73,8 +74,17 @@ def cache_key(
     shas = [system.generalist_meta().sha256]
     for schedule in schedules:
         shas += [read_meta(system.expert_path(schedule, e)).sha256 for e in partition.expert_ids]
-    runtime = system.config().serving.expert_runtime()
-    return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images, *runtime)
+    return fingerprint("cache/1", shas, schedules, partition.subsets, labels, images, *runtime_here(system))
+
+
+def runtime_here(system: SystemDir) -> list[dict[str, bool]]:
+    """How this machine runs the system's experts, for the keys of their outputs: `cpu_bfloat16` counts only
+    where it is honoured (a CPU with native bfloat16, or CUDA), so that a system directory moved between
+    machines never reads bfloat16 outputs as this machine's float32 answers, nor the reverse."""
+    cfg = system.config()
+    device = resolve_device(cfg.device)
+    honoured = device.type != "cpu" or cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
+    return cfg.serving.expert_runtime(honoured)
 
 
 def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:
@@ -127,7 +137,7 @@ def build_stage1_logits(system: SystemDir, split: str = "test") -> np.ndarray | 
     cfg = system.config()
     splits = system.splits()
     data = splits.val if split == "val" else splits.test
-    runtime = cfg.serving.expert_runtime()
+    runtime = runtime_here(system)
     key = fingerprint("stage1-logits/1", read_meta(system.stage1_path).sha256, data.labels, data.images, *runtime)
     path = system.cache_dir / f"stage1-{key}.npz"
     if path.is_file():
