@@ -258,7 +258,7 @@ def main() -> None:
     print(markdown_table(rows))
     verdict = "within" if total <= args.budget_min else "over"
     print(
-        f"\n{args.config.name}, {args.seeds} seeds, {resolve_device(cfg.device)} "
+        f"\n{args.config.name}, {args.seeds} seed{'s' * (args.seeds != 1)}, {resolve_device(cfg.device)} "
         f"({torch.get_num_threads()} torch threads): "
         f"{total:.1f} min projected, {verdict} the {args.budget_min:.0f}-minute budget "
         "(not counted: extraction, reading, checkpoints, export, the evaluation's choices; the host's speed "
