@@ -35,7 +35,7 @@ from askexpert.data.base import stratified_split
 from askexpert.errors import ConfigError
 from askexpert.evaluate.report import markdown_table
 from askexpert.models import create_model, predict_logits, resolve_device
-from askexpert.models.predict import cpu_bfloat16_usable
+from askexpert.models.predict import cpu_bfloat16_usable, cpu_description
 from askexpert.progress import progress
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps
@@ -259,7 +259,7 @@ def main() -> None:
     verdict = "within" if total <= args.budget_min else "over"
     print(
         f"\n{args.config.name}, {args.seeds} seed{'s' * (args.seeds != 1)}, {resolve_device(cfg.device)} "
-        f"({torch.get_num_threads()} torch threads): "
+        f"({cpu_description()}, {torch.get_num_threads()} torch threads): "
         f"{total:.1f} min projected, {verdict} the {args.budget_min:.0f}-minute budget "
         "(not counted: extraction, reading, checkpoints, export, the evaluation's choices; the host's speed "
         "moves 10-15 %)"
@@ -269,6 +269,7 @@ def main() -> None:
             "config": str(args.config),
             "seeds": args.seeds,
             "threads": torch.get_num_threads(),
+            "cpu": cpu_description(),
             "jobs": [{**asdict(j), "seconds": j.seconds} for j in jobs],
             "total_min": total,
             "budget_min": args.budget_min,

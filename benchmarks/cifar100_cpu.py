@@ -392,7 +392,9 @@ def main() -> None:
 
     import torch
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads" + (
+    from askexpert.models.predict import cpu_description
+
+    machine = f"{platform.machine()}, {cpu_description()}, {torch.get_num_threads()} torch threads" + (
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"
     )
     result = {

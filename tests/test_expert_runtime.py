@@ -140,6 +140,22 @@ def test_native_bfloat16_is_read_from_the_cpus_instructions_not_from_onednn(
     assert not predict.cpu_bfloat16_usable(False, torch.device("cpu"))
 
 
+def test_benchmark_records_name_the_cpu_and_whether_its_bfloat16_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import askexpert.models.predict as predict
+
+    for native, said in ((True, "bfloat16 native)"), (False, "bfloat16 not native)")):
+        monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda native=native: native)
+        line = predict.cpu_description()
+        assert line.endswith(f"({torch.backends.cpu.get_cpu_capability()}, {said}")
+        assert line.split(" (")[0].strip()  # a name before the parenthesis
+        if Path("/proc/cpuinfo").is_file():
+            names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
+            if names:
+                assert line.startswith(names[0].split(":", 1)[1].strip())
+
+
 @pytest.mark.skipif(
     not __import__("askexpert.models.predict", fromlist=["x"]).native_cpu_bfloat16(), reason="no native bfloat16"
 )
