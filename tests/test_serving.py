@@ -230,6 +230,25 @@ def test_server_binds_loopback_by_default(trained_system: Path) -> None:
         proc.stop()
 
 
+def test_serve_on_a_port_in_use_fails_at_once_naming_the_address(trained_system: Path) -> None:
+    """The API's socket is taken before the experts load (or Ray starts): a taken port is one line, no traceback,
+    and nothing was loaded for it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "askexpert.cli", "serve", "--system", str(trained_system), "--port", str(port)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in said and "Traceback" not in said
+    assert "serving" not in done.stdout  # the experts were never loaded, nor announced
+
+
 def test_large_offloads_are_split_to_the_servers_batch_limit(server: ServerProcess, trained_system: Path) -> None:
     system = SystemDir.open(trained_system)
     backend = HttpExpertBackend(server.url, system.config().serving)

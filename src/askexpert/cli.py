@@ -417,6 +417,10 @@ def serve(
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     import uvicorn  # noqa: F401 - first, for both engines: without the serve extra, that is the install line to name
 
+    from askexpert.serving.listen import listen_socket
+
+    sock = listen_socket(host, port)  # before the experts load or Ray starts: a taken port fails now
+
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
@@ -426,7 +430,7 @@ def serve(
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
         url = f"{'https' if tls else 'http'}://{host}:{port}"
         console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
-        run_ray(system, host, port, schedule, token, tls, overrides)
+        run_ray(system, sock, schedule, token, tls, overrides)
         return
     from askexpert.serving.server import ExpertService, create_app, serve_http
 
@@ -440,7 +444,7 @@ def serve(
         highlight=False,
         soft_wrap=True,  # one line, whatever the terminal's width: benchmarks read it from the log
     )
-    serve_http(create_app(service, token), host, port, service.cfg, tls)
+    serve_http(create_app(service, token), sock, service.cfg, tls)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -197,15 +198,15 @@ def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_id
 
 def run_ray(
     root: str | Path,
-    host: str,
-    port: int,
+    sock: socket.socket,
     schedule: str | None,
     token: str | None,
     tls: tuple[Path, Path] | None = None,
     serving: dict[str, Any] | None = None,
 ) -> None:
     """Start a local Ray instance (or join the cluster in RAY_ADDRESS), deploy the experts, and serve the HTTP
-    API from this process until interrupted. `serving`: settings for this run only, as the plain engine's."""
+    API on `sock` (`serving.listen.listen_socket`, bound before Ray starts) from this process until interrupted.
+    `serving`: settings for this run only, as the plain engine's."""
     import signal
 
     import ray
@@ -232,7 +233,7 @@ def run_ray(
         handles = serve.run_many(targets)
         service = RayExpertService(metas, input_size(cfg.data), sc, dict(zip(apps, handles, strict=True)))
         service.warm_up()
-        serve_http(create_app(service, token), host, port, service.cfg, tls)
+        serve_http(create_app(service, token), sock, service.cfg, tls)
     except KeyboardInterrupt:
         pass
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -489,14 +490,13 @@ def create_app(service: ServiceBase, token: str | None = None) -> ASGIApp:
     return AdmissionMiddleware(app, service, token)
 
 
-def serve_http(app: ASGIApp, host: str, port: int, cfg: ServingConfig, tls: tuple[Path, Path] | None = None) -> None:
-    """Serve the HTTP API with uvicorn until interrupted: both engines' front (`tls`: certificate and key, PEM)."""
+def serve_http(app: ASGIApp, sock: socket.socket, cfg: ServingConfig, tls: tuple[Path, Path] | None = None) -> None:
+    """Serve the HTTP API with uvicorn on `sock` (`serving.listen.listen_socket`) until interrupted: both
+    engines' front (`tls`: certificate and key, PEM)."""
     import uvicorn
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level="warning",
         # no access log: at warning level it never prints, yet each request's line was still formatted
         # (5 % of the event loop's time under 4x overload, py-spy: docs/serving-log.md)
@@ -506,3 +506,7 @@ def serve_http(app: ASGIApp, host: str, port: int, cfg: ServingConfig, tls: tupl
         ssl_certfile=str(tls[0]) if tls is not None else None,
         ssl_keyfile=str(tls[1]) if tls is not None else None,
     )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:  # uvicorn.run would exit with its start-up failure code; it logged why
+        raise AskExpertError("the HTTP API did not start (uvicorn's message above says why)")
