@@ -164,6 +164,27 @@ def test_auto_serving_settings_follow_the_hardware(
     assert sc.resolve("cuda" if device == "cpu" else "cpu") is sc  # resolved once, for the hardware it runs on
 
 
+@pytest.mark.parametrize("engine", ["plain", "ray"])
+def test_bfloat16_not_honoured_by_the_cpu_serves_float32_experts_as_float32(engine: str) -> None:
+    """Where the CPU has no native bfloat16 the experts run in float32 whatever `cpu_bfloat16` says: 'auto' then
+    picks float32's best (ONNX Runtime), and the resolved copy says float32; on CUDA the setting does not matter."""
+    from askexpert.config import ServingConfig
+
+    asked = ServingConfig(cpu_bfloat16=True)
+    plain = ServingConfig(cpu_bfloat16=False).resolve("cpu", engine, 2)  # type: ignore[arg-type]
+    emulated = asked.resolve("cpu", engine, 2, bfloat16_honoured=False)  # type: ignore[arg-type]
+    assert (emulated.model_runtime, emulated.max_batch_size, emulated.queue_delay_target_ms) == (
+        plain.model_runtime,
+        plain.max_batch_size,
+        plain.queue_delay_target_ms,
+    )
+    assert emulated.model_runtime == "onnx" and not emulated.cpu_bfloat16
+    native = asked.resolve("cpu", engine, 2, bfloat16_honoured=True)  # type: ignore[arg-type]
+    assert native.model_runtime == "torch" and native.cpu_bfloat16
+    on_gpu = asked.resolve("cuda", engine, 2, bfloat16_honoured=False)  # type: ignore[arg-type]
+    assert on_gpu.model_runtime == "torch" and on_gpu.cpu_bfloat16
+
+
 def test_serving_values_given_are_kept_on_any_hardware_and_bad_ones_are_named() -> None:
     from askexpert.config import ServingConfig, SystemConfig
 

@@ -140,6 +140,28 @@ def test_native_bfloat16_is_read_from_the_cpus_instructions_not_from_onednn(
     assert not predict.cpu_bfloat16_usable(False, torch.device("cpu"))
 
 
+def test_a_bfloat16_system_served_where_bfloat16_is_emulated_runs_float32_onnx(
+    trained_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cpu_bfloat16: true` on a CPU without native bfloat16: the experts are float32 experts there, so the
+    server's 'auto' runtime is float32's best (ONNX Runtime), and its answers are the float32 ones."""
+    import asyncio
+
+    import askexpert.models.predict as predict
+    from askexpert.serving.server import ExpertService
+
+    system = _copy_with(trained_system, tmp_path, cpu_bfloat16=True, model_workers=1)
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="serving.cpu_bfloat16 is set, but this CPU has no native bfloat16"):
+        service = ExpertService.from_system(system)
+    assert service.cfg.model_runtime == "onnx" and not service.cfg.cpu_bfloat16 and service.onnx is not None
+    images = system.splits().test.images[:6]
+    reply = asyncio.run(service("e0", images))
+    expected = LocalExpertBackend.of_system(system, cpu_bfloat16=False).predict("e0", images)
+    assert reply.labels == expected.labels.tolist()
+    np.testing.assert_allclose(reply.probs, expected.probs, atol=1e-5)
+
+
 def test_benchmark_records_name_the_cpu_and_whether_its_bfloat16_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

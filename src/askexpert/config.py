@@ -453,14 +453,23 @@ class ServingConfig(_Strict):
         runtime = {"test_time_flip": self.test_time_flip, "cpu_bfloat16": self.cpu_bfloat16 and bfloat16_honoured}
         return [runtime] if any(runtime.values()) else []
 
-    def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
+    def resolve(
+        self,
+        device_type: str,
+        engine: Literal["plain", "ray"] = "plain",
+        cores: int = 1,
+        bfloat16_honoured: bool = True,
+    ) -> ResolvedServing:
         """A copy with every 'auto' replaced by what measured best for experts on `device_type` ("cpu",
         "cuda") under `engine`, with `cores` the CPU cores the server may use (the table above); settings
-        given as values stay. A resolved copy resolves to itself."""
+        given as values stay. A resolved copy resolves to itself. `bfloat16_honoured`: whether this CPU runs
+        `cpu_bfloat16` (native bfloat16); where it does not, the experts are float32 experts, so the copy says
+        `cpu_bfloat16: false` and 'auto' picks what measured best for float32 (ONNX Runtime on the plain engine)."""
         cpu = device_type == "cpu"
+        bfloat16 = self.cpu_bfloat16 and (bfloat16_honoured or not cpu)
         runtime = self.model_runtime
         if runtime == "auto":
-            runtime = "onnx" if cpu and not self.cpu_bfloat16 else "torch"
+            runtime = "onnx" if cpu and not bfloat16 else "torch"
         batches = 0.0  # the target as milliseconds alone: the big presets' batches are caps, seldom full
         if cpu and engine == "ray":
             batch, target = AUTO_BATCH, AUTO_RAY_CPU_TARGET_MS
@@ -479,7 +488,7 @@ class ServingConfig(_Strict):
         # (warm-up); with a batch size given, the target stays in milliseconds (2.5 batches of 64 images: 0.4 s)
         batches = batches if {"queue_delay_target_ms", "max_batch_size"} <= values.keys() else 0.0
         return ResolvedServing.model_validate(
-            {**self.model_dump(), **values, "auto": sorted(values), "target_batches": batches}
+            {**self.model_dump(), **values, "cpu_bfloat16": bfloat16, "auto": sorted(values), "target_batches": batches}
         )
 
 
@@ -496,7 +505,13 @@ class ResolvedServing(ServingConfig):
     target_batches: float = Field(0.0, ge=0.0)
     full_batch_ms: float | None = Field(None, gt=0.0)  # the full batch's time the target was counted in
 
-    def resolve(self, device_type: str, engine: Literal["plain", "ray"] = "plain", cores: int = 1) -> ResolvedServing:
+    def resolve(
+        self,
+        device_type: str,
+        engine: Literal["plain", "ray"] = "plain",
+        cores: int = 1,
+        bfloat16_honoured: bool = True,
+    ) -> ResolvedServing:
         """Already resolved, for the hardware it runs on: itself."""
         return self
 

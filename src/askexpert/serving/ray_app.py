@@ -210,6 +210,7 @@ def run_ray(
     import signal
 
     import ray
+    import torch
 
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -220,7 +221,9 @@ def run_ray(
     # read before Ray starts: a missing or bad checkpoint fails here, with the file's name, not inside a replica
     metas = {eid: read_meta(system.expert_path(schedule, eid)) for eid in system.partition().expert_ids}
     # 'auto' settings for Ray's replicas: on a GPU where they reserve one, else on this host's CPU
-    sc = cfg.serving.resolve("cuda" if cfg.serving.ray_num_gpus > 0 else "cpu", "ray")
+    on_gpu = cfg.serving.ray_num_gpus > 0
+    honoured = on_gpu or cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, torch.device("cpu"))  # warns where not native
+    sc = cfg.serving.resolve("cuda" if on_gpu else "cpu", "ray", bfloat16_honoured=honoured)
     apps = expert_apps(system, sc, schedule, list(metas))
     print(f"Ray engine: {len(apps)} experts, {sc.describe()}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the
