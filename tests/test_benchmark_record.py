@@ -6,22 +6,18 @@ that found finished checkpoints or a stopped stage's saved point must say so in 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from conftest import load_benchmark
+
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "cifar100_cpu.py"
-    spec = importlib.util.spec_from_file_location("cifar100_cpu", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cifar100_cpu")
 
 
 def _touch(path: Path, mtime: float) -> None:

@@ -6,8 +6,6 @@ pipeline ran, which the checkpoints record.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,17 +13,12 @@ import pytest
 
 from askexpert.models import read_meta
 from askexpert.system import SystemDir
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def forecast() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "budget_forecast.py"
-    spec = importlib.util.spec_from_file_location("budget_forecast", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("budget_forecast")
 
 
 def _sizes(system: SystemDir) -> tuple[int, int, int]:

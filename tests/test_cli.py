@@ -134,12 +134,13 @@ def test_choices_are_listed_in_help_and_refused_with_one_phrasing(
 def test_serve_overrides_are_validated_before_any_model_loads(
     trained_system: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import uvicorn
+    import askexpert.serving.server as server
+    from askexpert.serving.process import free_port
 
     def started(*args: object, **kwargs: object) -> None:
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(server, "serve_http", started)
     code, text = _run(["serve", "--system", str(trained_system), "--max-wait-ms", "-1"], capsys)
     assert code == 2 and "serving.max_wait_ms" in text and "Traceback" not in text
     for bad, named in (
@@ -152,9 +153,9 @@ def test_serve_overrides_are_validated_before_any_model_loads(
         code, text = _run(["serve", "--system", str(trained_system), *bad], capsys)
         assert code == 2 and named in text and "Traceback" not in text, text
     served: list[object] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
-    settings = ["--set", "max_batch_size=8", "--set", "test_time_flip=no"]
-    main(["serve", "--system", str(trained_system), *settings])  # returns: uvicorn.run is the stand-in above
+    monkeypatch.setattr(server, "serve_http", lambda app, sock, cfg, tls: served.append(app))
+    settings = ["--set", "max_batch_size=8", "--set", "test_time_flip=no", "--port", str(free_port())]
+    main(["serve", "--system", str(trained_system), *settings])  # returns: serve_http is the stand-in above
     assert len(served) == 1
     cfg = served[0].service.cfg  # type: ignore[attr-defined]  # the admission middleware around the app
     assert (cfg.max_batch_size, cfg.test_time_flip) == (8, False)  # read as YAML: a number, a boolean

@@ -418,9 +418,9 @@ def serve(
     import uvicorn  # noqa: F401 - first, for both engines: without the serve extra, that is the install line to name
 
     from askexpert.serving.listen import listen_socket
+    from askexpert.system import SystemDir
 
-    sock = listen_socket(host, port)  # before the experts load or Ray starts: a taken port fails now
-
+    SystemDir.of(system).config().with_serving(overrides)  # a bad setting is named before the port is taken
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
@@ -428,23 +428,26 @@ def serve(
             if (exc.name or "").split(".")[0] != "ray":
                 raise  # another extra's module: main() names its install line
             raise ConfigError("--engine ray needs Ray Serve: pip install 'askexpert[ray]'") from None
-        url = f"{'https' if tls else 'http'}://{host}:{port}"
-        console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
-        run_ray(system, sock, schedule, token, tls, overrides)
-        return
-    from askexpert.serving.server import ExpertService, create_app, serve_http
+    # the API's socket before the experts load or Ray starts: a taken port fails now; closed however serving ends
+    with listen_socket(host, port) as sock:
+        if engine is Engine.ray:
+            url = f"{'https' if tls else 'http'}://{host}:{port}"
+            console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
+            run_ray(system, sock, schedule, token, tls, overrides)
+            return
+        from askexpert.serving.server import ExpertService, create_app, serve_http
 
-    service = ExpertService.from_system(system, schedule, device, serving=overrides)
-    scheme = "https" if tls is not None else "http"
-    import torch
+        service = ExpertService.from_system(system, schedule, device, serving=overrides)
+        scheme = "https" if tls is not None else "http"
+        import torch
 
-    threads = f"{torch.get_num_threads()} thread(s) per call"
-    console.print(
-        f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({service.cfg.describe()}, {threads})",
-        highlight=False,
-        soft_wrap=True,  # one line, whatever the terminal's width: benchmarks read it from the log
-    )
-    serve_http(create_app(service, token), sock, service.cfg, tls)
+        threads = f"{torch.get_num_threads()} thread(s) per call"
+        console.print(
+            f"serving {len(service.classes)} experts on {scheme}://{host}:{port} ({service.cfg.describe()}, {threads})",
+            highlight=False,
+            soft_wrap=True,  # one line, whatever the terminal's width: benchmarks read it from the log
+        )
+        serve_http(create_app(service, token), sock, service.cfg, tls)
 
 
 @app.command()

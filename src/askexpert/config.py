@@ -9,7 +9,7 @@ number has a single source of truth.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -505,14 +505,8 @@ class ResolvedServing(ServingConfig):
     target_batches: float = Field(0.0, ge=0.0)
     full_batch_ms: float | None = Field(None, gt=0.0)  # the full batch's time the target was counted in
 
-    def resolve(
-        self,
-        device_type: str,
-        engine: Literal["plain", "ray"] = "plain",
-        cores: int = 1,
-        bfloat16_honoured: bool = True,
-    ) -> ResolvedServing:
-        """Already resolved, for the hardware it runs on: itself."""
+    def resolve(self, *_: Any, **__: Any) -> ResolvedServing:
+        """Already resolved, for the hardware it runs on: itself (whatever hardware is named)."""
         return self
 
     def with_batch_time(self, seconds: float) -> ResolvedServing:
