@@ -12,9 +12,10 @@ it natively), times the step and image counts the config gives for the data's si
 `stratified_split` and `budget_steps`).
 
 Not counted: extracting and reading the archives, checkpoint writes, the ONNX export, the partition and
-the evaluation's choices on cached outputs (1-2 minutes together where they were timed). A 2-core VM's
-speed also moves 10-15 % from one minute to the next (docs/cifar100-log.md): read the total to that
-precision. Prints a Markdown table; `--out FILE.json` also writes it as JSON.
+the evaluation's choices on cached outputs, each expert's set-up (on the demo's config the projection fell
+1.1 min short of the 19.5 measured, README "Benchmarks"). A 2-core VM's speed also moves 10-15 % from one
+minute to the next (docs/cifar100-log.md): read the total to that precision. Prints a Markdown table;
+`--out FILE.json` also writes it as JSON.
 """
 
 from __future__ import annotations
