@@ -150,7 +150,7 @@ def planned_work(
     plan.append(
         (
             "train experts",
-            f"{seeds} seeds x {len(schedules)} schedules x {experts} experts x {per_expert} steps",
+            f"{seeds} seed(s) x {len(schedules)} schedules x {experts} experts x {per_expert} steps",
             runs * per_expert,
             Work(exp, subset + 1, expert_steps),
         )
