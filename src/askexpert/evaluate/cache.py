@@ -17,7 +17,7 @@ from askexpert.errors import CheckpointError
 from askexpert.fingerprint import fingerprint
 from askexpert.models import load_checkpoint, predict_logits, read_meta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
-from askexpert.models.predict import cpu_bfloat16_usable
+from askexpert.models.predict import bfloat16_honoured
 from askexpert.partition import Partition
 from askexpert.progress import progress
 from askexpert.protocol import softmax
@@ -83,8 +83,7 @@ def runtime_here(system: SystemDir) -> list[dict[str, bool]]:
     machines never reads bfloat16 outputs as this machine's float32 answers, nor the reverse."""
     cfg = system.config()
     device = resolve_device(cfg.device)
-    honoured = device.type != "cpu" or cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
-    return cfg.serving.expert_runtime(honoured)
+    return cfg.serving.expert_runtime(bfloat16_honoured(cfg.serving.cpu_bfloat16, device))
 
 
 def build_cache(system: SystemDir, schedules: list[str] | None = None, split: str = "test") -> LogitCache:

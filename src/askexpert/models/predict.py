@@ -82,6 +82,13 @@ def cpu_bfloat16_usable(requested: bool, device: torch.device, setting: str = "s
     return False
 
 
+def bfloat16_honoured(requested: bool, device: torch.device) -> bool:
+    """Whether a `cpu_bfloat16` setting stands on `device` (the flag `ServingConfig.resolve` and
+    `expert_runtime` take): CUDA runs bfloat16 anyway; a CPU only with native bfloat16 (`cpu_bfloat16_usable`,
+    which warns where it asks for float32 instead)."""
+    return device.type != "cpu" or cpu_bfloat16_usable(requested, device)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: ImageClassifier,

@@ -41,7 +41,7 @@ from askexpert.measure.energy import meter_for
 from askexpert.models import CheckpointMeta, load_checkpoint, predict_logits, read_meta
 from askexpert.models.local_experts import LocalExpertBackend
 from askexpert.models.onnx_runtime import OnnxGeneralist
-from askexpert.models.predict import cpu_bfloat16_usable
+from askexpert.models.predict import bfloat16_honoured, cpu_bfloat16_usable
 from askexpert.protocol.http import PredictReply
 from askexpert.serving.batching import BatchResult, DeadlineExpired, EnergyShares, timed_metered
 from askexpert.serving.onnx_experts import OnnxExperts, export_experts
@@ -221,9 +221,9 @@ def run_ray(
     # read before Ray starts: a missing or bad checkpoint fails here, with the file's name, not inside a replica
     metas = {eid: read_meta(system.expert_path(schedule, eid)) for eid in system.partition().expert_ids}
     # 'auto' settings for Ray's replicas: on a GPU where they reserve one, else on this host's CPU
-    on_gpu = cfg.serving.ray_num_gpus > 0
-    honoured = on_gpu or cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, torch.device("cpu"))  # warns where not native
-    sc = cfg.serving.resolve("cuda" if on_gpu else "cpu", "ray", bfloat16_honoured=honoured)
+    device = torch.device("cuda" if cfg.serving.ray_num_gpus > 0 else "cpu")
+    honoured = bfloat16_honoured(cfg.serving.cpu_bfloat16, device)  # warns where not native
+    sc = cfg.serving.resolve(device.type, "ray", bfloat16_honoured=honoured)
     apps = expert_apps(system, sc, schedule, list(metas))
     print(f"Ray engine: {len(apps)} experts, {sc.describe()}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down: this turns it into the

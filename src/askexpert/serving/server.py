@@ -35,7 +35,7 @@ from askexpert.errors import AskExpertError, ConfigError
 from askexpert.measure.energy import EnergyMeter, meter_for
 from askexpert.models import CheckpointMeta, resolve_device
 from askexpert.models.local_experts import LocalExpertBackend
-from askexpert.models.predict import cpu_bfloat16_usable
+from askexpert.models.predict import bfloat16_honoured
 from askexpert.partition import Partition
 from askexpert.protocol import OTHER
 from askexpert.protocol.backend import reply_from_logits
@@ -254,7 +254,7 @@ class ExpertService(ServiceBase):
         cfg = system.config().with_serving(serving or {})
         device = str(resolve_device(device or cfg.device))  # "auto": CUDA when present
         cores = len(os.sched_getaffinity(0))  # the cores this process may use (a taskset, a container's share)
-        honoured = cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, torch.device(device))  # warns where not native
+        honoured = bfloat16_honoured(cfg.serving.cpu_bfloat16, torch.device(device))  # warns where not native
         sc = cfg.serving.resolve(torch.device(device).type, "plain", cores, honoured)
         threads = compute_threads(sc)
         if threads:
