@@ -81,6 +81,63 @@ def seed_system(out: Path, cfg: SystemConfig, seed: int, first: SystemDir | None
     return system
 
 
+def fit_to_budget(cfg: SystemConfig, out: Path, seeds: int, minutes: float, spent_s: float) -> dict[str, Any]:
+    """The epoch factor that fits `minutes` here (`askexpert.training.forecast`), with the forecast behind
+    it; kept in OUT/fit.json and reused while the config, data, seeds and budget are the same, so that a
+    stopped run resumes with the epochs it started with (its checkpoints' fingerprints depend on them)."""
+    from askexpert.models.predict import cpu_description
+    from askexpert.training.forecast import fit_factor, folder_counts, forecast, forecast_table
+
+    key = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "budget_min": minutes}
+    record = out / "fit.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            print(f"epochs x {saved['factor']:.3f}, as fitted before ({record})", flush=True)
+            return saved
+    train, test, classes = folder_counts(cfg.data.root)
+    pretrain = (0, 0)
+    if cfg.backbone.data is not None:
+        pre_train, _, pre_classes = folder_counts(cfg.backbone.data.root)
+        pretrain = (pre_train, pre_classes)
+    began = time.perf_counter()
+    jobs = forecast(cfg, seeds, train, test, classes, pretrain, steps=30, warmup=5)
+    spent_s += time.perf_counter() - began
+    factor = fit_factor(jobs, 60 * minutes, spent_s)
+    projected = sum(j.seconds for j in jobs) / 60
+    print(forecast_table(jobs), flush=True)
+    print(
+        f"{projected:.1f} min projected at the config's epochs on this machine; epochs x {factor:.3f} to fit "
+        f"{minutes:g} min ({spent_s / 60:.1f} min spent so far)",
+        flush=True,
+    )
+    fitted = {
+        "key": key,
+        "factor": factor,
+        "budget_min": minutes,
+        "projected_min": projected,
+        "spent_before_training_s": spent_s,
+        "cpu": cpu_description(),
+        "jobs": [{"stage": j.stage, "work": j.what, "seconds": j.seconds, "trains": j.trains} for j in jobs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(fitted, indent=1) + "\n")
+    return fitted
+
+
+def fit_line(result: dict[str, Any]) -> str:
+    """What --fit-minutes did, for the table's header: the figures depend on it."""
+    fit = result.get("fit")
+    if not fit:
+        return ""
+    if fit["factor"] >= 1:
+        return f" Fits {fit['budget_min']:g} min here at the config's epochs (projected {fit['projected_min']:.1f})."
+    return (
+        f" **Epochs x {fit['factor']:.3f}** to fit {fit['budget_min']:g} min on this machine (projected "
+        f"{fit['projected_min']:.1f} min at the config's epochs): weaker models than the config's."
+    )
+
+
 def spread(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
@@ -262,7 +319,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
     md = [
         "# askexpert on real CIFAR-100 (CPU scale)\n",
         f"Seeds of the expert stage: {seeds} (mean ± sample std over seeds). Wall time: "
-        f"{wall}. Test split: the re-drawn 100-per-class split "
+        f"{wall}.{fit_line(result)} Test split: the re-drawn 100-per-class split "
         "of shared/data's CIFAR-100 (close to, not strictly comparable with, the official test set). "
         "Every operating point was chosen on the validation split (50 train images per class held out).\n",
         "## The paper's table (test split, accuracy in %)\n",
@@ -331,7 +388,7 @@ def report_only(out: Path, seeds: list[int]) -> None:
     previous = json.loads((out / "benchmark.json").read_text()) if (out / "benchmark.json").is_file() else {}
     summaries = [evaluate_system(SystemDir.open(out / f"seed{seed}")) for seed in seeds]
     result = {
-        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "timings", "trained_before", "resumed")},
+        **{k: previous.get(k) for k in ("wall_s", "machine", "scale", "fit", "timings", "trained_before", "resumed")},
         "seeds": seeds,
         "aggregate": aggregate(summaries),
         "summaries": summaries,
@@ -353,11 +410,20 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="seeds of the expert stage (stage 1 and experts)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every epoch count (e.g. 0.02 for a smoke run)")
     ap.add_argument(
+        "--fit-minutes",
+        type=float,
+        default=None,
+        help="time the work here first and scale every epoch count down so that the run fits this many minutes "
+        "from its start (kept in OUT/fit.json, so a resumed run trains the same epochs)",
+    )
+    ap.add_argument(
         "--report-only",
         action="store_true",
         help="re-evaluate the trained seed directories under OUT (no training) and rewrite the tables",
     )
     args = ap.parse_args()
+    if args.fit_minutes is not None and (args.scale != 1.0 or not args.fit_minutes > 0):
+        ap.error("--fit-minutes takes a positive number of minutes and replaces --scale")
     if args.report_only:
         report_only(args.out.resolve(), [int(s) for s in args.seeds.split(",") if s.strip()])
         return
@@ -372,12 +438,14 @@ def main() -> None:
         raw["backbone"]["data"]["root"] = str(image_tree(args.pretrain_data, out / "data", "classes.tsv"))
     else:
         raw["backbone"]["data"] = None
-    if args.scale != 1.0:
-        for section in (raw["generalist_training"], raw["expert_training"], raw["backbone"]["training"]):
-            section["epochs"] *= args.scale
-        raw["expert_training"]["shared_epochs"] *= args.scale
     cfg = SystemConfig.from_dict(raw, origin=str(args.config))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    fit = None
+    if args.fit_minutes is not None:
+        fit = fit_to_budget(cfg, out, len(seeds), args.fit_minutes, time.perf_counter() - start)
+        cfg = cfg.with_epochs_scaled(fit["factor"]) if fit["factor"] < 1 else cfg
+    elif args.scale != 1.0:
+        cfg = cfg.with_epochs_scaled(args.scale)
     resumed = resumed_at_start(out, seeds)
     summaries, timings = [], {}
     first: SystemDir | None = None
@@ -401,7 +469,8 @@ def main() -> None:
         "seeds": seeds,
         "wall_s": time.perf_counter() - start,
         "machine": machine,
-        "scale": args.scale,
+        "scale": fit["factor"] if fit is not None else args.scale,
+        "fit": fit,
         "timings": timings,
         "trained_before": trained_before(out, seeds, started_at),
         "resumed": resumed,

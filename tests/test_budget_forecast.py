@@ -1,4 +1,5 @@
-"""The budget forecast (`benchmarks/budget_forecast.py`) counts the work the pipeline really does.
+"""The budget forecast (`askexpert.training.forecast`) counts the work the pipeline really does, and the
+epoch factor that fits a budget leaves the budget's untrained part alone.
 
 Its projection is only as good as its counts: the optimizer steps it multiplies must be the steps the
 pipeline ran, which the checkpoints record.
@@ -7,18 +8,16 @@ pipeline ran, which the checkpoints record.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+import askexpert.training.forecast as forecast
+from askexpert.config import SystemConfig
+from askexpert.errors import ConfigError
 from askexpert.models import read_meta
 from askexpert.system import SystemDir
+from askexpert.training.forecast import Job, fit_factor, folder_counts
 from conftest import load_benchmark
-
-
-@pytest.fixture(scope="module")
-def forecast() -> ModuleType:
-    return load_benchmark("budget_forecast")
 
 
 def _sizes(system: SystemDir) -> tuple[int, int, int]:
@@ -26,7 +25,7 @@ def _sizes(system: SystemDir) -> tuple[int, int, int]:
     return len(splits.train) + len(splits.val), len(splits.test), splits.train.num_classes
 
 
-def test_forecast_counts_the_optimizer_steps_the_checkpoints_record(forecast: ModuleType, trained_system: Path) -> None:
+def test_forecast_counts_the_optimizer_steps_the_checkpoints_record(trained_system: Path) -> None:
     system = SystemDir.open(trained_system)
     cfg = system.config()
     planned = forecast.planned_work(cfg, 1, *_sizes(system), (0, 0))
@@ -49,8 +48,85 @@ def test_forecast_counts_the_optimizer_steps_the_checkpoints_record(forecast: Mo
         assert twice[(stage, work)] == count * (2 if stage in ("train experts", "evaluate") else 1)
 
 
-def test_forecast_times_every_job_in_the_real_training_loop(forecast: ModuleType, trained_system: Path) -> None:
+def test_forecast_times_every_job_in_the_real_training_loop(trained_system: Path) -> None:
     system = SystemDir.open(trained_system)
     jobs = forecast.forecast(system.config(), 1, *_sizes(system), (0, 0), steps=2, warmup=1)
     assert [j.stage for j in jobs] == [p[0] for p in forecast.planned_work(system.config(), 1, *_sizes(system), (0, 0))]
     assert all(j.seconds_per_unit > 0 and j.seconds == j.count * j.seconds_per_unit for j in jobs)
+
+
+def _jobs(training_s: float, inference_s: float) -> list[Job]:
+    return [
+        Job("stage 1", "steps", 100, training_s / 100, trains=True),
+        Job("evaluate", "images", 1000, inference_s / 1000, trains=False),
+    ]
+
+
+def test_the_fit_scales_only_the_training_to_what_the_budget_leaves() -> None:
+    jobs = _jobs(training_s=200.0, inference_s=20.0)
+    # 100 s budget: 20 s inference, 10 s spent, 10 % untimed -> 60 s for 200 s of training
+    assert fit_factor(jobs, 100.0, spent_s=10.0, untimed_share=0.1) == pytest.approx(0.3)
+    assert fit_factor(jobs, 1000.0, untimed_share=0.1) == 1.0  # a fast enough host trains the config as written
+    with pytest.raises(ConfigError, match="leaves no time to train on this machine: inference 0.3 min"):
+        fit_factor(jobs, 25.0, spent_s=5.0, untimed_share=0.0)
+    with pytest.raises(ConfigError, match="budget must be positive"):
+        fit_factor(jobs, 0.0)
+
+
+def test_epochs_scaled_is_a_validated_copy_of_every_epoch_count(micro_config: SystemConfig) -> None:
+    half = micro_config.with_epochs_scaled(0.5)
+    assert half.generalist_training.epochs == micro_config.generalist_training.epochs / 2
+    assert half.expert_training.epochs == micro_config.expert_training.epochs / 2
+    assert half.expert_training.shared_epochs == micro_config.expert_training.shared_epochs / 2
+    assert half.backbone.training.epochs == micro_config.backbone.training.epochs / 2
+    assert half.model_dump(exclude={"generalist_training", "expert_training", "backbone"}) == micro_config.model_dump(
+        exclude={"generalist_training", "expert_training", "backbone"}
+    )
+    assert micro_config.generalist_training.epochs == 3  # the original is untouched
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="epoch factor must be a positive number"):
+            micro_config.with_epochs_scaled(bad)
+
+
+def test_folder_counts_read_the_listing(tmp_path: Path) -> None:
+    for split, per_class in (("train", 3), ("test", 2)):
+        for name in ("apple", "bear"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                (folder / f"{i}.png").write_bytes(b"not decoded")
+    assert folder_counts(tmp_path) == (6, 4, 2)
+    with pytest.raises(ConfigError, match="no class folders under train/"):
+        folder_counts(tmp_path / "missing")
+
+
+def test_the_benchmark_reuses_its_fit_while_nothing_it_depends_on_changed(
+    tmp_path: Path, micro_config: SystemConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_benchmark("cifar100_cpu")
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            (tmp_path / "data" / split / name / "0.png").write_bytes(b"x")
+    cfg = micro_config.model_copy(
+        update={"data": micro_config.data.model_copy(update={"root": str(tmp_path / "data")})}
+    )
+    calls = []
+
+    def timed(cfg_: SystemConfig, seeds: int, train: int, test: int, classes: int, *_: object, **__: object):
+        calls.append((seeds, train, test, classes))
+        return _jobs(training_s=600.0, inference_s=60.0)
+
+    monkeypatch.setattr(forecast, "forecast", timed)
+    out = tmp_path / "out"
+    first = bench.fit_to_budget(cfg, out, 2, 10.0, spent_s=0.0)
+    assert calls == [(2, 2, 2, 2)]  # counted from the listing
+    assert first["factor"] == pytest.approx(fit_factor(_jobs(600.0, 60.0), 600.0, first["spent_before_training_s"]))
+    assert first["factor"] < 1 and (out / "fit.json").is_file()
+    again = bench.fit_to_budget(cfg, out, 2, 10.0, spent_s=0.0)
+    assert again["factor"] == first["factor"] and len(calls) == 1  # a resumed run trains the same epochs
+    bench.fit_to_budget(cfg, out, 2, 12.0, spent_s=0.0)
+    bench.fit_to_budget(cfg.with_epochs_scaled(2.0), out, 2, 12.0, spent_s=0.0)
+    assert len(calls) == 3  # another budget or config is fitted anew
+    line = bench.fit_line({"fit": first})
+    assert f"Epochs x {first['factor']:.3f}" in line and "projected 11.0 min" in line

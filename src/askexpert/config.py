@@ -8,6 +8,7 @@ number has a single source of truth.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -623,6 +624,18 @@ class SystemConfig(_Strict):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    def with_epochs_scaled(self, factor: float) -> SystemConfig:
+        """A validated copy with every epoch count (backbone pretraining, generalist, stage 1, experts)
+        multiplied by `factor`: one knob for a smoke run or for a budget on a slower host, which keeps the
+        split of the budget between the stages that validation chose."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"the epoch factor must be a positive number, got {factor}")
+        raw = self.model_dump(mode="json")
+        for section in (raw["generalist_training"], raw["expert_training"], raw["backbone"]["training"]):
+            section["epochs"] *= factor
+        raw["expert_training"]["shared_epochs"] *= factor
+        return SystemConfig.from_dict(raw, origin=f"{self.name} with epochs x {factor:g}")
 
     def with_serving(self, changes: dict[str, object], origin: str = "this run's serving settings") -> SystemConfig:
         """A validated copy whose serving section has `changes` (a command line's: config.yaml is unchanged);

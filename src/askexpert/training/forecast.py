@@ -1,0 +1,260 @@
+"""The real-data benchmark's wall time, projected from a few timed steps, and the epoch factor that fits a budget.
+
+Why: the benchmark's budget (90 min from nothing on 2 cores, issue 14) is a property of the host as much as
+of the configuration: the same configuration took 85.5-92.7 min on 2-core hosts with native bfloat16 and
+~147-156 min on hosts without it (docs/cifar100-log.md). `forecast` times the real work here (a few optimizer
+steps of the real `train_model` per training job, a forward pass per image in each runtime the pipeline uses)
+and multiplies by the pipeline's own counts (`stratified_split`, `budget_steps`); `fit_factor` turns that into
+the one factor on every epoch count that makes the training fit what the budget leaves, so the benchmark
+holds its budget on a slower host by training less, and says so (`benchmarks/cifar100_cpu.py --fit-minutes`).
+
+Not counted: extracting and reading the archives, checkpoint writes, the ONNX export, the partition and the
+evaluation's choices on cached outputs, each expert's set-up (`fit_factor` keeps a reserve for them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from askexpert.config import DistillConfig, SystemConfig, TrainConfig
+from askexpert.data.base import stratified_split
+from askexpert.errors import ConfigError
+from askexpert.models import create_model, predict_logits, resolve_device
+from askexpert.models.predict import cpu_bfloat16_usable
+from askexpert.progress import progress
+from askexpert.training.loop import train_model
+from askexpert.training.plans import budget_steps
+from askexpert.training.shared import stage1_training
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one unit costs: an optimizer step under one training budget, or one image through a model."""
+
+    preset: str
+    outputs: int
+    budget: str | None = None  # the TrainConfig as JSON (hashable); None: inference
+    teacher: bool = False  # the step also fits a teacher's logits (distillation)
+    served: bool = False  # inference as the experts are served (mirror, bfloat16 where native)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the forecast: `count` units of one kind of work."""
+
+    stage: str
+    what: str
+    count: int
+    seconds_per_unit: float
+    trains: bool  # optimizer steps, whose count follows the epochs; else inference, which does not
+
+    @property
+    def seconds(self) -> float:
+        return self.count * self.seconds_per_unit
+
+
+def time_steps(work: Work, size: int, steps: int, warmup: int, distill: DistillConfig, device: torch.device) -> float:
+    """Seconds per optimizer step of the real training loop: the mean interval between optimizer steps
+    (timed by a global step hook) after `warmup` steps, which run first to warm the allocator and caches."""
+    assert work.budget is not None
+    tc = TrainConfig.model_validate_json(work.budget)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4 * tc.batch_size, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, work.outputs, len(images))
+    soft = rng.standard_normal((len(images), work.outputs)).astype(np.float32) if work.teacher else None
+    plan = np.stack([rng.permutation(len(images))[: tc.batch_size] for _ in range(warmup + steps + 1)])
+    stamps: list[float] = []
+    hook = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        train_model(
+            create_model(work.preset, work.outputs),
+            images,
+            labels,
+            plan,
+            tc,
+            device,
+            0,
+            desc=work.preset,
+            teacher_logits=soft,
+            distill=distill if work.teacher else None,
+        )
+    finally:
+        hook.remove()
+    return float(np.mean(np.diff(stamps[warmup:])))
+
+
+def time_inference(work: Work, size: int, images: int, flip: bool, bf16: bool, device: torch.device) -> float:
+    """Seconds per image of `predict_logits` (the pipeline's own inference path), after a warm-up batch."""
+    model = create_model(work.preset, work.outputs)
+    batch = np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8)
+    flip, bf16 = flip and work.served, bf16 and work.served
+    predict_logits(model, batch[:64], device, flip=flip, cpu_bfloat16=bf16)
+    start = time.perf_counter()
+    predict_logits(model, batch, device, flip=flip, cpu_bfloat16=bf16)
+    return (time.perf_counter() - start) / images
+
+
+def planned_work(
+    cfg: SystemConfig, seeds: int, train_images: int, test_images: int, classes: int, pretrain: tuple[int, int]
+) -> list[tuple[str, str, int, Work]]:
+    """(stage, description, units, work) for every training job and inference pass of `run_pipeline`,
+    counted as the pipeline counts them (`budget_steps`; validation held out of train by `val_fraction`)."""
+    train, val = (len(i) for i in stratified_split(np.arange(train_images) % classes, cfg.data.val_fraction, 0))
+    tc = cfg.expert_training
+    gen, exp = cfg.generalist.preset, cfg.expert.preset
+    schedules = list(tc.schedules.values())
+    experts = cfg.partition.num_experts
+    subset = math.ceil(classes / experts) + cfg.partition.overlap
+    stage1_needed = cfg.distill.active or any(s.init == "shared" or s.distills for s in schedules)
+    plan: list[tuple[str, str, int, Work]] = []
+    if cfg.backbone.data is not None:
+        bt = cfg.backbone.training
+        pre_images, pre_classes = pretrain
+        pre_labels = np.arange(pre_images) % pre_classes
+        pre_train = len(stratified_split(pre_labels, cfg.backbone.data.val_fraction, 0)[0])
+        for preset in dict.fromkeys([gen, exp]):
+            n = budget_steps(bt.epochs, pre_train, bt.batch_size)
+            plan.append(
+                ("pretrain backbones", f"{preset}: {n} steps", n, Work(preset, pre_classes, bt.model_dump_json()))
+            )
+    if stage1_needed:
+        n = budget_steps(tc.shared_epochs, train, tc.batch_size)
+        plan.append(("stage 1", f"{exp}: {n} steps", n, Work(exp, classes, stage1_training(tc).model_dump_json())))
+    gt = cfg.generalist_training
+    if cfg.distill.active:
+        plan.append(("train generalist", f"stage 1 teaching: {train} images", train, Work(exp, classes)))
+    n = budget_steps(gt.epochs, train, gt.batch_size)
+    plan.append(
+        ("train generalist", f"{gen}: {n} steps", n, Work(gen, classes, gt.model_dump_json(), cfg.distill.active))
+    )
+    per_expert = budget_steps(tc.epochs, subset * train // classes, tc.batch_size)
+    runs = seeds * len(schedules) * experts
+    expert_steps = TrainConfig(**tc.model_dump(include=set(TrainConfig.model_fields))).model_dump_json()
+    plan.append(
+        (
+            "train experts",
+            f"{seeds} seed(s) x {len(schedules)} schedules x {experts} experts x {per_expert} steps",
+            runs * per_expert,
+            Work(exp, subset + 1, expert_steps),
+        )
+    )
+    plan.append(("train experts", f"validation: {runs} x {val} images", runs * val, Work(exp, subset + 1)))
+    routed = seeds * sum(s.needs_routing for s in schedules)
+    if routed:
+        plan.append(
+            ("train experts", f"routing: {routed} x {train + val} images", routed * (train + val), Work(gen, classes))
+        )
+    evaluated = val + test_images
+    plan.append(("evaluate", f"generalist: {seeds} x {evaluated} images", seeds * evaluated, Work(gen, classes)))
+    plan.append(
+        (
+            "evaluate",
+            f"experts as served: {runs} x {evaluated} images",
+            runs * evaluated,
+            Work(exp, subset + 1, served=True),
+        )
+    )
+    if stage1_needed:
+        plan.append(
+            (
+                "evaluate",
+                f"stage 1 as served: {seeds} x {test_images} images",
+                seeds * test_images,
+                Work(exp, classes, served=True),
+            )
+        )
+    return plan
+
+
+def forecast(
+    cfg: SystemConfig,
+    seeds: int,
+    train_images: int,
+    test_images: int,
+    classes: int,
+    pretrain: tuple[int, int],
+    steps: int,
+    warmup: int,
+) -> list[Job]:
+    """Every job of `planned_work`, each kind of work timed once here (see the module doc)."""
+    size = cfg.data.synth.image_size
+    flip = cfg.serving.test_time_flip
+    device = resolve_device(cfg.device)
+    bf16 = cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
+    timed: dict[Work, float] = {}
+    jobs = []
+    for stage, what, count, work in progress(
+        planned_work(cfg, seeds, train_images, test_images, classes, pretrain), desc="timing", unit="job"
+    ):
+        if work not in timed:
+            timed[work] = (
+                time_steps(work, size, steps, warmup, cfg.distill, device)
+                if work.budget is not None
+                else time_inference(work, size, 1024, flip, bf16, device)
+            )
+        jobs.append(Job(stage, what, count, timed[work], work.budget is not None))
+    return jobs
+
+
+# Work the forecast does not time (reading the images, checkpoint writes, the ONNX export, the evaluation's
+# choices, each expert's set-up), as a share of the budget: 1.1 of the demo's 19.5 min was such work (README
+# "Benchmarks"), 5.6 %.
+UNTIMED_SHARE = 0.06
+
+
+def fit_factor(jobs: list[Job], budget_s: float, spent_s: float = 0.0, untimed_share: float = UNTIMED_SHARE) -> float:
+    """The factor on every epoch count that makes the forecast fit `budget_s` (at most 1: a fast host trains
+    the config as written). Training jobs scale with their epochs; inference, what is already spent
+    (`spent_s`: extraction, the forecast itself) and the untimed share do not. ConfigError when they alone
+    leave no room for training."""
+    if budget_s <= 0:
+        raise ConfigError(f"the budget must be positive, got {budget_s / 60:.1f} min")
+    training = sum(j.seconds for j in jobs if j.trains)
+    fixed = sum(j.seconds for j in jobs if not j.trains) + spent_s + untimed_share * budget_s
+    room = budget_s - fixed
+    if room <= 0:
+        raise ConfigError(
+            f"the {budget_s / 60:.1f}-minute budget leaves no time to train on this machine: inference "
+            f"{(fixed - spent_s - untimed_share * budget_s) / 60:.1f} min, already spent {spent_s / 60:.1f} min, "
+            f"untimed work {untimed_share * budget_s / 60:.1f} min"
+        )
+    return 1.0 if training <= 0 else min(1.0, room / training)
+
+
+def folder_counts(root: str | Path) -> tuple[int, int, int]:
+    """(train images, test images, classes) of an image-folder tree `root/{train,test}/<class>/<files>`,
+    counted from the listing (no image is decoded), as the forecast needs them."""
+    root = Path(root)
+    classes = [d for d in (root / "train").iterdir() if d.is_dir()] if (root / "train").is_dir() else []
+    if not classes:
+        raise ConfigError(f"{root}: no class folders under train/ (expected {root}/train/<class>/<images>)")
+
+    def count(split: str) -> int:
+        return sum(1 for f in (root / split).glob("*/*") if f.is_file()) if (root / split).is_dir() else 0
+
+    return count("train"), count("test"), len(classes)
+
+
+def forecast_table(jobs: list[Job]) -> str:
+    """The forecast as a Markdown table, one row per job and the total."""
+    from askexpert.evaluate.report import markdown_table
+
+    rows = [
+        {
+            "stage": j.stage,
+            "work": j.what,
+            "ms per unit": f"{1e3 * j.seconds_per_unit:.2f}",
+            "projected": f"{j.seconds / 60:.1f} min",
+        }
+        for j in jobs
+    ]
+    total = sum(j.seconds for j in jobs) / 60
+    rows.append({"stage": "**total**", "work": "", "ms per unit": "", "projected": f"**{total:.1f} min**"})
+    return markdown_table(rows)
