@@ -53,3 +53,7 @@ def test_the_wall_time_line_says_what_was_not_trained_here(bench: ModuleType) ->
     assert "1 stage(s) stopped part-way" in bench.wall_line({**timed, "resumed": ["c"]})
     assert "already trained" not in bench.wall_line({**timed, "resumed": ["c"]})
     assert bench.wall_line({"wall_s": None}).startswith("not timed")
+    scripted = bench.wall_line({**timed, "wall_from_budget_start_s": 660.0})  # the script's setup counts
+    assert (
+        scripted == "10.0 min on x86_64, 2 torch threads, CPU only (11.0 min from the budget's start: setup included)"
+    )

@@ -130,3 +130,19 @@ def test_the_benchmark_reuses_its_fit_while_nothing_it_depends_on_changed(
     assert len(calls) == 3  # another budget or config is fitted anew
     line = bench.fit_line({"fit": first})
     assert f"Epochs x {first['factor']:.3f}" in line and "projected 11.0 min" in line
+
+
+def test_a_budget_too_small_for_the_inference_alone_stops_the_benchmark_in_one_line(
+    tmp_path: Path, micro_config: SystemConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_benchmark("cifar100_cpu")
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+        (tmp_path / "data" / split / "a" / "0.png").write_bytes(b"x")
+    micro_config.to_yaml(tmp_path / "config.yaml")
+    monkeypatch.setattr(forecast, "forecast", lambda *_, **__: _jobs(training_s=60.0, inference_s=3600.0))
+    argv = ["cifar100_cpu.py", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", [*argv, "--config", str(tmp_path / "config.yaml"), "--fit-minutes", "30"])
+    with pytest.raises(SystemExit, match=r"^--fit-minutes 30: the 30.0-minute budget leaves no time to train"):
+        bench.main()
+    assert not (tmp_path / "out" / "seed0").exists()  # nothing trained
