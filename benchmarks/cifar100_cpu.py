@@ -427,7 +427,7 @@ def main() -> None:
         "--budget-start",
         type=float,
         default=None,
-        help="Unix time the budget counts from (default: this script's start); scripts/benchmark-cifar100.sh "
+        help="Unix time the budget and the wall time count from (default: this script's start); the shell script "
         "passes its own, so that its setup counts",
     )
     ap.add_argument(

@@ -15,6 +15,7 @@ PRETRAIN=${2:-../shared/data/tinyimagenet-other100-32px.tar.gz}
 shift $(( $# < 2 ? $# : 2 ))
 ./scripts/setup.sh
 FIT=()
-if [ "${FIT_MINUTES:-90}" != 0 ]; then FIT=(--fit-minutes "${FIT_MINUTES:-90}" --budget-start "$START"); fi
+if [ "${FIT_MINUTES:-90}" != 0 ]; then FIT=(--fit-minutes "${FIT_MINUTES:-90}"); fi
 .venv/bin/python benchmarks/cifar100_cpu.py --config "${CONFIG:-configs/cifar100-cpu.yaml}" \
-  --data "$DATA" --pretrain-data "$PRETRAIN" --out "${OUT:-runs/cifar100-cpu}" "${FIT[@]}" "$@"
+  --data "$DATA" --pretrain-data "$PRETRAIN" --out "${OUT:-runs/cifar100-cpu}" --budget-start "$START" \
+  "${FIT[@]}" "$@"
