@@ -103,6 +103,23 @@ def test_how_experts_run_is_part_of_what_their_outputs_are_keyed_by(
     assert gate_fingerprint(asked, "progressive") != gate_fingerprint(before, "progressive")
 
 
+def test_the_emulated_bfloat16_warning_is_given_once_per_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import torch
+
+    import askexpert.models.predict as predict
+
+    monkeypatch.setattr(predict, "native_cpu_bfloat16", lambda: False)
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # what a command runs under: once per message and location
+        predict.cpu_bfloat16_usable(True, cpu)
+        assert not predict.bfloat16_honoured(True, cpu)  # another call site, the same setting: not again
+        predict.cpu_bfloat16_usable(True, cpu, "stage 1: cpu_bfloat16")  # another setting: named too
+    assert [str(w.message).split(" is set")[0] for w in seen] == ["serving.cpu_bfloat16", "stage 1: cpu_bfloat16"]
+
+
 def test_bfloat16_asked_on_a_cpu_without_it_runs_float32_and_says_so(
     trained_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

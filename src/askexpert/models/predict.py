@@ -75,9 +75,11 @@ def cpu_bfloat16_usable(requested: bool, device: torch.device, setting: str = "s
         return False
     if native_cpu_bfloat16():
         return True
+    # stacklevel 1: the warning's location is this line, so the default filter shows it once per setting
+    # and process (a command asks at several call sites: the cache key, the engine, the predictions)
     warnings.warn(
         f"{setting} is set, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): it runs in float32",
-        stacklevel=2,
+        stacklevel=1,
     )
     return False
 
