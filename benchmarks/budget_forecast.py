@@ -32,7 +32,14 @@ from askexpert.config import SystemConfig
 from askexpert.errors import ConfigError
 from askexpert.models import resolve_device
 from askexpert.models.predict import cpu_description
-from askexpert.training.forecast import fit_factor, forecast, forecast_table
+from askexpert.training.forecast import (
+    TIMED_STEPS,
+    WARMUP_STEPS,
+    fit_factor,
+    forecast,
+    forecast_table,
+    total_minutes,
+)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cifar100-cpu.yaml"
 
@@ -46,8 +53,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--pretrain-images", type=int, default=50_000)
     ap.add_argument("--pretrain-classes", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per training job")
-    ap.add_argument("--warmup", type=int, default=5, help="steps run first, not timed")
+    ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed optimizer steps per training job")
+    ap.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="steps run first, not timed")
     ap.add_argument("--budget-min", type=float, default=90.0)
     ap.add_argument("--out", type=Path, default=None, help="also write the forecast as JSON")
     args = ap.parse_args()
@@ -69,7 +76,7 @@ def main() -> None:
         args.steps,
         args.warmup,
     )
-    total = sum(j.seconds for j in jobs) / 60
+    total = total_minutes(jobs)
     print(forecast_table(jobs))
     verdict = "within" if total <= args.budget_min else "over"
     print(

@@ -43,6 +43,8 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cifar100-cpu.yaml
 SHARED_FILES = ("generalist.safetensors", "generalist.json", "partition.json")
 # stage 1 is shared too when its seed is pinned (`shared_seed`: it teaches the generalist)
 STAGE1_FILES = ("stage1.safetensors", "stage1.json")
+# what --report-only keeps of the timed run's record: how it ran, which re-evaluating cannot know
+RUN_RECORD = ("wall_s", "wall_from_budget_start_s", "machine", "scale", "fit", "timings", "trained_before", "resumed")
 
 
 def image_tree(source: Path, out: Path, marker: str) -> Path:
@@ -87,7 +89,7 @@ def fit_to_budget(cfg: SystemConfig, out: Path, seeds: int, minutes: float, spen
     it; kept in OUT/fit.json and reused while the config, data, seeds and budget are the same, so that a
     stopped run resumes with the epochs it started with (its checkpoints' fingerprints depend on them)."""
     from askexpert.models.predict import cpu_description
-    from askexpert.training.forecast import fit_factor, folder_counts, forecast, forecast_table
+    from askexpert.training.forecast import fit_factor, folder_counts, forecast, forecast_table, total_minutes
 
     key = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "budget_min": minutes}
     record = out / "fit.json"
@@ -102,10 +104,10 @@ def fit_to_budget(cfg: SystemConfig, out: Path, seeds: int, minutes: float, spen
         pre_train, _, pre_classes = folder_counts(cfg.backbone.data.root)
         pretrain = (pre_train, pre_classes)
     began = time.perf_counter()
-    jobs = forecast(cfg, seeds, train, test, classes, pretrain, steps=30, warmup=5)
+    jobs = forecast(cfg, seeds, train, test, classes, pretrain)
     spent_s += time.perf_counter() - began
     factor = fit_factor(jobs, 60 * minutes, spent_s)
-    projected = sum(j.seconds for j in jobs) / 60
+    projected = total_minutes(jobs)
     print(forecast_table(jobs), flush=True)
     print(
         f"{projected:.1f} min projected at the config's epochs on this machine; epochs x {factor:.3f} to fit "
@@ -391,11 +393,7 @@ def report_only(out: Path, seeds: list[int]) -> None:
     previous = json.loads((out / "benchmark.json").read_text()) if (out / "benchmark.json").is_file() else {}
     summaries = [evaluate_system(SystemDir.open(out / f"seed{seed}")) for seed in seeds]
     result = {
-        **{
-            k: previous.get(k)
-            for k in ("wall_s", "wall_from_budget_start_s", "machine", "scale", "fit", "timings", "trained_before")
-        },
-        "resumed": previous.get("resumed"),
+        **{k: previous.get(k) for k in RUN_RECORD},
         "seeds": seeds,
         "aggregate": aggregate(summaries),
         "summaries": summaries,

@@ -95,6 +95,7 @@ def test_folder_counts_read_the_listing(tmp_path: Path) -> None:
             folder.mkdir(parents=True)
             for i in range(per_class):
                 (folder / f"{i}.png").write_bytes(b"not decoded")
+    (tmp_path / "train" / "apple" / "notes.txt").write_text("not an image: the loader skips it")
     assert folder_counts(tmp_path) == (6, 4, 2)
     with pytest.raises(ConfigError, match="no class folders under train/"):
         folder_counts(tmp_path / "missing")

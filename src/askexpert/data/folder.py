@@ -10,6 +10,7 @@ class names are CIFAR-100's, the coarse groups come from its published table, so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +19,9 @@ from askexpert.data.base import LabeledImages
 from askexpert.data.cifar100 import coarse_groups
 from askexpert.errors import DataError
 from askexpert.progress import progress
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 
 def load(root: str | Path, split: str, image_size: int, class_names: tuple[str, ...] | None = None) -> LabeledImages:
@@ -50,15 +54,22 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _read(path: Path, image_size: int) -> LabeledImages:
+def image_listing(path: str | Path) -> ImageFolder:
+    """The images of `path/<class>/` as torchvision's ImageFolder lists them (nothing decoded): what `load`
+    reads, and what the budget forecast counts. DataError naming the folder where there is none."""
     from torchvision.datasets import ImageFolder
 
+    path = Path(path)
     if not path.is_dir():
         raise DataError(f"image folder not found: {path} (expected {path}/<class>/<image files>)")
     try:
-        listing = ImageFolder(str(path))
+        return ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{path}: {exc}") from None
+
+
+def _read(path: Path, image_size: int) -> LabeledImages:
+    listing = image_listing(path)
     names = tuple(listing.classes)
     images = np.empty((len(listing.samples), image_size, image_size, 3), dtype=np.uint8)
     labels = np.empty(len(listing.samples), dtype=np.int64)

@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from askexpert.config import DistillConfig, SystemConfig, TrainConfig
 from askexpert.data.base import stratified_split
+from askexpert.data.folder import image_listing
 from askexpert.errors import ConfigError
 from askexpert.models import create_model, predict_logits, resolve_device
 from askexpert.models.predict import cpu_bfloat16_usable
@@ -32,6 +33,10 @@ from askexpert.progress import progress
 from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps
 from askexpert.training.shared import stage1_training
+
+# Optimizer steps timed per training job, after warm-up steps run first and not timed: the depth at which the
+# forecast's checks (README "Benchmarks") were made, one value for the forecast script and the budget fit
+TIMED_STEPS, WARMUP_STEPS = 30, 5
 
 
 @dataclass(frozen=True)
@@ -180,8 +185,8 @@ def forecast(
     test_images: int,
     classes: int,
     pretrain: tuple[int, int],
-    steps: int,
-    warmup: int,
+    steps: int = TIMED_STEPS,
+    warmup: int = WARMUP_STEPS,
 ) -> list[Job]:
     """Every job of `planned_work`, each kind of work timed once here (see the module doc)."""
     size = cfg.data.synth.image_size
@@ -217,29 +222,33 @@ def fit_factor(jobs: list[Job], budget_s: float, spent_s: float = 0.0, untimed_s
     if budget_s <= 0:
         raise ConfigError(f"the budget must be positive, got {budget_s / 60:.1f} min")
     training = sum(j.seconds for j in jobs if j.trains)
-    fixed = sum(j.seconds for j in jobs if not j.trains) + spent_s + untimed_share * budget_s
-    room = budget_s - fixed
+    inference, untimed = sum(j.seconds for j in jobs if not j.trains), untimed_share * budget_s
+    room = budget_s - inference - spent_s - untimed
     if room <= 0:
         raise ConfigError(
             f"the {budget_s / 60:.1f}-minute budget leaves no time to train on this machine: inference "
-            f"{(fixed - spent_s - untimed_share * budget_s) / 60:.1f} min, already spent {spent_s / 60:.1f} min, "
-            f"untimed work {untimed_share * budget_s / 60:.1f} min"
+            f"{inference / 60:.1f} min, already spent {spent_s / 60:.1f} min, untimed work {untimed / 60:.1f} min"
         )
     return 1.0 if training <= 0 else min(1.0, room / training)
 
 
 def folder_counts(root: str | Path) -> tuple[int, int, int]:
     """(train images, test images, classes) of an image-folder tree `root/{train,test}/<class>/<files>`,
-    counted from the listing (no image is decoded), as the forecast needs them."""
+    counted in the loader's own listing (`data.folder.image_listing`: the files it reads, none decoded)."""
     root = Path(root)
     classes = [d for d in (root / "train").iterdir() if d.is_dir()] if (root / "train").is_dir() else []
     if not classes:
         raise ConfigError(f"{root}: no class folders under train/ (expected {root}/train/<class>/<images>)")
 
     def count(split: str) -> int:
-        return sum(1 for f in (root / split).glob("*/*") if f.is_file()) if (root / split).is_dir() else 0
+        return len(image_listing(root / split).samples) if (root / split).is_dir() else 0
 
     return count("train"), count("test"), len(classes)
+
+
+def total_minutes(jobs: list[Job]) -> float:
+    """The forecast's total, in minutes."""
+    return sum(j.seconds for j in jobs) / 60
 
 
 def forecast_table(jobs: list[Job]) -> str:
@@ -255,6 +264,7 @@ def forecast_table(jobs: list[Job]) -> str:
         }
         for j in jobs
     ]
-    total = sum(j.seconds for j in jobs) / 60
-    rows.append({"stage": "**total**", "work": "", "ms per unit": "", "projected": f"**{total:.1f} min**"})
+    rows.append(
+        {"stage": "**total**", "work": "", "ms per unit": "", "projected": f"**{total_minutes(jobs):.1f} min**"}
+    )
     return markdown_table(rows)
