@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -100,7 +99,7 @@ def main() -> None:
             "seeds": args.seeds,
             "threads": torch.get_num_threads(),
             "cpu": cpu_description(),
-            "jobs": [{**asdict(j), "seconds": j.seconds} for j in jobs],
+            "jobs": [j.record() for j in jobs],
             "total_min": total,
             "budget_min": args.budget_min,
         }

@@ -121,7 +121,7 @@ def fit_to_budget(cfg: SystemConfig, out: Path, seeds: int, minutes: float, spen
         "projected_min": projected,
         "spent_before_training_s": spent_s,
         "cpu": cpu_description(),
-        "jobs": [{"stage": j.stage, "work": j.what, "seconds": j.seconds, "trains": j.trains} for j in jobs],
+        "jobs": [j.record() for j in jobs],
     }
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(fitted, indent=1) + "\n")

@@ -7,6 +7,7 @@ pipeline ran, which the checkpoints record.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,16 @@ def test_the_benchmark_reuses_its_fit_while_nothing_it_depends_on_changed(
     assert calls == [(2, 2, 2, 2)]  # counted from the listing
     assert first["factor"] == pytest.approx(fit_factor(_jobs(600.0, 60.0), 600.0, first["spent_before_training_s"]))
     assert first["factor"] < 1 and (out / "fit.json").is_file()
+    kept = json.loads((out / "fit.json").read_text())["jobs"]
+    assert kept == [j.record() for j in _jobs(600.0, 60.0)]  # the same shape as budget_forecast.py --out's
+    assert kept[0] == {
+        "stage": "stage 1",
+        "what": "steps",
+        "count": 100,
+        "seconds_per_unit": 6.0,
+        "trains": True,
+        "seconds": 600.0,
+    }
     again = bench.fit_to_budget(cfg, out, 2, 10.0, spent_s=0.0)
     assert again["factor"] == first["factor"] and len(calls) == 1  # a resumed run trains the same epochs
     bench.fit_to_budget(cfg, out, 2, 12.0, spent_s=0.0)

@@ -420,7 +420,8 @@ def serve(
     from askexpert.serving.listen import listen_socket
     from askexpert.system import SystemDir
 
-    SystemDir.of(system).config().with_serving(overrides)  # a bad setting is named before the port is taken
+    opened = SystemDir.open(system)  # opened once: both engines take it as it is
+    opened.config().with_serving(overrides)  # a bad setting is named before the port is taken
     if engine is Engine.ray:
         try:
             from askexpert.serving.ray_app import run_ray
@@ -433,11 +434,11 @@ def serve(
         if engine is Engine.ray:
             url = f"{'https' if tls else 'http'}://{host}:{port}"
             console.print(f"starting Ray Serve: the experts' deployments, then the HTTP API on {url}", highlight=False)
-            run_ray(system, sock, schedule, token, tls, overrides)
+            run_ray(opened, sock, schedule, token, tls, overrides)
             return
         from askexpert.serving.server import ExpertService, create_app, serve_http
 
-        service = ExpertService.from_system(system, schedule, device, serving=overrides)
+        service = ExpertService.from_system(opened, schedule, device, serving=overrides)
         scheme = "https" if tls is not None else "http"
         import torch
 

@@ -197,7 +197,7 @@ def expert_apps(system: SystemDir, sc: ResolvedServing, schedule: str, expert_id
 
 
 def run_ray(
-    root: str | Path,
+    root: str | Path | SystemDir,
     sock: socket.socket,
     schedule: str | None,
     token: str | None,
@@ -215,7 +215,7 @@ def run_ray(
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    system = SystemDir.open(root)
+    system = SystemDir.of(root)
     cfg = system.config().with_serving(serving or {})  # a bad setting fails here, before Ray starts
     schedule = schedule or cfg.serving.schedule
     # read before Ray starts: a missing or bad checkpoint fails here, with the file's name, not inside a replica

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,10 @@ class Job:
     def seconds(self) -> float:
         return self.count * self.seconds_per_unit
 
+    def record(self) -> dict[str, object]:
+        """The job as JSON-ready numbers, one shape for every file that keeps a forecast."""
+        return {**asdict(self), "seconds": self.seconds}
+
 
 def time_steps(work: Work, size: int, steps: int, warmup: int, distill: DistillConfig, device: torch.device) -> float:
     """Seconds per optimizer step of the real training loop: the mean interval between optimizer steps
@@ -89,6 +93,7 @@ def time_steps(work: Work, size: int, steps: int, warmup: int, distill: DistillC
             desc=work.preset,
             teacher_logits=soft,
             distill=distill if work.teacher else None,
+            show_progress=False,  # the forecast's own bar counts the jobs
         )
     finally:
         hook.remove()

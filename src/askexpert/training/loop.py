@@ -78,6 +78,7 @@ def train_model(
     desc: str = "train",
     teacher_logits: np.ndarray | None = None,
     distill: DistillConfig | None = None,
+    show_progress: bool = True,
 ) -> dict[str, float]:
     """Run the optimizer steps in `plan` (steps × batch indices into `images`).
 
@@ -86,6 +87,7 @@ def train_model(
 
     With `resume_path`, state is saved there every ~10% of the steps and a
     matching file found at start is resumed from; it is removed at the end.
+    `show_progress=False` draws no bar (a caller with a bar of its own, as the forecast's timing).
     Returns the mean training loss of the last 10% of steps.
     """
     total = len(plan)
@@ -119,7 +121,15 @@ def train_model(
     use_amp = device.type == "cuda" or cpu_bfloat16_usable(cfg.cpu_bfloat16, device, f"{desc}: cpu_bfloat16")
     save_every = max(1, total // 10)
     tail: list[float] = []
-    bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total, leave=False)
+    bar = progress(
+        range(start, total),
+        desc=desc,
+        unit="step",
+        initial=start,
+        total=total,
+        leave=False,
+        disable=not show_progress,
+    )
     with token_dropout(model, cfg.token_drop, desc), stochastic_depth(model, cfg.drop_path, desc):
         for step in bar:
             idx = torch.from_numpy(plan[step].astype(np.int64))
