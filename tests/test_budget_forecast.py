@@ -49,11 +49,16 @@ def test_forecast_counts_the_optimizer_steps_the_checkpoints_record(trained_syst
         assert twice[(stage, work)] == count * (2 if stage in ("train experts", "evaluate") else 1)
 
 
-def test_forecast_times_every_job_in_the_real_training_loop(trained_system: Path) -> None:
+def test_forecast_times_every_job_in_the_real_training_loop(
+    trained_system: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     system = SystemDir.open(trained_system)
+    capsys.readouterr()
     jobs = forecast.forecast(system.config(), 1, *_sizes(system), (0, 0), steps=2, warmup=1)
     assert [j.stage for j in jobs] == [p[0] for p in forecast.planned_work(system.config(), 1, *_sizes(system), (0, 0))]
     assert all(j.seconds_per_unit > 0 and j.seconds == j.count * j.seconds_per_unit for j in jobs)
+    bars = capsys.readouterr().err
+    assert "timing" in bars and "step/s" not in bars  # one bar over the jobs; the timed loops draw none
 
 
 def _jobs(training_s: float, inference_s: float) -> list[Job]:
