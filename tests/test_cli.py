@@ -131,6 +131,25 @@ def test_choices_are_listed_in_help_and_refused_with_one_phrasing(
     assert all(c in text for c in choices), text
 
 
+def test_serve_opens_its_system_directory_once(trained_system: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN: a command opens its system directory once and hands it down (the engine reads the same object)."""
+    import askexpert.serving.server as server
+    from askexpert.serving.process import free_port
+    from askexpert.system import SystemDir
+
+    opened: list[Path] = []
+    real_open = SystemDir.open.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[SystemDir], root: str | Path) -> SystemDir:
+        opened.append(Path(root))
+        return real_open(cls, root)
+
+    monkeypatch.setattr(SystemDir, "open", classmethod(counted))
+    monkeypatch.setattr(server, "serve_http", lambda app, sock, cfg, tls: None)
+    main(["serve", "--system", str(trained_system), "--port", str(free_port())])
+    assert opened == [trained_system]
+
+
 def test_serve_overrides_are_validated_before_any_model_loads(
     trained_system: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
