@@ -452,11 +452,18 @@ def main() -> None:
         raw["backbone"]["data"] = None
     cfg = SystemConfig.from_dict(raw, origin=str(args.config))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    # the budget's start, once for the fit and the wall time (a start after this process's own is not believed)
+    budget_start = None if args.budget_start is None else min(args.budget_start, started_at)
     fit = None
     if args.fit_minutes is not None:
-        began = started_at if args.budget_start is None else min(args.budget_start, started_at)
         try:
-            fit = fit_to_budget(cfg, out, len(seeds), args.fit_minutes, time.time() - began)
+            fit = fit_to_budget(
+                cfg,
+                out,
+                len(seeds),
+                args.fit_minutes,
+                time.time() - (started_at if budget_start is None else budget_start),
+            )
         except ConfigError as exc:  # a budget too small for this machine's inference alone
             raise SystemExit(f"--fit-minutes {args.fit_minutes:g}: {exc}") from None
         cfg = cfg.with_epochs_scaled(fit["factor"]) if fit["factor"] < 1 else cfg
@@ -484,7 +491,7 @@ def main() -> None:
     result = {
         "seeds": seeds,
         "wall_s": time.perf_counter() - start,
-        "wall_from_budget_start_s": None if args.budget_start is None else time.time() - args.budget_start,
+        "wall_from_budget_start_s": None if budget_start is None else time.time() - budget_start,
         "machine": machine,
         "scale": fit["factor"] if fit is not None else args.scale,
         "fit": fit,

@@ -241,14 +241,12 @@ def folder_counts(root: str | Path) -> tuple[int, int, int]:
     """(train images, test images, classes) of an image-folder tree `root/{train,test}/<class>/<files>`,
     counted in the loader's own listing (`data.folder.image_listing`: the files it reads, none decoded)."""
     root = Path(root)
-    classes = [d for d in (root / "train").iterdir() if d.is_dir()] if (root / "train").is_dir() else []
-    if not classes:
+    train = root / "train"
+    if not (train.is_dir() and any(d.is_dir() for d in train.iterdir())):
         raise ConfigError(f"{root}: no class folders under train/ (expected {root}/train/<class>/<images>)")
-
-    def count(split: str) -> int:
-        return len(image_listing(root / split).samples) if (root / split).is_dir() else 0
-
-    return count("train"), count("test"), len(classes)
+    listing = image_listing(train)  # the classes come from the same listing as the images
+    test = len(image_listing(root / "test").samples) if (root / "test").is_dir() else 0
+    return len(listing.samples), test, len(listing.classes)
 
 
 def total_minutes(jobs: list[Job]) -> float:
