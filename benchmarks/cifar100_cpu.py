@@ -23,6 +23,8 @@ import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from askexpert.config import SystemConfig  # noqa: E402
 from askexpert.errors import ConfigError  # noqa: E402
 from askexpert.evaluate.metrics import GATE_METRICS  # noqa: E402
 from askexpert.evaluate.report import markdown_table, write_csv  # noqa: E402
-from askexpert.pipeline import run_pipeline  # noqa: E402
+from askexpert.pipeline import STAGE1, run_first_stages, run_pipeline  # noqa: E402
 from askexpert.system import SystemDir  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cifar100-cpu.yaml"
@@ -128,17 +130,78 @@ def fit_to_budget(cfg: SystemConfig, out: Path, seeds: int, minutes: float, spen
     return fitted
 
 
+# the forecast's stage names for the pipeline's first stages, and the config's epoch counts they train
+FIRST_STAGES = {"pretrain backbones": ("pretrain backbones", "backbone"), STAGE1: ("stage 1", "stage1")}
+
+
+def refit_to_pace(
+    cfg: SystemConfig, out: Path, seed: int, fit: dict[str, Any], elapsed: Callable[[], float]
+) -> tuple[SystemConfig, dict[str, float]]:
+    """Trains the first seed's stages before the generalist (timed), then corrects the fit for the pace they ran
+    at (`askexpert.training.forecast.refit_factor`): the stages still to run train epochs x the corrected
+    factor. The correction is kept in fit.json, so a resumed run trains the epochs it started with; none is
+    made when those stages were trained before this run (their pace is unknown). `elapsed()`: seconds since
+    the budget's start. Returns the config for every seed and the first stages' seconds."""
+    from askexpert.config import EPOCH_STAGES
+    from askexpert.training.forecast import Job, refit_factor
+
+    saved = fit.get("refit")
+    timings: dict[str, float] = {}
+    if saved is None:
+        system = seed_system(out, cfg, seed, None)
+        presets = {cfg.generalist.preset, cfg.expert.preset}
+        before = [p for p in (system.stage1_path, *map(system.backbone_path, presets)) if p.exists()]
+        timings = run_first_stages(system, log=lambda m: print(m, flush=True))
+        ran = [name for name in FIRST_STAGES if name in timings]
+        if before or not ran:
+            print("no correction of the fit: its first stages were trained before this run", flush=True)
+            return cfg, timings
+        jobs = [Job(j["stage"], j["what"], j["count"], j["seconds_per_unit"], j["trains"]) for j in fit["jobs"]]
+        try:
+            refit = refit_factor(
+                jobs,
+                fit["factor"],
+                tuple(FIRST_STAGES[name][0] for name in ran),
+                sum(timings[name] for name in ran),
+                60 * fit["budget_min"],
+                elapsed(),
+            )
+        except ConfigError as exc:
+            print(f"the budget cannot be held: {exc}; the rest keeps epochs x {fit['factor']:.3f}", flush=True)
+            return cfg, timings
+        done = {FIRST_STAGES[name][1] for name in ran}
+        saved = {**asdict(refit), "stages": [s for s in EPOCH_STAGES if s not in done]}
+        fit["refit"] = saved
+        (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+        print(
+            f"{', '.join(refit.done)} ran at {refit.pace:.2f}x the forecast's time: {', '.join(saved['stages'])} "
+            f"epochs x {refit.factor:.3f} (fitted: x {fit['factor']:.3f})",
+            flush=True,
+        )
+    if saved["factor"] < fit["factor"]:
+        cfg = cfg.with_epochs_scaled(saved["factor"] / fit["factor"], saved["stages"])
+    return cfg, timings
+
+
 def fit_line(result: dict[str, Any]) -> str:
     """What --fit-minutes did, for the table's header: the figures depend on it."""
     fit = result.get("fit")
     if not fit:
         return ""
     if fit["factor"] >= 1:
-        return f" Fits {fit['budget_min']:g} min here at the config's epochs (projected {fit['projected_min']:.1f})."
-    return (
-        f" **Epochs x {fit['factor']:.3f}** to fit {fit['budget_min']:g} min on this machine (projected "
-        f"{fit['projected_min']:.1f} min at the config's epochs): weaker models than the config's."
-    )
+        line = f" Fits {fit['budget_min']:g} min here at the config's epochs (projected {fit['projected_min']:.1f})."
+    else:
+        line = (
+            f" **Epochs x {fit['factor']:.3f}** to fit {fit['budget_min']:g} min on this machine (projected "
+            f"{fit['projected_min']:.1f} min at the config's epochs): weaker models than the config's."
+        )
+    refit = fit.get("refit")
+    if refit and refit["factor"] < fit["factor"]:
+        line += (
+            f" {', '.join(refit['done'])} ran at {refit['pace']:.2f}x the forecast's time, so "
+            f"{', '.join(refit['stages'])} trained epochs x {refit['factor']:.3f}."
+        )
+    return line
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -470,12 +533,20 @@ def main() -> None:
     elif args.scale != 1.0:
         cfg = cfg.with_epochs_scaled(args.scale)
     resumed = resumed_at_start(out, seeds)
+    first_timings: dict[str, float] = {}
+    if fit is not None:
+        clock = started_at if budget_start is None else budget_start
+        print(f"== seed {seeds[0]}, the stages before the generalist: {out / f'seed{seeds[0]}'}", flush=True)
+        cfg, first_timings = refit_to_pace(cfg, out, seeds[0], fit, lambda: time.time() - clock)
     summaries, timings = [], {}
     first: SystemDir | None = None
     for seed in seeds:
         system = seed_system(out, cfg, seed, first)
         print(f"== seed {seed}: {system.root}", flush=True)
         summary = run_pipeline(system, log=lambda m: print(m, flush=True))
+        if first is None:  # the first stages ran before, timed for the fit's correction: their time is theirs
+            for name, seconds in first_timings.items():
+                summary["timings_s"][name] = seconds + summary["timings_s"].get(name, 0.0)
         summaries.append(summary)
         timings[seed] = summary["timings_s"]
         first = first or system

@@ -17,7 +17,7 @@ from askexpert.config import SystemConfig
 from askexpert.errors import ConfigError
 from askexpert.models import read_meta
 from askexpert.system import SystemDir
-from askexpert.training.forecast import Job, fit_factor, folder_counts
+from askexpert.training.forecast import Job, fit_factor, folder_counts, refit_factor
 from conftest import load_benchmark
 
 
@@ -79,6 +79,71 @@ def test_the_fit_scales_only_the_training_to_what_the_budget_leaves() -> None:
         fit_factor(jobs, 0.0)
 
 
+def _staged_jobs() -> list[Job]:
+    return [
+        Job("pretrain backbones", "steps", 100, 1.0, trains=True),
+        Job("stage 1", "steps", 600, 1.0, trains=True),
+        Job("train generalist", "steps", 200, 1.0, trains=True),
+        Job("train experts", "steps", 100, 1.0, trains=True),
+        Job("evaluate", "images", 60, 1.0, trains=False),
+    ]
+
+
+def test_the_fit_corrected_for_the_first_stages_pace_shrinks_only_what_is_left() -> None:
+    jobs, done = _staged_jobs(), ("pretrain backbones", "stage 1")
+    # 1000 s budget, 10 s spent, 10 % untimed: 830 s for 1000 s of training
+    factor = fit_factor(jobs, 1000.0, spent_s=10.0, untimed_share=0.1)
+    assert factor == pytest.approx(0.83)
+
+    def refit(pace: float, untimed_done: float = 20.0) -> float:
+        measured = pace * 700 * factor
+        elapsed = 10.0 + measured + untimed_done
+        fixed = refit_factor(jobs, factor, done, measured, 1000.0, elapsed, untimed_share=0.1)
+        assert fixed.pace == pytest.approx(pace) and fixed.done == done
+        return fixed.factor
+
+    assert refit(1.0) == factor  # at the forecast's pace, untimed work within its share: no change
+    assert refit(0.9) == factor  # a fast run keeps the fitted epochs
+    # 10 % slower: 669.1 s elapsed, 90 % of the 330.9 s left for the rest at that pace, 1.1 x (300 x f + 60 s)
+    assert refit(1.1) == pytest.approx(((1000.0 - 669.1) * 0.9 / 1.1 - 60.0) / 300.0)
+    assert refit(1.1, untimed_done=120.0) < refit(1.1)  # untimed work past its share is made up too
+    with pytest.raises(ConfigError, match=r"at 1.60x the forecast's time, the .* cannot cover the remaining inference"):
+        refit(1.6)
+
+
+def test_the_benchmark_corrects_its_fit_once_and_keeps_the_correction(
+    tmp_path: Path, micro_config: SystemConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_benchmark("cifar100_cpu")
+    factor = fit_factor(_staged_jobs(), 1000.0, spent_s=10.0, untimed_share=0.06)
+    fit = {"factor": factor, "budget_min": 1000.0 / 60, "projected_min": 1060.0 / 60, "spent_before_training_s": 10.0}
+    fit |= {"jobs": [j.record() for j in _staged_jobs()]}
+    cfg = micro_config.with_epochs_scaled(factor)
+    out = tmp_path / "out"
+    ran = []
+
+    def first_stages(system: SystemDir, log: object) -> dict[str, float]:
+        ran.append(system.root)
+        return {"data": 1.0, "pretrain backbones": 1.1 * 100 * factor, bench.STAGE1: 1.1 * 600 * factor}
+
+    monkeypatch.setattr(bench, "run_first_stages", first_stages)
+    elapsed = 10.0 + 1.1 * 700 * factor + 20.0
+    fixed, timings = bench.refit_to_pace(cfg, out, 0, fit, lambda: elapsed)
+    assert ran == [out / "seed0"] and timings["pretrain backbones"] == pytest.approx(110 * factor)
+    refit = json.loads((out / "fit.json").read_text())["refit"]
+    assert refit["done"] == ["pretrain backbones", "stage 1"] and refit["stages"] == ["generalist", "experts"]
+    assert refit["pace"] == pytest.approx(1.1) and refit["factor"] < factor
+    shrink = refit["factor"] / factor
+    assert fixed.generalist_training.epochs == pytest.approx(cfg.generalist_training.epochs * shrink)
+    assert fixed.expert_training.epochs == pytest.approx(cfg.expert_training.epochs * shrink)
+    assert fixed.expert_training.shared_epochs == cfg.expert_training.shared_epochs  # stage 1 has run
+    assert fixed.backbone.training.epochs == cfg.backbone.training.epochs
+    # a resumed run takes the kept correction without timing anything again
+    again, timings = bench.refit_to_pace(cfg, out, 0, json.loads((out / "fit.json").read_text()), lambda: 1e9)
+    assert again == fixed and timings == {} and len(ran) == 1
+    assert f"trained epochs x {refit['factor']:.3f}" in bench.fit_line({"fit": {**fit, "refit": refit}})
+
+
 def test_epochs_scaled_is_a_validated_copy_of_every_epoch_count(micro_config: SystemConfig) -> None:
     half = micro_config.with_epochs_scaled(0.5)
     assert half.generalist_training.epochs == micro_config.generalist_training.epochs / 2
@@ -92,6 +157,13 @@ def test_epochs_scaled_is_a_validated_copy_of_every_epoch_count(micro_config: Sy
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="epoch factor must be a positive number"):
             micro_config.with_epochs_scaled(bad)
+    late = micro_config.with_epochs_scaled(0.5, ("generalist", "experts"))
+    assert late.generalist_training.epochs == micro_config.generalist_training.epochs / 2
+    assert late.expert_training.epochs == micro_config.expert_training.epochs / 2
+    assert late.expert_training.shared_epochs == micro_config.expert_training.shared_epochs
+    assert late.backbone.training.epochs == micro_config.backbone.training.epochs
+    with pytest.raises(ConfigError, match="unknown stage.s. stage2: the epoch counts are backbone, stage1"):
+        micro_config.with_epochs_scaled(0.5, ("stage2",))
 
 
 def test_folder_counts_read_the_listing(tmp_path: Path) -> None:

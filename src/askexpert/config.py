@@ -9,6 +9,7 @@ number has a single source of truth.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,6 +27,9 @@ from pydantic import (
 )
 
 from askexpert.errors import ConfigError
+
+# the stages whose epoch counts `SystemConfig.with_epochs_scaled` multiplies, in the order they train
+EPOCH_STAGES: tuple[str, ...] = ("backbone", "stage1", "generalist", "experts")
 
 
 class _Strict(BaseModel):
@@ -625,17 +629,28 @@ class SystemConfig(_Strict):
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
-    def with_epochs_scaled(self, factor: float) -> SystemConfig:
-        """A validated copy with every epoch count (backbone pretraining, generalist, stage 1, experts)
-        multiplied by `factor`: one knob for a smoke run or for a budget on a slower host, which keeps the
-        split of the budget between the stages that validation chose."""
+    def with_epochs_scaled(self, factor: float, stages: Collection[str] = EPOCH_STAGES) -> SystemConfig:
+        """A validated copy with the epoch counts of `stages` (default all: backbone pretraining, stage 1, the
+        generalist, the experts) multiplied by `factor`: one knob for a smoke run or for a budget on a slower
+        host, which keeps the split of the budget between the stages that validation chose. The benchmark's
+        budget fit names the stages still to run when it corrects for a host's drift."""
         if not (math.isfinite(factor) and factor > 0):
             raise ConfigError(f"the epoch factor must be a positive number, got {factor}")
+        unknown = sorted(set(stages) - set(EPOCH_STAGES))
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}: the epoch counts are {', '.join(EPOCH_STAGES)}")
         raw = self.model_dump(mode="json")
-        for section in (raw["generalist_training"], raw["expert_training"], raw["backbone"]["training"]):
-            section["epochs"] *= factor
-        raw["expert_training"]["shared_epochs"] *= factor
-        return SystemConfig.from_dict(raw, origin=f"{self.name} with epochs x {factor:g}")
+        where = {
+            "backbone": (raw["backbone"]["training"], "epochs"),
+            "stage1": (raw["expert_training"], "shared_epochs"),
+            "generalist": (raw["generalist_training"], "epochs"),
+            "experts": (raw["expert_training"], "epochs"),
+        }
+        for stage in stages:
+            section, key = where[stage]
+            section[key] *= factor
+        scaled = "epochs" if set(stages) == set(EPOCH_STAGES) else f"epochs of {', '.join(stages)}"
+        return SystemConfig.from_dict(raw, origin=f"{self.name} with {scaled} x {factor:g}")
 
     def with_serving(self, changes: dict[str, object], origin: str = "this run's serving settings") -> SystemConfig:
         """A validated copy whose serving section has `changes` (a command line's: config.yaml is unchanged);

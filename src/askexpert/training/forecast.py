@@ -6,7 +6,9 @@ of the configuration: the same configuration took 85.5-92.7 min on 2-core hosts 
 steps of the real `train_model` per training job, a forward pass per image in each runtime the pipeline uses)
 and multiplies by the pipeline's own counts (`stratified_split`, `budget_steps`); `fit_factor` turns that into
 the one factor on every epoch count that makes the training fit what the budget leaves, so the benchmark
-holds its budget on a slower host by training less, and says so (`benchmarks/cifar100_cpu.py --fit-minutes`).
+holds its budget on a slower host by training less, and says so (`benchmarks/cifar100_cpu.py --fit-minutes`);
+`refit_factor` corrects that factor for the stages still to run once the first ones have run at the host's
+real pace.
 
 Not counted: extracting and reading the archives, checkpoint writes, the ONNX export, the partition and the
 evaluation's choices on cached outputs, each expert's set-up (`fit_factor` keeps a reserve for them).
@@ -235,6 +237,50 @@ def fit_factor(jobs: list[Job], budget_s: float, spent_s: float = 0.0, untimed_s
             f"{inference / 60:.1f} min, already spent {spent_s / 60:.1f} min, untimed work {untimed / 60:.1f} min"
         )
     return 1.0 if training <= 0 else min(1.0, room / training)
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The fit corrected once the first stages have run: `pace` is their measured time over their projection at
+    the fitted factor; `factor` the epoch factor for the stages still to run (at most the fitted one)."""
+
+    done: tuple[str, ...]
+    measured_s: float
+    pace: float
+    factor: float
+
+
+def refit_factor(
+    jobs: list[Job],
+    factor: float,
+    done: tuple[str, ...],
+    measured_s: float,
+    budget_s: float,
+    elapsed_s: float,
+    untimed_share: float = UNTIMED_SHARE,
+) -> Refit:
+    """The fitted `factor` corrected for the pace the stages in `done` (forecast stage names) really ran at.
+
+    Why: the fit times a few steps per job, but a host's speed drifts by 5-15 % over a run (docs/cifar100-log.md),
+    and pretraining and stage 1 are about two thirds of the benchmark; measuring them and shrinking the stages
+    still to run absorbs their drift. `elapsed_s` counts from the budget's start; the untimed work keeps its
+    share of the time left, so a run at the forecast's pace whose untimed work so far stayed within its share
+    keeps its factor. Never above `factor` (a fast run keeps the fitted epochs); ConfigError when the budget
+    left cannot cover the remaining inference at this pace."""
+    projected = sum(j.seconds * (factor if j.trains else 1.0) for j in jobs if j.stage in done)
+    pace = measured_s / projected if projected > 0 and measured_s > 0 else 1.0
+    rest_training = sum(j.seconds for j in jobs if j.trains and j.stage not in done)
+    rest_inference = sum(j.seconds for j in jobs if not j.trains and j.stage not in done)
+    left = (budget_s - elapsed_s) * (1.0 - untimed_share)
+    if rest_training <= 0:
+        return Refit(done, measured_s, pace, factor)
+    wanted = (left / pace - rest_inference) / rest_training
+    if wanted <= 0:
+        raise ConfigError(
+            f"at {pace:.2f}x the forecast's time, the {left / 60:.1f} min the budget leaves cannot cover the "
+            f"remaining inference ({rest_inference * pace / 60:.1f} min)"
+        )
+    return Refit(done, measured_s, pace, min(factor, wanted))
 
 
 def folder_counts(root: str | Path) -> tuple[int, int, int]:
