@@ -46,7 +46,17 @@ SHARED_FILES = ("generalist.safetensors", "generalist.json", "partition.json")
 # stage 1 is shared too when its seed is pinned (`shared_seed`: it teaches the generalist)
 STAGE1_FILES = ("stage1.safetensors", "stage1.json")
 # what --report-only keeps of the timed run's record: how it ran, which re-evaluating cannot know
-RUN_RECORD = ("wall_s", "wall_from_budget_start_s", "machine", "scale", "fit", "timings", "trained_before", "resumed")
+RUN_RECORD = (
+    "data",
+    "wall_s",
+    "wall_from_budget_start_s",
+    "machine",
+    "scale",
+    "fit",
+    "timings",
+    "trained_before",
+    "resumed",
+)
 
 
 def image_tree(source: Path, out: Path, marker: str) -> Path:
@@ -202,6 +212,19 @@ def fit_line(result: dict[str, Any]) -> str:
             f"{', '.join(refit['stages'])} trained epochs x {refit['factor']:.3f}."
         )
     return line
+
+
+def data_names(result: dict[str, Any]) -> tuple[str, str]:
+    """(title, test-split sentence) for the data the run read: CIFAR-100's wording where its tree is the one
+    shared/data ships (`classes.json`) or the record predates `data`, else the tree's own name (the same
+    script also runs on any 100-class image-folder tree, e.g. the log's Tiny-ImageNet check)."""
+    root = result.get("data")
+    if root is None or (Path(root) / "classes.json").is_file():
+        return "real CIFAR-100", (
+            "the re-drawn 100-per-class split of shared/data's CIFAR-100 (close to, not strictly comparable "
+            "with, the official test set)"
+        )
+    return f"the image folder `{Path(root).name}`", f"the `test/` folder of `{root}`"
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -384,12 +407,13 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
     )
     seeds = result["seeds"]
     wall = wall_line(result)
+    title, test_split = data_names(result)
     md = [
-        "# askexpert on real CIFAR-100 (CPU scale)\n",
+        f"# askexpert on {title} (CPU scale)\n",
         f"Seeds of the expert stage: {seeds} (mean ± sample std over seeds). Wall time: "
-        f"{wall}.{fit_line(result)} Test split: the re-drawn 100-per-class split "
-        "of shared/data's CIFAR-100 (close to, not strictly comparable with, the official test set). "
-        "Every operating point was chosen on the validation split (50 train images per class held out).\n",
+        f"{wall}.{fit_line(result)} Test split: {test_split}. "
+        "Every operating point was chosen on the validation split (the config's `val_fraction` of train, per "
+        "class, held out).\n",
         "## The paper's table (test split, accuracy in %)\n",
         markdown_table(rows),
         "\n## What collaboration lives on (every sample offloaded at the chosen point's k and rule)\n",
@@ -423,11 +447,11 @@ def write_outputs(out: Path, result: dict[str, Any]) -> str:
     (out / "benchmark.md").write_text(text)
     (out / "benchmark.json").write_text(json.dumps(result, indent=1, default=str))
     write_csv(out / "benchmark.csv", rows)
-    plot(out / "benchmark.png", agg)
+    plot(out / "benchmark.png", agg, title)
     return text
 
 
-def plot(path: Path, agg: dict[str, Any]) -> None:
+def plot(path: Path, agg: dict[str, Any], title: str) -> None:
     rows = [r for r in agg["table"] if "accuracy" in r]
     labels = [f"{r['schedule']}\n{r['system']}" for r in rows]
     means = [r["accuracy"]["mean"] * 100 for r in rows]
@@ -442,7 +466,7 @@ def plot(path: Path, agg: dict[str, Any]) -> None:
     )
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title("Real CIFAR-100, CPU scale: static (blue) vs progressive (orange) experts")
+    ax.set_title(f"{title[0].upper()}{title[1:]}, CPU scale: static (blue) vs progressive (orange) experts")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -560,6 +584,7 @@ def main() -> None:
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"
     )
     result = {
+        "data": str(data_root),
         "seeds": seeds,
         "wall_s": time.perf_counter() - start,
         "wall_from_budget_start_s": None if budget_start is None else time.time() - budget_start,

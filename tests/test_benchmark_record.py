@@ -57,3 +57,16 @@ def test_the_wall_time_line_says_what_was_not_trained_here(bench: ModuleType) ->
     assert (
         scripted == "10.0 min on x86_64, 2 torch threads, CPU only (11.0 min from the budget's start: setup included)"
     )
+
+
+def test_the_tables_name_the_data_set_the_run_read(bench: ModuleType, tmp_path: Path) -> None:
+    cifar, other = tmp_path / "cifar100", tmp_path / "tin-other100"
+    for root in (cifar, other):
+        (root / "train").mkdir(parents=True)
+    (cifar / "classes.json").write_text("[]")  # shared/data's CIFAR-100 tree carries its label list
+    title, test_split = bench.data_names({"data": str(cifar)})
+    assert title == "real CIFAR-100" and "re-drawn 100-per-class split" in test_split
+    assert bench.data_names({}) == (title, test_split)  # a record from before `data` was CIFAR-100's
+    title, test_split = bench.data_names({"data": str(other)})
+    assert title == "the image folder `tin-other100`" and test_split == f"the `test/` folder of `{other}`"
+    assert "CIFAR" not in title + test_split
