@@ -214,17 +214,23 @@ def fit_line(result: dict[str, Any]) -> str:
     return line
 
 
+def data_record(root: Path) -> dict[str, Any]:
+    """What benchmark.json keeps of the data the run read: its tree, and whether it is the CIFAR-100 tree
+    shared/data ships (its `classes.json`), decided while the tree is there (`--report-only` may run without it)."""
+    return {"root": str(root), "cifar100": (root / "classes.json").is_file()}
+
+
 def data_names(result: dict[str, Any]) -> tuple[str, str]:
-    """(title, test-split sentence) for the data the run read: CIFAR-100's wording where its tree is the one
-    shared/data ships (`classes.json`) or the record predates `data`, else the tree's own name (the same
-    script also runs on any 100-class image-folder tree, e.g. the log's Tiny-ImageNet check)."""
-    root = result.get("data")
-    if root is None or (Path(root) / "classes.json").is_file():
+    """(title, test-split sentence) for the data the run read: CIFAR-100's wording for shared/data's tree or a
+    record that predates `data`, else the tree's own name (the same script runs on any image-folder tree, e.g.
+    the log's Tiny-ImageNet check)."""
+    data = result.get("data")
+    if data is None or data["cifar100"]:
         return "real CIFAR-100", (
             "the re-drawn 100-per-class split of shared/data's CIFAR-100 (close to, not strictly comparable "
             "with, the official test set)"
         )
-    return f"the image folder `{Path(root).name}`", f"the `test/` folder of `{root}`"
+    return f"the image folder `{Path(data['root']).name}`", f"the `test/` folder of `{data['root']}`"
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -584,7 +590,7 @@ def main() -> None:
         f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"
     )
     result = {
-        "data": str(data_root),
+        "data": data_record(data_root),
         "seeds": seeds,
         "wall_s": time.perf_counter() - start,
         "wall_from_budget_start_s": None if budget_start is None else time.time() - budget_start,

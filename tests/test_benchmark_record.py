@@ -64,9 +64,12 @@ def test_the_tables_name_the_data_set_the_run_read(bench: ModuleType, tmp_path: 
     for root in (cifar, other):
         (root / "train").mkdir(parents=True)
     (cifar / "classes.json").write_text("[]")  # shared/data's CIFAR-100 tree carries its label list
-    title, test_split = bench.data_names({"data": str(cifar)})
+    record = bench.data_record(cifar)
+    title, test_split = bench.data_names({"data": record})
     assert title == "real CIFAR-100" and "re-drawn 100-per-class split" in test_split
+    (cifar / "classes.json").unlink()  # --report-only after the extracted tree is gone: the record decides
+    assert bench.data_names({"data": record}) == (title, test_split)
     assert bench.data_names({}) == (title, test_split)  # a record from before `data` was CIFAR-100's
-    title, test_split = bench.data_names({"data": str(other)})
+    title, test_split = bench.data_names({"data": bench.data_record(other)})
     assert title == "the image folder `tin-other100`" and test_split == f"the `test/` folder of `{other}`"
     assert "CIFAR" not in title + test_split
