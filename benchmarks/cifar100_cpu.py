@@ -166,10 +166,9 @@ def refit_to_pace(
         if before or not ran:
             print("no correction of the fit: its first stages were trained before this run", flush=True)
             return cfg, timings
-        jobs = [Job(j["stage"], j["what"], j["count"], j["seconds_per_unit"], j["trains"]) for j in fit["jobs"]]
         try:
             refit = refit_factor(
-                jobs,
+                [Job.from_record(j) for j in fit["jobs"]],
                 fit["factor"],
                 tuple(FIRST_STAGES[name][0] for name in ran),
                 sum(timings[name] for name in ran),
@@ -547,16 +546,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     # the budget's start, once for the fit and the wall time (a start after this process's own is not believed)
     budget_start = None if args.budget_start is None else min(args.budget_start, started_at)
+    clock = started_at if budget_start is None else budget_start
     fit = None
     if args.fit_minutes is not None:
         try:
-            fit = fit_to_budget(
-                cfg,
-                out,
-                len(seeds),
-                args.fit_minutes,
-                time.time() - (started_at if budget_start is None else budget_start),
-            )
+            fit = fit_to_budget(cfg, out, len(seeds), args.fit_minutes, time.time() - clock)
         except ConfigError as exc:  # a budget too small for this machine's inference alone
             raise SystemExit(f"--fit-minutes {args.fit_minutes:g}: {exc}") from None
         cfg = cfg.with_epochs_scaled(fit["factor"]) if fit["factor"] < 1 else cfg
@@ -565,7 +559,6 @@ def main() -> None:
     resumed = resumed_at_start(out, seeds)
     first_timings: dict[str, float] = {}
     if fit is not None:
-        clock = started_at if budget_start is None else budget_start
         print(f"== seed {seeds[0]}, the stages before the generalist: {out / f'seed{seeds[0]}'}", flush=True)
         cfg, first_timings = refit_to_pace(cfg, out, seeds[0], fit, lambda: time.time() - clock)
     summaries, timings = [], {}

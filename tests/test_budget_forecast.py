@@ -204,6 +204,7 @@ def test_the_benchmark_reuses_its_fit_while_nothing_it_depends_on_changed(
     assert first["factor"] < 1 and (out / "fit.json").is_file()
     kept = json.loads((out / "fit.json").read_text())["jobs"]
     assert kept == [j.record() for j in _jobs(600.0, 60.0)]  # the same shape as budget_forecast.py --out's
+    assert [Job.from_record(r) for r in kept] == _jobs(600.0, 60.0)  # and read back as the jobs they were
     assert kept[0] == {
         "stage": "stage 1",
         "what": "steps",

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,11 @@ class Job:
     def record(self) -> dict[str, object]:
         """The job as JSON-ready numbers, one shape for every file that keeps a forecast."""
         return {**asdict(self), "seconds": self.seconds}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Job:
+        """The job a `record()` holds (its derived `seconds` is not read back)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
 
 
 def time_steps(work: Work, size: int, steps: int, warmup: int, distill: DistillConfig, device: torch.device) -> float:
