@@ -33,6 +33,7 @@ from askexpert.models import resolve_device
 from askexpert.models.predict import cpu_description
 from askexpert.training.forecast import (
     TIMED_STEPS,
+    TIMING_ROUNDS,
     WARMUP_STEPS,
     fit_factor,
     forecast,
@@ -52,13 +53,14 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--pretrain-images", type=int, default=50_000)
     ap.add_argument("--pretrain-classes", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed optimizer steps per training job")
+    ap.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per round of a training job")
+    ap.add_argument("--rounds", type=int, default=TIMING_ROUNDS, help="timing rounds, interleaved; the median kept")
     ap.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="steps run first, not timed")
     ap.add_argument("--budget-min", type=float, default=90.0)
     ap.add_argument("--out", type=Path, default=None, help="also write the forecast as JSON")
     args = ap.parse_args()
-    if min(args.seeds, args.steps, args.warmup, args.classes, args.pretrain_classes) < 1:
-        ap.error("--seeds, --steps, --warmup and the class counts must be at least 1")
+    if min(args.seeds, args.steps, args.warmup, args.rounds, args.classes, args.pretrain_classes) < 1:
+        ap.error("--seeds, --steps, --warmup, --rounds and the class counts must be at least 1")
     if args.train_images < 2 * args.classes or args.pretrain_images < 2 * args.pretrain_classes:
         ap.error("every class needs at least 2 training images (one is held out for validation)")
     try:
@@ -74,6 +76,7 @@ def main() -> None:
         (args.pretrain_images, args.pretrain_classes),
         args.steps,
         args.warmup,
+        args.rounds,
     )
     total = total_minutes(jobs)
     print(forecast_table(jobs))

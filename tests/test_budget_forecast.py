@@ -236,3 +236,18 @@ def test_a_budget_too_small_for_the_inference_alone_stops_the_benchmark_in_one_l
     with pytest.raises(SystemExit, match=r"^--fit-minutes 30: the 30.0-minute budget leaves no time to train"):
         bench.main()
     assert not (tmp_path / "out" / "seed0").exists()  # nothing trained
+
+
+def test_the_timing_rounds_are_interleaved_and_a_spell_of_the_host_is_set_aside() -> None:
+    calls: list[str] = []
+    # the host runs twice as slow during the second round: every kind meets that spell once
+    base = {"stage 1": 0.2, "experts": 0.4}
+
+    def measure(kind: str) -> float:
+        calls.append(kind)
+        return base[kind] * (2.0 if 2 < len(calls) <= 4 else 1.0)
+
+    assert forecast.interleaved_median(["stage 1", "experts"], 3, measure) == {"stage 1": 0.2, "experts": 0.4}
+    assert calls == ["stage 1", "experts"] * 3  # round-robin, not three in a row of one kind
+    with pytest.raises(ConfigError, match="at least one round"):
+        forecast.interleaved_median(["stage 1"], 0, measure)

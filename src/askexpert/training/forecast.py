@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,9 +38,15 @@ from askexpert.training.loop import train_model
 from askexpert.training.plans import budget_steps
 from askexpert.training.shared import stage1_training
 
-# Optimizer steps timed per training job, after warm-up steps run first and not timed: the depth at which the
-# forecast's checks (README "Benchmarks") were made, one value for the forecast script and the budget fit
-TIMED_STEPS, WARMUP_STEPS = 30, 5
+# Optimizer steps timed per round of each kind of training work, after warm-up steps run first and not timed, and
+# the rounds, interleaved over the kinds, whose median is kept: one value for the forecast script and the budget fit.
+# Why rounds: a 2-core VM's step time moves 10-40 % between one ten-second window and the next (timed here: the
+# experts' step 319-412 ms, the generalist's 87-145 ms over four back-to-back 30-step windows), and one window per
+# kind had put the experts' step at 350 ms where they ran at ~440 (docs/cifar100-log.md, Tiny-ImageNet run). A slow
+# or fast spell hits one round of every kind, and the median sets it aside.
+TIMED_STEPS, WARMUP_STEPS, TIMING_ROUNDS = 20, 5, 3
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -200,25 +207,47 @@ def forecast(
     pretrain: tuple[int, int],
     steps: int = TIMED_STEPS,
     warmup: int = WARMUP_STEPS,
+    rounds: int = TIMING_ROUNDS,
 ) -> list[Job]:
-    """Every job of `planned_work`, each kind of work timed once here (see the module doc)."""
+    """Every job of `planned_work`: each kind of training work timed in `rounds` rounds of `steps` steps,
+    interleaved (`interleaved_median`), each kind of inference once (see the module doc)."""
     size = cfg.data.synth.image_size
     flip = cfg.serving.test_time_flip
     device = resolve_device(cfg.device)
     bf16 = cpu_bfloat16_usable(cfg.serving.cpu_bfloat16, device)
-    timed: dict[Work, float] = {}
-    jobs = []
-    for stage, what, count, work in progress(
-        planned_work(cfg, seeds, train_images, test_images, classes, pretrain), desc="timing", unit="job"
-    ):
-        if work not in timed:
-            timed[work] = (
-                time_steps(work, size, steps, warmup, cfg.distill, device)
-                if work.budget is not None
-                else time_inference(work, size, 1024, flip, bf16, device)
-            )
-        jobs.append(Job(stage, what, count, timed[work], work.budget is not None))
-    return jobs
+    plan = planned_work(cfg, seeds, train_images, test_images, classes, pretrain)
+    kinds = list(dict.fromkeys(work for *_, work in plan))
+    bar = progress(
+        total=rounds * sum(w.budget is not None for w in kinds) + sum(w.budget is None for w in kinds),
+        desc="timing",
+        unit="run",
+    )
+
+    def measure(work: Work) -> float:
+        seconds = (
+            time_steps(work, size, steps, warmup, cfg.distill, device)
+            if work.budget is not None
+            else time_inference(work, size, 1024, flip, bf16, device)
+        )
+        bar.update()
+        return seconds
+
+    with bar:
+        timed = interleaved_median([w for w in kinds if w.budget is not None], rounds, measure)
+        timed.update({w: measure(w) for w in kinds if w.budget is None})
+    return [Job(stage, what, count, timed[work], work.budget is not None) for stage, what, count, work in plan]
+
+
+def interleaved_median(kinds: list[K], rounds: int, measure: Callable[[K], float]) -> dict[K, float]:
+    """Each kind's median over `rounds` measurements taken round-robin (every kind once per round), so that a
+    spell of a faster or slower host lands in one round of every kind instead of in every round of one."""
+    if rounds < 1:
+        raise ConfigError(f"timing needs at least one round, got {rounds}")
+    samples: dict[K, list[float]] = {w: [] for w in kinds}
+    for _ in range(rounds):
+        for w in kinds:
+            samples[w].append(measure(w))
+    return {w: float(np.median(s)) for w, s in samples.items()}
 
 
 # Work the forecast does not time (reading the images, checkpoint writes, the ONNX export, the evaluation's
