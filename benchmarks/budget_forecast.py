@@ -1,4 +1,4 @@
-"""Benchmark: how long `benchmarks/cifar100_cpu.py` will take on this machine, measured in about a minute.
+"""Benchmark: how long `benchmarks/cifar100_cpu.py` will take on this machine, measured in about 1.5 minutes.
 
     .venv/bin/python benchmarks/budget_forecast.py [--config configs/cifar100-cpu.yaml] [--seeds 2]
 
