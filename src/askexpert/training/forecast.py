@@ -254,7 +254,7 @@ def interleaved_median(kinds: list[K], rounds: int, measure: Callable[[K], float
 # choices, each expert's set-up), as a share of the budget. 6 % (the demo: 1.1 of 19.5 min) left two of the three
 # CIFAR-100-sized runs from nothing on one host over 90 min: the time they took beyond the forecast at their
 # factors was 11 % (Tiny-ImageNet, 96.0 min) and 10 % (CIFAR-100, 92.3 min; the evaluation ran at 1.33x its
-# timed passes, the experts at 1.31x), against ~0 % for a run whose forecast had timed a slow spell. Replayed at
+# timed passes, the experts at 1.32x), against ~0 % for a run whose forecast had timed a slow spell. Replayed at
 # their measured paces, 12 % ends those two at ~88.6 and ~89.7 min and the third at ~79.3 instead of 84.9
 # (docs/cifar100-log.md, "A second run from nothing on the fourth host").
 UNTIMED_SHARE = 0.12
