@@ -28,8 +28,15 @@ from pydantic import (
 
 from askexpert.errors import ConfigError
 
-# the stages whose epoch counts `SystemConfig.with_epochs_scaled` multiplies, in the order they train
-EPOCH_STAGES: tuple[str, ...] = ("backbone", "stage1", "generalist", "experts")
+# the stages whose epoch counts `SystemConfig.with_epochs_scaled` multiplies, in the order they train: each one's
+# section of the config (a path of keys) and the key that holds its epochs
+EPOCH_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "backbone": (("backbone", "training"), "epochs"),
+    "stage1": (("expert_training",), "shared_epochs"),
+    "generalist": (("generalist_training",), "epochs"),
+    "experts": (("expert_training",), "epochs"),
+}
+EPOCH_STAGES: tuple[str, ...] = tuple(EPOCH_FIELDS)
 
 
 class _Strict(BaseModel):
@@ -640,14 +647,11 @@ class SystemConfig(_Strict):
         if unknown:
             raise ConfigError(f"unknown stage(s) {', '.join(unknown)}: the epoch counts are {', '.join(EPOCH_STAGES)}")
         raw = self.model_dump(mode="json")
-        where = {
-            "backbone": (raw["backbone"]["training"], "epochs"),
-            "stage1": (raw["expert_training"], "shared_epochs"),
-            "generalist": (raw["generalist_training"], "epochs"),
-            "experts": (raw["expert_training"], "epochs"),
-        }
         for stage in stages:
-            section, key = where[stage]
+            path, key = EPOCH_FIELDS[stage]
+            section = raw
+            for name in path:
+                section = section[name]
             section[key] *= factor
         scaled = "epochs" if set(stages) == set(EPOCH_STAGES) else f"epochs of {', '.join(stages)}"
         return SystemConfig.from_dict(raw, origin=f"{self.name} with {scaled} x {factor:g}")
