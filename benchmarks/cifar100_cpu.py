@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from askexpert.config import SystemConfig  # noqa: E402
+from askexpert.config import EPOCH_STAGES, SystemConfig  # noqa: E402
 from askexpert.errors import ConfigError  # noqa: E402
 from askexpert.evaluate.metrics import GATE_METRICS  # noqa: E402
 from askexpert.evaluate.report import markdown_table, write_csv  # noqa: E402
@@ -152,7 +152,6 @@ def refit_to_pace(
     factor. The correction is kept in fit.json, so a resumed run trains the epochs it started with; none is
     made when those stages were trained before this run (their pace is unknown). `elapsed()`: seconds since
     the budget's start. Returns the config for every seed and the first stages' seconds."""
-    from askexpert.config import EPOCH_STAGES
     from askexpert.training.forecast import Job, refit_factor
 
     saved = fit.get("refit")
